@@ -1,0 +1,12 @@
+"""The decoder (Llama / Mistral / Qwen2 / Qwen3 by configuration) and its HF interop."""
+
+from coach_jax.models.config import Llama3RopeScaling, ModelConfig, UnsupportedModelError
+from coach_jax.models.decoder import (Params, ShardingFn, apply, count_params, hidden_states,
+                                      init, logical_axes, logits_from_hidden, param_shapes)
+from coach_jax.models.hf_checkpoint import CheckpointError, load_hf, save_hf
+
+__all__ = [
+    "CheckpointError", "Llama3RopeScaling", "ModelConfig", "Params", "ShardingFn",
+    "UnsupportedModelError", "apply", "count_params", "hidden_states", "init", "load_hf",
+    "logical_axes", "logits_from_hidden", "param_shapes", "save_hf",
+]

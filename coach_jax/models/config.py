@@ -1,0 +1,263 @@
+"""`ModelConfig`: the frozen description of a decoder, built from a Hugging Face config.json.
+
+Model code never sees raw HF dictionaries: every architectural switch it needs is a typed
+field here, parsed once, with a clear error for anything the decoder cannot compute exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The HF config asks for something this decoder does not compute."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's frequency-dependent RoPE rescaling (`rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture plus runtime switches (dtypes, scan) of one decoder.
+
+    Hashable, so it can be a static argument of `jax.jit`.
+    `layer_windows[i]` is layer i's sliding-window size in tokens, 0 for full attention.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: Llama3RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    layer_windows: tuple[int, ...] = ()
+    initializer_range: float = 0.02
+    # Runtime switches: not part of the architecture, never written to config.json.
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    # The source config.json as text, so export keeps fields we do not model (token ids...).
+    hf_source: str | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {self.model_type!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}")
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
+        if len(self.layer_windows) != self.num_layers:
+            raise UnsupportedModelError(
+                f"{len(self.layer_windows)} layer windows given for {self.num_layers} layers")
+
+    @property
+    def has_sliding_window(self) -> bool:
+        return any(self.layer_windows)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> "ModelConfig":
+        """Parses a HF `config.json` dict; `overrides` set runtime fields (dtypes, scan)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only 'silu')")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in hf:
+                raise UnsupportedModelError(f"config.json has no {key!r}")
+        num_layers = hf["num_hidden_layers"]
+        num_heads = hf["num_attention_heads"]
+        rope_theta, rope_scaling = _parse_rope(hf)
+        attention_bias = bool(hf.get("attention_bias", False))
+        fields: dict[str, Any] = dict(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            layer_windows=_parse_layer_windows(hf, model_type, num_layers),
+            initializer_range=hf.get("initializer_range", 0.02),
+            hf_source=json.dumps(hf, sort_keys=True),
+        )
+        if model_type == "llama":
+            fields.update(qkv_bias=attention_bias, o_bias=attention_bias,
+                          mlp_bias=bool(hf.get("mlp_bias", False)))
+        elif model_type == "qwen2":
+            fields.update(qkv_bias=True)
+        elif model_type == "qwen3":
+            fields.update(qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=True)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike, **overrides: Any) -> "ModelConfig":
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model folder)")
+        try:
+            with open(config_path) as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UnsupportedModelError(f"{config_path}: not valid JSON ({e})") from e
+        try:
+            return cls.from_hf_dict(hf, **overrides)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{config_path}: {e}") from e
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` transformers needs to rebuild this architecture."""
+        hf = json.loads(self.hf_source) if self.hf_source else {}
+        for legacy in ("rope_scaling", "torch_dtype", "transformers_version"):
+            hf.pop(legacy, None)
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta,
+                    **dataclasses.asdict(self.rope_scaling)}
+        hf.update(
+            architectures=[_ARCHITECTURES[self.model_type]],
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            rope_parameters=rope,
+            tie_word_embeddings=self.tie_word_embeddings,
+            initializer_range=self.initializer_range,
+            dtype=self.param_dtype,
+        )
+        self._check_exportable()
+        if self.model_type == "llama":
+            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if self.model_type == "qwen3":
+            hf.update(attention_bias=self.qkv_bias)
+        windows = sorted(set(self.layer_windows) - {0})
+        if self.model_type == "mistral":
+            hf.update(sliding_window=windows[0] if windows else None)
+        if self.model_type in ("qwen2", "qwen3"):
+            hf.update(
+                use_sliding_window=bool(windows),
+                sliding_window=windows[0] if windows else None,
+                layer_types=["sliding_attention" if w else "full_attention"
+                             for w in self.layer_windows])
+            hf.pop("max_window_layers", None)
+        return hf
+
+    def _check_exportable(self) -> None:
+        """Rejects switch combinations the HF class of this model_type cannot express."""
+        problems = []
+        qwen3 = self.model_type == "qwen3"
+        if self.qk_norm != qwen3:
+            problems.append(f"qk_norm={self.qk_norm}")
+        expected_bias = {"llama": (self.qkv_bias, self.qkv_bias), "mistral": (False, False),
+                         "qwen2": (True, False), "qwen3": (self.qkv_bias, self.qkv_bias)}
+        if (self.qkv_bias, self.o_bias) != expected_bias[self.model_type]:
+            problems.append(f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
+        if self.mlp_bias and self.model_type != "llama":
+            problems.append("mlp_bias=True")
+        if self.rope_scaling is not None and self.model_type != "llama":
+            problems.append("llama3 rope scaling")
+        windows = set(self.layer_windows) - {0}
+        if len(windows) > 1 or (windows and self.model_type == "llama"):
+            problems.append(f"layer_windows={self.layer_windows}")
+        if windows and self.model_type == "mistral" and 0 in self.layer_windows:
+            problems.append("a sliding window on only some layers")
+        if problems:
+            raise UnsupportedModelError(
+                f"a {self.model_type} checkpoint cannot express {', '.join(problems)}")
+
+
+def _parse_rope(hf: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
+    """Reads RoPE settings from transformers 5 (`rope_parameters`) or legacy keys."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope scaling type {rope_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported")
+    if rope_type == "default":
+        return float(theta), None
+    try:
+        scaling = Llama3RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise UnsupportedModelError(f"llama3 rope scaling lacks {e.args[0]!r}") from e
+    return float(theta), scaling
+
+
+def _parse_layer_windows(hf: dict[str, Any], model_type: str, num_layers: int) -> tuple[int, ...]:
+    """Per-layer sliding windows, following each HF class's own rule."""
+    window = hf.get("sliding_window")
+    if model_type == "mistral":
+        return (int(window),) * num_layers if window else (0,) * num_layers
+    if model_type in ("qwen2", "qwen3"):
+        if not hf.get("use_sliding_window", False) or not window:
+            return (0,) * num_layers
+        layer_types = hf.get("layer_types") or [
+            "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else
+            "full_attention" for i in range(num_layers)]
+        unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+        if unknown or len(layer_types) != num_layers:
+            raise UnsupportedModelError(f"layer_types {layer_types!r} are not supported")
+        return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
+    return (0,) * num_layers

@@ -1,0 +1,148 @@
+"""The decoder and its functional API: `init`, `apply`, `hidden_states`, `logits_from_hidden`.
+
+Params are a plain nested dict of arrays. Their logical axis names, declared next to each
+parameter in layers.py, are read back with `logical_axes(cfg)` as a matching tree of
+`PartitionSpec`s of logical names.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coach_jax.models.config import ModelConfig
+from coach_jax.models.layers import DecoderLayer, RMSNorm, _param
+
+Params = dict[str, Any]
+# Maps a parameter path such as "layers/self_attn/q_proj/kernel" to where it should live.
+ShardingFn = Callable[[str], jax.sharding.Sharding]
+
+
+class Decoder(nn.Module):
+    """Embedding, `num_layers` decoder layers (scanned or unrolled), final norm, LM head."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        normal = nn.initializers.normal(cfg.initializer_range)
+        self.embed_tokens = _param(self, "embed_tokens", normal,
+                                   (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        else:
+            self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg, name="norm")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(self, "lm_head", normal, (cfg.hidden_size, cfg.vocab_size),
+                                  ("embed", "vocab"), cfg)
+
+    def hidden_states(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
+                      segment_ids_BxT: jax.Array) -> jax.Array:
+        """Final-norm hidden states [B, T, D] in the compute dtype."""
+        cfg = self.cfg
+        x_BxTxD = jnp.take(self.embed_tokens, tokens_BxT, axis=0).astype(cfg.compute_dtype)
+        if cfg.scan_layers:
+            windows = jnp.asarray(cfg.layer_windows, dtype=jnp.int32)
+            x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT, windows)
+        else:
+            for layer, window in zip(self.layers, cfg.layer_windows):
+                x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT, window)
+        return self.norm(x_BxTxD)
+
+    def logits_from_hidden(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """Logits [B, T, V] in the compute dtype."""
+        dtype = jnp.dtype(self.cfg.compute_dtype)
+        if self.cfg.tie_word_embeddings:
+            return jnp.einsum("btd,vd->btv", hidden_BxTxD, self.embed_tokens.astype(dtype))
+        return jnp.einsum("btd,dv->btv", hidden_BxTxD, self.lm_head.astype(dtype))
+
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
+        return self.logits_from_hidden(
+            self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT))
+
+
+def _defaults(tokens_BxT: jax.Array, positions_BxT: jax.Array | None,
+              segment_ids_BxT: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """One unpacked example per row when positions / segments are not given."""
+    batch, length = tokens_BxT.shape
+    if positions_BxT is None:
+        positions_BxT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones((batch, length), dtype=jnp.int32)
+    return positions_BxT, segment_ids_BxT
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def hidden_states(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array,
+                  positions_BxT: jax.Array | None = None,
+                  segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+    """Final hidden states [B, T, D]: the input of the LM head (and of chunked losses)."""
+    positions_BxT, segment_ids_BxT = _defaults(tokens_BxT, positions_BxT, segment_ids_BxT)
+    return Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
+                              method=Decoder.hidden_states)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def logits_from_hidden(cfg: ModelConfig, params: Params, hidden_BxTxD: jax.Array) -> jax.Array:
+    """Applies the (tied or untied) LM head to hidden states."""
+    return Decoder(cfg).apply({"params": params}, hidden_BxTxD,
+                              method=Decoder.logits_from_hidden)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array,
+          positions_BxT: jax.Array | None = None,
+          segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+    """The pure forward pass: token ids [B, T] -> logits [B, T, V].
+
+    `positions` restart at 0 for each packed example; `segment_ids` tell packed examples
+    apart (0 = padding). Attention never crosses segments.
+    """
+    positions_BxT, segment_ids_BxT = _defaults(tokens_BxT, positions_BxT, segment_ids_BxT)
+    return Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT)
+
+
+def _boxed_init(cfg: ModelConfig, rng: jax.Array) -> Params:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(cfg).init(rng, tokens, *_defaults(tokens, None, None))["params"]
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    """A tree like the params whose leaves are `PartitionSpec`s of logical axis names."""
+    boxed = jax.eval_shape(functools.partial(_boxed_init, cfg), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """A tree like the params with `jax.ShapeDtypeStruct` leaves; allocates nothing."""
+    boxed = jax.eval_shape(functools.partial(_boxed_init, cfg), jax.random.key(0))
+    return nn.unbox(boxed)
+
+
+def path_str(key_path: tuple[Any, ...]) -> str:
+    """"layers/self_attn/q_proj/kernel" for a jax key path."""
+    return "/".join(str(getattr(k, "key", k)) for k in key_path)
+
+
+def init(cfg: ModelConfig, seed: int, sharding: ShardingFn | None = None) -> Params:
+    """Random parameters, created directly where `sharding(path)` says (never whole on one
+    device first when a sharding is given)."""
+    out_shardings = None
+    if sharding is not None:
+        out_shardings = jax.tree_util.tree_map_with_path(
+            lambda path, _: sharding(path_str(path)), param_shapes(cfg))
+    make = jax.jit(lambda rng: nn.unbox(_boxed_init(cfg, rng)), out_shardings=out_shardings)
+    return make(jax.random.key(seed))
+
+
+def count_params(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,58 @@
+"""Tiny Hugging Face PyTorch models: the independent reference the decoder is tested against.
+
+Weights are re-drawn with larger spread than HF's init (biases and norm scales included),
+so that every feature under test moves the logits far beyond the parity tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+_COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+               max_position_embeddings=256)
+
+# One config per family, each with non-default rope_theta / eps and GQA ratio 2.
+FAMILIES = {
+    "llama3": lambda: transformers.LlamaConfig(
+        **_COMMON, rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 16}),
+    "llama_biases": lambda: transformers.LlamaConfig(
+        **_COMMON, rope_parameters={"rope_type": "default", "rope_theta": 20000.0},
+        attention_bias=True, mlp_bias=True),
+    "mistral": lambda: transformers.MistralConfig(
+        **_COMMON, sliding_window=8, head_dim=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    "qwen2": lambda: transformers.Qwen2Config(
+        **_COMMON, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3": lambda: transformers.Qwen3Config(
+        **_COMMON, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 30000.0}),
+}
+
+
+def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32
+          ) -> transformers.PreTrainedModel:
+    """A randomly weighted model of `family` in eval mode (eager attention, no dropout)."""
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def logits(model: transformers.PreTrainedModel, tokens: np.ndarray) -> np.ndarray:
+    """float32 logits [B, T, V] for unpadded token rows."""
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits
+    return out.float().numpy()

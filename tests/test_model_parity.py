@@ -1,0 +1,118 @@
+"""Logits of the Flax decoder against Hugging Face PyTorch, family by family (fp32, CPU)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import hf_reference
+from coach_jax import models
+
+TOLERANCE = 1e-4
+SEQ_LEN = 48  # beyond llama3's original_max_position_embeddings (16) and Mistral's window (8)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """family -> (HF model, its saved folder)."""
+    out = {}
+    for family in hf_reference.FAMILIES:
+        model = hf_reference.build(family)
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        out[family] = (model, str(folder))
+    return out
+
+
+def _tokens(batch=2, length=SEQ_LEN, seed=1):
+    return np.random.RandomState(seed).randint(0, 160, (batch, length)).astype(np.int32)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("family", list(hf_reference.FAMILIES))
+def test_logits_match_hf(checkpoints, family, scan_layers):
+    hf_model, folder = checkpoints[family]
+    cfg, params = models.load_hf(folder, scan_layers=scan_layers)
+    tokens = _tokens()
+    diff = np.abs(np.asarray(models.apply(cfg, params, tokens))
+                  - hf_reference.logits(hf_model, tokens)).max()
+    print(f"{family} scan={scan_layers}: max |logits - HF| = {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+# Each feature switched off in coach_jax must break parity by far more than the tolerance:
+# this proves the tests above exercise the feature.
+NEGATIVE_CONTROLS = {
+    "llama3": dict(rope_scaling=None),
+    "mistral": dict(layer_windows=(0, 0)),
+    "qwen2": dict(qkv_bias=False),
+    "qwen3": dict(qk_norm=False),
+    "llama_biases": dict(qkv_bias=False, o_bias=False, mlp_bias=False),
+}
+
+
+@pytest.mark.parametrize("family", list(NEGATIVE_CONTROLS))
+def test_feature_switched_off_breaks_parity(checkpoints, family):
+    hf_model, folder = checkpoints[family]
+    cfg, params = models.load_hf(folder)
+    assert all(getattr(cfg, k) != v for k, v in NEGATIVE_CONTROLS[family].items()), \
+        "the HF config did not turn the feature on"
+    crippled = dataclasses.replace(cfg, **NEGATIVE_CONTROLS[family])
+    tokens = _tokens()
+    diff = np.abs(np.asarray(models.apply(crippled, params, tokens))
+                  - hf_reference.logits(hf_model, tokens)).max()
+    print(f"{family} without {NEGATIVE_CONTROLS[family]}: max diff {diff:.2e}")
+    assert diff > 100 * TOLERANCE
+
+
+def _packed_row(lengths, pad_after, rng, pad_token):
+    """Segments of `lengths` back to back; `pad_after[i]` padding tokens after segment i."""
+    tokens, positions, segments, spans = [], [], [], []
+    for seg, (n, pad) in enumerate(zip(lengths, pad_after), start=1):
+        spans.append((len(tokens), len(tokens) + n))
+        tokens += list(rng.randint(0, 160, n))
+        positions += list(range(n))
+        segments += [seg] * n
+        tokens += [pad_token] * pad
+        positions += [0] * pad
+        segments += [0] * pad
+    as_row = lambda x: np.asarray([x], np.int32)
+    return as_row(tokens), as_row(positions), as_row(segments), spans
+
+
+@pytest.mark.parametrize("family", list(hf_reference.FAMILIES))
+def test_packed_row_matches_each_example_alone(checkpoints, family):
+    hf_model, folder = checkpoints[family]
+    cfg, params = models.load_hf(folder)
+    rng = np.random.RandomState(2)
+    tokens, positions, segments, spans = _packed_row([21, 14, 9], [0, 3, 2], rng, pad_token=7)
+    packed = np.asarray(models.apply(cfg, params, tokens, positions, segments))
+    for start, end in spans:
+        alone = hf_reference.logits(hf_model, tokens[:, start:end])
+        assert np.abs(packed[:, start:end] - alone).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral"])
+def test_padding_tokens_do_not_change_real_logits(checkpoints, family):
+    _, folder = checkpoints[family]
+    cfg, params = models.load_hf(folder)
+    tokens, positions, segments, _ = _packed_row([17, 12], [5, 4], np.random.RandomState(3),
+                                                 pad_token=0)
+    real = segments > 0
+    other_padding = np.where(real, tokens, np.random.RandomState(4).randint(0, 160, tokens.shape))
+    other_positions = np.where(real, positions, 3)
+    a = np.asarray(models.apply(cfg, params, tokens, positions, segments))
+    b = np.asarray(models.apply(cfg, params, other_padding.astype(np.int32),
+                                other_positions.astype(np.int32), segments))
+    assert not np.array_equal(tokens, other_padding)
+    np.testing.assert_array_equal(a[real], b[real])
+
+
+def test_hidden_states_feed_the_lm_head(checkpoints):
+    _, folder = checkpoints["qwen2"]  # tied embeddings
+    cfg, params = models.load_hf(folder)
+    tokens = _tokens(batch=1, length=12)
+    hidden = models.hidden_states(cfg, params, tokens)
+    assert hidden.shape == (1, 12, cfg.hidden_size)
+    np.testing.assert_allclose(models.logits_from_hidden(cfg, params, hidden),
+                               models.apply(cfg, params, tokens), atol=1e-6)
