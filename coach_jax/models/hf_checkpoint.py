@@ -166,6 +166,23 @@ def _place(array: np.ndarray, path: str, sharding: ShardingFn | None) -> jax.Arr
     return jax.make_array_from_callback(array.shape, sharding(path), lambda index: array[index])
 
 
+def _read_param(maps: list[_TensorMap], files: dict[str, str], dtype: np.dtype) -> np.ndarray:
+    """Assembles one parameter on the host from its HF tensors.
+
+    Files are opened per parameter: safetensors memory-maps them, and mapped pages that
+    were read count as resident until unmapped, which would otherwise double peak memory.
+    """
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(_open(f)) for f in {files[m.hf_name] for m in maps}}
+        read = lambda m: m.to_ours(handles[files[m.hf_name]].get_tensor(m.hf_name))
+        if maps[0].layer is None:
+            return read(maps[0]).astype(dtype, copy=False)
+        host = np.empty((len(maps), *maps[0].shape), dtype)
+        for m in maps:
+            host[m.layer] = read(m)
+        return host
+
+
 def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
             sharding: ShardingFn | None = None, **config_overrides: Any
             ) -> tuple[ModelConfig, Params]:
@@ -184,17 +201,9 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(_open(f)) for f in sorted(set(files.values()))}
         _check_tensors(plan, files, handles, cfg, folder)
-        leaves = {}
-        for our_path, maps in plan.items():
-            if maps[0].layer is None:
-                host = maps[0].to_ours(handles[files[maps[0].hf_name]].get_tensor(maps[0].hf_name))
-                host = host.astype(np_dtype)
-            else:
-                host = np.empty((len(maps), *maps[0].shape), np_dtype)
-                for m in maps:
-                    host[m.layer] = m.to_ours(handles[files[m.hf_name]].get_tensor(m.hf_name))
-            leaves[our_path] = _place(host, our_path, sharding)
-            del host
+    leaves = {}
+    for our_path, maps in plan.items():
+        leaves[our_path] = _place(_read_param(maps, files, np_dtype), our_path, sharding)
     params = jax.tree_util.tree_map_with_path(lambda p, _: leaves[path_str(p)],
                                               param_shapes(cfg))
     return cfg, params

@@ -1,0 +1,235 @@
+"""`load_hf` / `save_hf`: round trips, sharded checkpoints, placement, and bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import linen as nn
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import hf_reference
+from coach_jax import models
+
+
+def _tensors(folder):
+    """name -> (dtype string, raw bytes) for every tensor of a saved checkpoint."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
+             else ["model.safetensors"])
+    out = {}
+    for file in files:
+        with safe_open(os.path.join(folder, file), framework="numpy") as f:
+            for name in f.keys():
+                out[name] = (f.get_slice(name).get_dtype(), f.get_tensor(name).tobytes())
+    return out
+
+
+def _saved(family, folder, dtype=torch.float32, **save_kwargs):
+    model = hf_reference.build(family, dtype=dtype)
+    model.save_pretrained(folder, **save_kwargs)
+    return model
+
+
+TOKENS = np.random.RandomState(5).randint(0, 160, (2, 24)).astype(np.int32)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, family, scan_layers):
+    hf_model = _saved(family, tmp_path / "hf")
+    cfg, params = models.load_hf(tmp_path / "hf", scan_layers=scan_layers)
+    models.save_hf(cfg, params, tmp_path / "ours")
+    original, ours = _tensors(tmp_path / "hf"), _tensors(tmp_path / "ours")
+    assert ours.keys() == original.keys()
+    assert all(ours[k] == original[k] for k in ours)  # dtype and bytes
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ours", attn_implementation="eager")
+    assert type(reloaded) is type(hf_model)
+    np.testing.assert_array_equal(hf_reference.logits(reloaded, TOKENS),
+                                  hf_reference.logits(hf_model, TOKENS))
+
+
+@pytest.mark.parametrize("load_dtype", [jnp.bfloat16, jnp.float32])
+def test_bf16_round_trip_is_bit_exact(tmp_path, load_dtype):
+    _saved("llama3", tmp_path / "hf", dtype=torch.bfloat16)
+    cfg, params = models.load_hf(tmp_path / "hf", dtype=load_dtype)
+    assert all(x.dtype == load_dtype for x in jax.tree_util.tree_leaves(params))
+    models.save_hf(cfg, params, tmp_path / "ours", dtype=jnp.bfloat16)
+    original, ours = _tensors(tmp_path / "hf"), _tensors(tmp_path / "ours")
+    assert {dtype for dtype, _ in ours.values()} == {"BF16"}
+    assert ours == original
+    assert json.load(open(tmp_path / "ours" / "config.json"))["dtype"] == "bfloat16"
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf_model = _saved("qwen3", tmp_path / "hf", max_shard_size="100KB")
+    index = json.load(open(tmp_path / "hf" / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) >= 2
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    cfg, params = models.load_hf(tmp_path / "hf")
+    assert np.abs(np.asarray(models.apply(cfg, params, TOKENS))
+                  - hf_reference.logits(hf_model, TOKENS)).max() <= 1e-4
+
+
+def test_save_shards_above_threshold(tmp_path):
+    hf_model = _saved("llama3", tmp_path / "hf")
+    cfg, params = models.load_hf(tmp_path / "hf")
+    models.save_hf(cfg, params, tmp_path / "ours", max_shard_bytes=100_000)
+    shards = sorted(p.name for p in (tmp_path / "ours").glob("model-*.safetensors"))
+    assert len(shards) >= 2 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert _tensors(tmp_path / "ours") == _tensors(tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    np.testing.assert_allclose(hf_reference.logits(reloaded, TOKENS),
+                               hf_reference.logits(hf_model, TOKENS), atol=1e-5)
+    # Saving again unsharded replaces the shards instead of leaving stale files around.
+    models.save_hf(cfg, params, tmp_path / "ours")
+    assert sorted(p.name for p in (tmp_path / "ours").glob("*.safetensors")) == [
+        "model.safetensors"]
+    assert not (tmp_path / "ours" / "model.safetensors.index.json").exists()
+
+
+def test_random_init_exports_to_transformers(tmp_path):
+    cfg = models.ModelConfig(model_type="llama", vocab_size=96, hidden_size=32,
+                             intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=1,
+                             head_dim=8, rope_theta=5000.0, tie_word_embeddings=True)
+    params = models.init(cfg, seed=3)
+    models.save_hf(cfg, params, tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokens = TOKENS % 96
+    np.testing.assert_allclose(hf_reference.logits(reloaded, tokens),
+                               np.asarray(models.apply(cfg, params, tokens)), atol=1e-5)
+
+
+# Maps logical axes onto a 4 x 2 ('fsdp', 'tensor') mesh of the 8 virtual CPU devices.
+RULES = (("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+         ("vocab", "tensor"))
+
+
+def _sharding_fn(cfg):
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    specs = {models.decoder.path_str(p): spec for p, spec in
+             jax.tree_util.tree_flatten_with_path(
+                 models.logical_axes(cfg), is_leaf=lambda x: isinstance(x, jax.P))[0]}
+    return lambda path: nn.logical_to_mesh_sharding(specs[path], mesh, RULES)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+def test_load_and_init_place_params_with_the_given_sharding(tmp_path):
+    hf_model = _saved("llama3", tmp_path / "hf")
+    cfg, plain = models.load_hf(tmp_path / "hf")
+    sharding = _sharding_fn(cfg)
+    _, sharded = models.load_hf(tmp_path / "hf", sharding=sharding)
+    initialised = models.init(cfg, seed=0, sharding=sharding)
+    for params in (sharded, initialised):
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            assert leaf.sharding == sharding(models.decoder.path_str(key_path))
+    q_kernel = sharded["layers"]["self_attn"]["q_proj"]["kernel"]  # [layers, embed, heads, hd]
+    assert q_kernel.addressable_shards[0].data.shape == (2, 16, 2, 16)
+    assert np.abs(np.asarray(models.apply(cfg, sharded, TOKENS))
+                  - hf_reference.logits(hf_model, TOKENS)).max() <= 1e-4
+    jax.tree_util.tree_map(np.testing.assert_array_equal, plain, sharded)
+
+
+def test_init_is_seeded():
+    cfg = models.ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32,
+                             intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                             head_dim=16, qk_norm=True)
+    a, b, c = models.init(cfg, 0), models.init(cfg, 0), models.init(cfg, 1)
+    shapes = models.param_shapes(cfg)
+    assert jax.tree_util.tree_map(lambda x: x.shape, a) == jax.tree_util.tree_map(
+        lambda x: x.shape, shapes)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    assert not np.array_equal(a["embed_tokens"], c["embed_tokens"])
+    assert models.count_params(a) == sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(a))
+
+
+# ---- bad input -------------------------------------------------------------------------
+
+
+def test_folder_without_config_json(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        models.load_hf(tmp_path)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        models.load_hf(tmp_path / "nope")
+
+
+def test_folder_without_weights(tmp_path):
+    _saved("llama3", tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(models.CheckpointError, match=r"neither model\.safetensors nor"):
+        models.load_hf(tmp_path)
+
+
+def test_truncated_safetensors(tmp_path):
+    _saved("llama3", tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(models.CheckpointError, match=r"model\.safetensors.*truncated"):
+        models.load_hf(tmp_path)
+
+
+def _rewrite(folder, edit):
+    """Applies `edit(dict of numpy tensors)` to a single-file checkpoint in place."""
+    path = os.path.join(folder, "model.safetensors")
+    with safe_open(path, framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_wrong_shape_missing_and_unexpected_tensors_listed_together(tmp_path):
+    _saved("llama3", tmp_path)
+
+    def edit(t):
+        t["model.layers.1.self_attn.k_proj.weight"] = np.zeros((33, 64), np.float32)
+        del t["model.layers.0.mlp.up_proj.weight"]
+        t["model.layers.0.mlp.extra.weight"] = np.zeros((2,), np.float32)
+
+    _rewrite(tmp_path, edit)
+    with pytest.raises(models.CheckpointError) as err:
+        models.load_hf(tmp_path)
+    message = str(err.value)
+    assert "model.layers.1.self_attn.k_proj.weight: [33, 64]" in message
+    assert "expected [32, 64]" in message
+    assert "missing (1):\n  model.layers.0.mlp.up_proj.weight" in message
+    assert "unexpected (1):\n  model.layers.0.mlp.extra.weight" in message
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    _saved("qwen2", tmp_path, max_shard_size="100KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    os.remove(shard)
+    with pytest.raises(models.CheckpointError, match=f"{shard.name}: listed in the checkpoint"):
+        models.load_hf(tmp_path)
+
+
+def test_tied_checkpoint_with_redundant_lm_head_loads(tmp_path):
+    hf_model = _saved("qwen2", tmp_path)
+    _rewrite(tmp_path, lambda t: t.update(
+        {"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    cfg, params = models.load_hf(tmp_path)
+    assert "lm_head" not in params
+    assert np.abs(np.asarray(models.apply(cfg, params, TOKENS))
+                  - hf_reference.logits(hf_model, TOKENS)).max() <= 1e-4
+
+
+def test_params_not_matching_config_are_refused_on_save(tmp_path):
+    cfg = models.ModelConfig(model_type="llama", vocab_size=32, hidden_size=16,
+                             intermediate_size=24, num_layers=1, num_heads=2, num_kv_heads=2,
+                             head_dim=8)
+    params = models.init(cfg, 0)
+    params["embed_tokens"] = params["embed_tokens"][:8]
+    with pytest.raises(models.CheckpointError, match=r"embed_tokens: \(8, 16\) vs expected"):
+        models.save_hf(cfg, params, tmp_path)

@@ -1,0 +1,79 @@
+"""`ModelConfig.from_hf_dict`: what is parsed, and clear errors for what is not supported."""
+
+import dataclasses
+import json
+
+import pytest
+import transformers
+
+from coach_jax import models
+
+BASE = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=24,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_legacy_rope_keys_are_read():
+    cfg = models.ModelConfig.from_hf_dict({
+        **BASE, "rope_theta": 500000.0,
+        "rope_scaling": {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling == models.Llama3RopeScaling(32.0, 1.0, 4.0, 8192)
+    assert cfg.head_dim == 4
+
+
+def test_qwen2_sliding_layers_follow_max_window_layers():
+    cfg = models.ModelConfig.from_hf_dict({**BASE, "model_type": "qwen2", "num_hidden_layers": 4,
+                                           "use_sliding_window": True, "sliding_window": 64,
+                                           "max_window_layers": 2})
+    assert cfg.layer_windows == (0, 0, 64, 64)
+    assert cfg.qkv_bias and not cfg.o_bias
+    assert models.ModelConfig.from_hf_dict({**BASE, "model_type": "qwen2",
+                                            "sliding_window": 64}).layer_windows == (0, 0)
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "llama_biases"])
+def test_exported_config_rebuilds_the_same_architecture(family):
+    import hf_reference
+    hf = hf_reference.FAMILIES[family]().to_dict()
+    cfg = models.ModelConfig.from_hf_dict(hf)
+    exported = cfg.to_hf_dict()
+    rebuilt = transformers.AutoConfig.for_model(**exported)
+    assert models.ModelConfig.from_hf_dict(rebuilt.to_dict()) == cfg
+    without_source = dataclasses.replace(cfg, hf_source=None)
+    assert models.ModelConfig.from_hf_dict(without_source.to_hf_dict()) == cfg
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model_type="gpt2"), r"model_type 'gpt2' is not supported; supported: llama, mistral"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+     r"rope scaling type 'yarn' is not supported"),
+    (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
+    (dict(num_key_value_heads=3), r"not a multiple of num_key_value_heads=3"),
+    (dict(partial_rotary_factor=0.5), r"partial_rotary_factor=0.5"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0}), r"lacks 'low_freq_factor'"),
+])
+def test_unsupported_configs_name_the_problem(tmp_path, change, message):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, **change}))
+    with pytest.raises(models.UnsupportedModelError, match=message) as err:
+        models.load_hf(tmp_path)
+    assert str(tmp_path / "config.json") in str(err.value)
+
+
+def test_missing_size_field_is_named():
+    hf = dict(BASE)
+    del hf["intermediate_size"]
+    with pytest.raises(models.UnsupportedModelError, match="no 'intermediate_size'"):
+        models.ModelConfig.from_hf_dict(hf)
+
+
+def test_invalid_json_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(models.UnsupportedModelError, match="config.json: not valid JSON"):
+        models.load_hf(tmp_path)
+
+
+def test_export_refuses_what_the_hf_class_cannot_express():
+    cfg = models.ModelConfig.from_hf_dict({**BASE, "model_type": "mistral"})
+    with pytest.raises(models.UnsupportedModelError, match="qk_norm=True"):
+        dataclasses.replace(cfg, qk_norm=True).to_hf_dict()
