@@ -116,3 +116,17 @@ def test_hidden_states_feed_the_lm_head(checkpoints):
     assert hidden.shape == (1, 12, cfg.hidden_size)
     np.testing.assert_allclose(models.logits_from_hidden(cfg, params, hidden),
                                models.apply(cfg, params, tokens), atol=1e-6)
+
+
+def test_bf16_compute_tracks_fp32(checkpoints):
+    hf_model, folder = checkpoints["qwen3"]
+    cfg, params = models.load_hf(folder, compute_dtype="bfloat16")
+    assert cfg.param_dtype == "float32"
+    tokens = _tokens()
+    logits = models.apply(cfg, params, tokens)
+    assert logits.dtype == np.dtype("bfloat16")
+    reference = hf_reference.logits(hf_model, tokens)
+    diff = np.abs(np.asarray(logits, np.float32) - reference)
+    # bf16 has 8 mantissa bits: close, but not fp32-exact.
+    assert diff.max() < 0.1 * np.abs(reference).max()
+    assert diff.max() > TOLERANCE
