@@ -1,0 +1,107 @@
+"""Encoding a stream of examples under explicit policies, with every skip counted.
+
+Policies:
+- `overlong`: an example fits when its inputs (all tokens but the last, after the shift)
+  fit `max_seq_len`. `drop` (default) skips a longer one, `truncate` keeps its head,
+  `error` stops with its origin.
+- `on_invalid`: `error` (default) stops at the first bad record (malformed JSON, unknown
+  format, missing or empty fields, a template that rejects it); `skip` counts and reports.
+- An example with nothing supervised (after truncation too) is never trained on: counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Iterable, Iterator, Literal
+
+import numpy as np
+
+from coach_jax.data.chat_encoding import TRAIN_ON, TrainOn, encode_example
+from coach_jax.data.conversation import Example
+from coach_jax.data.errors import DataError, Origin
+
+OVERLONG = ("drop", "truncate", "error")
+ON_INVALID = ("error", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    max_seq_len: int = 2048
+    overlong: Literal["drop", "truncate", "error"] = "drop"
+    train_on: TrainOn = "all_assistant"
+    on_invalid: Literal["error", "skip"] = "error"
+    system_fallback: bool = True  # merge system text into the first user turn if rejected
+
+    def __post_init__(self):
+        for name, allowed in (("overlong", OVERLONG), ("train_on", TRAIN_ON),
+                              ("on_invalid", ON_INVALID)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of "
+                                 f"{', '.join(allowed)}")
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len={self.max_seq_len} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedExample:
+    input_ids: np.ndarray  # int32 [L]
+    loss_mask: np.ndarray  # int8 [L], aligned with input_ids (the shift comes later)
+    origin: Origin | None
+
+
+@dataclasses.dataclass
+class EncodeReport:
+    """Counts of what happened to every record, and a few origins per skip reason."""
+
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def note(self, reason: str, where: Any) -> None:
+        self.counts[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < 5:
+            shown.append(str(where))
+
+    def summary(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.counts.items())]
+        lines = ["encoded: " + (", ".join(parts) or "nothing")]
+        for reason, where in sorted(self.examples.items()):
+            if reason != "encoded":
+                lines.append(f"  {reason}: e.g. {'; '.join(where)}")
+        return "\n".join(lines)
+
+
+def encode_all(items: Iterable[Example | DataError], tokenizer: Any, options: EncodeOptions,
+               report: EncodeReport | None = None) -> Iterator[EncodedExample]:
+    """Encodes examples; bad records and skips follow `options` and land in `report`."""
+    report = report if report is not None else EncodeReport()
+    for item in items:
+        try:
+            if isinstance(item, DataError):
+                raise item
+            encoded = encode_example(tokenizer, item, options.train_on, options.system_fallback)
+        except DataError as e:
+            if e.kind == "nothing_to_learn":
+                report.note("nothing_to_learn", e)
+                continue
+            if options.on_invalid == "error":
+                raise
+            report.note(f"skipped_{e.kind}", e)
+            continue
+        ids, mask = encoded["input_ids"], encoded["loss_mask"]
+        if len(ids) - 1 > options.max_seq_len:
+            if options.overlong == "error":
+                raise DataError(item.origin, f"{len(ids)} tokens: inputs exceed max_seq_len="
+                                             f"{options.max_seq_len} (overlong='error')",
+                                kind="overlong")
+            if options.overlong == "drop":
+                report.note("dropped_overlong", item.origin)
+                continue
+            ids, mask = ids[:options.max_seq_len + 1], mask[:options.max_seq_len + 1]
+            report.note("truncated", item.origin)
+        if not mask[1:].any():  # the first token is never a target
+            report.note("nothing_to_learn", item.origin)
+            continue
+        report.note("encoded", item.origin)
+        yield EncodedExample(ids, mask, item.origin)

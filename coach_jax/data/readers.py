@@ -1,0 +1,157 @@
+"""Reading records from JSONL, JSON arrays, Parquet and saved HF datasets.
+
+Every record keeps its origin. Readers yield problems (malformed JSON, undecodable bytes)
+as `RawRecord`s with an error instead of raising, so the linter can report them all; strict
+callers raise the first one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Iterator, Sequence
+
+from coach_jax.data.errors import DataError, Origin
+
+
+@dataclasses.dataclass(frozen=True)
+class RawRecord:
+    origin: Origin
+    data: Any = None
+    error: DataError | None = None
+
+
+def expand_paths(paths: str | Sequence[str]) -> list[str]:
+    """Files named by paths or glob patterns, in sorted order within each pattern."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[str] = []
+    for pattern in map(os.fspath, paths):
+        if os.path.isdir(pattern) and not _is_hf_dataset(pattern):
+            raise DataError(None, f"{pattern} is a folder; name files or a glob such as "
+                                  f"{os.path.join(pattern, '*.jsonl')}")
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise FileNotFoundError(f"{pattern}: no such file")
+        files.extend(matches)
+    return files
+
+
+def _is_hf_dataset(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
+        os.path.join(path, "dataset_dict.json"))
+
+
+def read_records(paths: str | Sequence[str]) -> Iterator[RawRecord]:
+    """All records of all files, in order. Format by file ending (or HF dataset folder)."""
+    for path in expand_paths(paths):
+        if os.path.isdir(path):
+            yield from _read_hf_dataset(path)
+        elif path.endswith((".jsonl", ".ndjson")):
+            yield from _read_jsonl(path)
+        elif path.endswith(".json"):
+            yield from _read_json_array(path)
+        elif path.endswith(".parquet"):
+            yield from _read_parquet(path)
+        else:
+            raise DataError(Origin(path), "unknown file type (expected .jsonl, .json, .parquet "
+                                          "or a saved Hugging Face dataset folder)")
+
+
+def _read_jsonl(path: str) -> Iterator[RawRecord]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            origin = Origin(path, line=number)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawRecord(origin, error=DataError(
+                    origin, f"undecodable text: not UTF-8 at byte {e.start} of the line",
+                    kind="undecodable"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield RawRecord(origin, json.loads(line))
+            except json.JSONDecodeError as e:
+                yield RawRecord(origin, error=DataError(
+                    origin, f"malformed JSON: {e.msg} at column {e.colno}", kind="malformed"))
+
+
+def _read_json_array(path: str) -> Iterator[RawRecord]:
+    """Elements of a top-level JSON array, each with the line its object starts on."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        origin = Origin(path, line=line)
+        yield RawRecord(origin, error=DataError(origin, "undecodable text: not UTF-8",
+                                                kind="undecodable"))
+        return
+    decoder = json.JSONDecoder()
+    pos, line = _skip_ws(text, 0), 1
+    if not text.startswith("[", pos):
+        origin = Origin(path, line=1)
+        yield RawRecord(origin, error=DataError(
+            origin, "malformed JSON: expected a top-level array of records (use .jsonl for "
+                    "one record per line)", kind="malformed"))
+        return
+    pos, counted = _skip_ws(text, pos + 1), 0
+    while pos < len(text) and text[pos] != "]":
+        line += text.count("\n", counted, pos)
+        counted = pos
+        origin = Origin(path, line=line)
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield RawRecord(Origin(path, line=e.lineno), error=DataError(
+                Origin(path, line=e.lineno), f"malformed JSON: {e.msg} at column {e.colno}",
+                kind="malformed"))
+            return
+        yield RawRecord(origin, value)
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+    if pos >= len(text):
+        origin = Origin(path, line=text.count("\n") + 1)
+        yield RawRecord(origin, error=DataError(origin, "malformed JSON: unterminated array",
+                                                kind="malformed"))
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _read_parquet(path: str) -> Iterator[RawRecord]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError(f"{path}: reading Parquet needs pyarrow: pip install "
+                          "'coach_jax[parquet]'") from e
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches():
+        for record in batch.to_pylist():
+            row += 1
+            yield RawRecord(Origin(path, row=row), record)
+
+
+def _read_hf_dataset(path: str) -> Iterator[RawRecord]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"{path}: reading a saved Hugging Face dataset needs datasets: "
+                          "pip install 'coach_jax[hf-datasets]'") from e
+    dataset = datasets.load_from_disk(path)
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise DataError(Origin(path), f"dataset has splits {list(dataset)}; name one folder "
+                                          "of a split or save a 'train' split")
+        dataset = dataset["train"]
+    for row, record in enumerate(dataset, start=1):
+        yield RawRecord(Origin(path, row=row), record)

@@ -1,0 +1,214 @@
+"""Assistant-only loss masks for real stock chat templates (no {% generation %} markers)."""
+
+import os
+
+import numpy as np
+import pytest
+
+import tokenizer_fixtures
+from coach_jax import data
+from coach_jax.data import chat_encoding
+
+STOCK_TEMPLATES = ["chatml", "deepseek-v3_r1", "gemma2", "gemma3", "llama3", "llama3.1",
+                   "llama3.2", "mistral-v0.3", "phi3", "qwen2", "qwen2.5", "qwen3", "zephyr"]
+SYSTEM = "SYSTEM says be brief."
+USER = ["What is the capital of France?", "Tell me a joke about cats."]
+ASSISTANT = ["The capital of France is Paris.", "Why did the cat sit on the computer?"]
+CONVERSATION = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": USER[0]}, {"role": "assistant", "content": ASSISTANT[0]},
+                {"role": "user", "content": USER[1]}, {"role": "assistant", "content": ASSISTANT[1]}]
+# Text a template itself writes inside an assistant turn, supervised by policy.
+TEMPLATE_INSERTED = {"mistral-v0.3": {" "}, "qwen3": {"<think>\n\n</think>\n\n"}}
+
+
+def _tokenizer(realworld, name):
+    return tokenizer_fixtures.bpe_tokenizer(os.path.join(realworld, "templates", f"{name}.jinja"))
+
+
+def supervised_runs(tokenizer, encoded):
+    """Decoded text of each maximal run of supervised tokens."""
+    ids, mask = encoded["input_ids"], encoded["loss_mask"]
+    runs, start = [], None
+    for i in range(len(ids) + 1):
+        on = i < len(ids) and mask[i]
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            runs.append(tokenizer.decode(ids[start:i].tolist()))
+            start = None
+    return runs
+
+
+def assert_runs_are_assistant_turns(runs, contents, end_of_turn, inserted):
+    assert len(runs) == len(contents), runs
+    for run, content in zip(runs, contents):
+        assert run.endswith(end_of_turn), run
+        body = run[: -len(end_of_turn)]
+        assert body.endswith(content), run
+        assert body[: len(body) - len(content)] in {""} | inserted, run
+        assert SYSTEM not in run and not any(u in run for u in USER)
+
+
+@pytest.mark.parametrize("name", STOCK_TEMPLATES)
+def test_masks_cover_exactly_the_assistant_turns(realworld, name):
+    tokenizer = _tokenizer(realworld, name)
+    messages = CONVERSATION if name != "gemma2" else CONVERSATION[1:]  # gemma2: no system role
+    encoded = data.encode_chat(tokenizer, messages)
+    assert encoded["input_ids"].dtype == np.int32 and encoded["loss_mask"].dtype == np.int8
+    # The ids are the tokenization of the one full rendering, not stitched pieces.
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    np.testing.assert_array_equal(
+        encoded["input_ids"], tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    layout = data.template_layout(tokenizer)
+    assert_runs_are_assistant_turns(supervised_runs(tokenizer, encoded), ASSISTANT,
+                                    layout.end_of_turn, TEMPLATE_INSERTED.get(name, set()))
+
+
+def test_real_mistral_tokenizer(realworld):
+    tokenizer = data.load_tokenizer(os.path.join(realworld, "tokenizers",
+                                                 "mistral-7b-instruct-v0.3"))
+    encoded = data.encode_chat(tokenizer, CONVERSATION)
+    # SentencePiece decoding drops the space the template writes before each answer.
+    assert_runs_are_assistant_turns(supervised_runs(tokenizer, encoded), ASSISTANT, "</s>",
+                                    {" "})
+    assert encoded["input_ids"][0] == tokenizer.bos_token_id
+    assert encoded["input_ids"][1] != tokenizer.bos_token_id  # no double BOS
+
+
+# trl's *_training.jinja templates mark the same families with {% generation %}.
+TRL_PAIRS = {"llama3": "llama3_training", "qwen2.5": "qwen2_5_training",
+             "gemma3": "gemma3_training", "phi3": "phi3_training",
+             "deepseek-v3_r1": "deepseekv3_training", "qwen3": "qwen3_training"}
+
+
+@pytest.mark.parametrize("name", list(TRL_PAIRS))
+def test_masks_agree_with_generation_markers(realworld, name):
+    tokenizer = _tokenizer(realworld, name)
+    with open(os.path.join(realworld, "templates", "trl-training",
+                           f"{TRL_PAIRS[name]}.jinja")) as f:
+        marked_template = f.read()
+    layout = data.template_layout(tokenizer)
+    ours = supervised_runs(tokenizer, data.encode_chat(tokenizer, CONVERSATION))
+    marked = tokenizer.apply_chat_template(CONVERSATION, chat_template=marked_template,
+                                           return_dict=True, return_assistant_tokens_mask=True)
+    theirs = supervised_runs(tokenizer, {"input_ids": np.asarray(marked["input_ids"]),
+                                         "loss_mask": np.asarray(marked["assistant_masks"])})
+    # Documented policy differences: trl also supervises the newline (and Phi-3's EOS) after
+    # the end-of-turn token and, for some families, the header or its last newline.
+    normalised = []
+    for run in theirs:
+        run = run[: run.index(layout.end_of_turn) + len(layout.end_of_turn)]
+        overlap = max(k for k in range(len(layout.header) + 1)
+                      if layout.header.endswith(run[:k]))
+        normalised.append(run[overlap:])
+    if name == "qwen3":  # trl's variant always renders think blocks; the stock one only last
+        ours, normalised = ours[-1:], normalised[-1:]
+    assert ours == normalised
+
+
+def test_train_on_last_assistant_and_all(realworld):
+    tokenizer = _tokenizer(realworld, "chatml")
+    last = data.encode_chat(tokenizer, CONVERSATION, train_on="last_assistant")
+    assert supervised_runs(tokenizer, last) == [ASSISTANT[1] + "<|im_end|>"]
+    everything = data.encode_chat(tokenizer, CONVERSATION, train_on="all")
+    assert everything["loss_mask"].all()
+    with pytest.raises(ValueError, match="train_on='some'"):
+        data.encode_chat(tokenizer, CONVERSATION, train_on="some")
+
+
+def test_reasoning_is_dropped_from_history_and_mask_follows(realworld):
+    """Qwen3 rewrites earlier turns: reasoning survives only after the last user query."""
+    tokenizer = _tokenizer(realworld, "qwen3")
+    messages = [{"role": "user", "content": USER[0]},
+                {"role": "assistant", "content": "<think>\nrecall\n</think>\n\n" + ASSISTANT[0]},
+                {"role": "user", "content": USER[1]},
+                {"role": "assistant", "content": "<think>\nfelines\n</think>\n\n" + ASSISTANT[1]}]
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, messages))
+    assert runs == [ASSISTANT[0] + "<|im_end|>",
+                    "<think>\nfelines\n</think>\n\n" + ASSISTANT[1] + "<|im_end|>"]
+
+
+def test_tool_calls_are_supervised_tool_results_are_not(realworld):
+    tokenizer = _tokenizer(realworld, "qwen2.5")
+    call = {"type": "function", "id": "abc123def",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "RESULT sunny", "tool_call_id": "abc123def"},
+                {"role": "assistant", "content": "It is sunny."}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, messages, tools))
+    assert len(runs) == 2
+    assert runs[0].startswith("<tool_call>\n") and '"get_weather"' in runs[0]
+    assert runs[0].endswith("</tool_call><|im_end|>")
+    assert runs[1] == "It is sunny.<|im_end|>"
+
+
+def test_system_fallback_merges_into_first_user_turn(realworld):
+    tokenizer = _tokenizer(realworld, "gemma2")
+    with pytest.raises(data.EncodingError, match="System role not supported"):
+        data.encode_chat(tokenizer, CONVERSATION)
+    conversation = data.normalize({"messages": CONVERSATION}, "openai")
+    encoded = data.encode_example(tokenizer, conversation)
+    text = tokenizer.decode(encoded["input_ids"].tolist())
+    assert f"<start_of_turn>user\n{SYSTEM}\n\n{USER[0]}" in text
+    assert_runs_are_assistant_turns(supervised_runs(tokenizer, encoded), ASSISTANT,
+                                    "<end_of_turn>", set())
+    with pytest.raises(data.EncodingError):
+        data.encode_example(tokenizer, conversation, system_fallback=False)
+
+
+def test_template_error_names_the_record(realworld):
+    tokenizer = _tokenizer(realworld, "mistral-v0.3")
+    record = data.normalize({"messages": [{"role": "user", "content": "a"},
+                                          {"role": "user", "content": "b"},
+                                          {"role": "assistant", "content": "c"}]}, "openai",
+                            data.Origin("chats.jsonl", line=7))
+    with pytest.raises(data.EncodingError, match=r"chats\.jsonl:7: .*roles must alternate"):
+        data.encode_example(tokenizer, record)
+
+
+def test_end_of_turn_that_is_not_a_special_token_is_refused(realworld):
+    """A tokenizer that splits the end-of-turn marker into pieces would never learn to stop."""
+    broken = tokenizer_fixtures.bpe_tokenizer(
+        os.path.join(realworld, "templates", "chatml.jinja"), register_specials=False)
+    with pytest.raises(data.EncodingError, match="closes assistant turns with no special token"):
+        data.encode_chat(broken, CONVERSATION)
+
+
+def test_no_chat_template_is_a_clear_error(realworld):
+    tokenizer = data.load_tokenizer(os.path.join(realworld, "tokenizers", "gpt-neox-20b")) \
+        if os.path.exists(os.path.join(realworld, "tokenizers", "gpt-neox-20b",
+                                       "tokenizer_config.json")) else None
+    if tokenizer is None:
+        from transformers import PreTrainedTokenizerFast
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=os.path.join(
+            realworld, "tokenizers", "gpt-neox-20b", "tokenizer.json"))
+    with pytest.raises(data.EncodingError, match="has no chat template"):
+        data.encode_chat(tokenizer, CONVERSATION)
+
+
+def test_double_bos_is_refused(realworld):
+    tokenizer = _tokenizer(realworld, "llama3")
+    doubled = "{{ bos_token }}" + tokenizer.chat_template
+    clone = tokenizer_fixtures.bpe_tokenizer.__wrapped__(
+        os.path.join(realworld, "templates", "llama3.jinja"))
+    clone.chat_template = doubled
+    with pytest.raises(data.EncodingError, match="two BOS"):
+        data.encode_chat(clone, CONVERSATION)
+
+
+def test_text_documents_supervise_every_token_and_end_with_eos(realworld):
+    tokenizer = _tokenizer(realworld, "llama3")
+    encoded = data.encode_text(tokenizer, "The quick brown fox.")
+    assert encoded["loss_mask"].all()
+    assert encoded["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(encoded["input_ids"][:-1].tolist()).endswith("The quick brown fox.")
+
+
+def test_layout_is_probed_once_per_template(realworld):
+    tokenizer = _tokenizer(realworld, "qwen2")
+    chat_encoding._layout.cache_clear()
+    for _ in range(3):
+        data.encode_chat(tokenizer, CONVERSATION)
+    assert chat_encoding._layout.cache_info().misses == 1

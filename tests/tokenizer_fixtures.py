@@ -1,0 +1,67 @@
+"""Tiny byte-level BPE tokenizers built in-process, one per chat template family.
+
+Each keeps its template's special tokens as single tokens, as the real tokenizers do.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+TEMPLATES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realworld", "templates")
+
+# bos, eos per template family (None where the family has none).
+_BOS_EOS = {
+    "chatml": (None, "<|im_end|>"),
+    "deepseek-v3_r1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "gemma2": ("<bos>", "<eos>"),
+    "gemma3": ("<bos>", "<eos>"),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
+    "llama3.1": ("<|begin_of_text|>", "<|eot_id|>"),
+    "llama3.2": ("<|begin_of_text|>", "<|eot_id|>"),
+    "mistral-v0.3": ("<s>", "</s>"),
+    "phi3": ("<s>", "<|endoftext|>"),
+    "qwen2": (None, "<|im_end|>"),
+    "qwen2.5": (None, "<|im_end|>"),
+    "qwen3": (None, "<|im_end|>"),
+    "zephyr": ("<s>", "</s>"),
+}
+_SPECIAL = re.compile(r"<\|[a-z_]+\|>|<｜[^｜]+｜>|<(?:start|end)_of_turn>|\[/?[A-Z_]+\]")
+
+_CORPUS = [
+    "You are a helpful assistant. Answer briefly and politely.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Tell me a joke about cats. Why did the cat sit on the computer? To keep an eye on the mouse.",
+    "The quick brown fox jumps over the lazy dog 0123456789 times.",
+    "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}",
+] * 20
+
+
+def family(template_file: str) -> str:
+    return os.path.basename(template_file).removesuffix(".jinja")
+
+
+@functools.lru_cache(maxsize=None)
+def bpe_tokenizer(template_file: str, register_specials: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with the template's special tokens and chat template; without
+    `register_specials` the markers are plain text split into byte pieces (a broken set-up)."""
+    with open(template_file) as f:
+        template = f.read()
+    bos, eos = _BOS_EOS[family(template_file)]
+    specials = sorted({*_SPECIAL.findall(template), *(t for t in (bos, eos) if t)})
+    if not register_specials:
+        specials, bos, eos = [], None, None
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos,
+                                   additional_special_tokens=specials)
+    fast.chat_template = template
+    return fast
