@@ -142,14 +142,13 @@ def _tool_call(call: Any, origin: Origin | None, field: str, default_id: str) ->
             "function": {"name": function["name"], "arguments": arguments}}
 
 
-def _openai(record: dict[str, Any], origin: Origin | None) -> Conversation:
-    raw = record["messages"]
+def _parse_messages(raw: Any, origin: Origin | None, key: str) -> tuple[Message, ...]:
     if not isinstance(raw, list) or not raw:
-        raise DataError(origin, "expected a non-empty list of messages", field="messages",
+        raise DataError(origin, "expected a non-empty list of messages", field=key,
                         kind="empty_field")
     messages = []
     for i, m in enumerate(raw):
-        field = f"messages[{i}]"
+        field = f"{key}[{i}]"
         if not isinstance(m, dict):
             raise DataError(origin, "a message must be an object", field=field)
         role = m.get("role")
@@ -158,12 +157,20 @@ def _openai(record: dict[str, Any], origin: Origin | None) -> Conversation:
         if role not in ROLES:
             raise DataError(origin, f"unknown role {role!r} (expected one of {', '.join(ROLES)})",
                             field=f"{field}.role", kind="invalid")
-        calls = tuple(_tool_call(c, origin, f"{field}.tool_calls[{j}]", _call_id(origin, i, j))
+        calls = tuple(_tool_call(c, origin, f"{field}.tool_calls[{j}]", _call_id(origin, key, i, j))
                       for j, c in enumerate(m.get("tool_calls") or ()))
         content = _string(m.get("content"), origin, f"{field}.content",
-                          allow_empty=bool(calls))
+                          allow_empty=bool(calls) or role == "assistant")
+        if role == "assistant" and not content.strip() and not calls:
+            raise DataError(origin, "empty assistant turn", field=f"{field}.content",
+                            kind="empty_assistant")
         messages.append(Message(role, content, calls, m.get("tool_call_id"), m.get("name")))
-    return _checked(Conversation(tuple(messages), _tools(record.get("tools"), origin), origin))
+    return tuple(messages)
+
+
+def _openai(record: dict[str, Any], origin: Origin | None) -> Conversation:
+    messages = _parse_messages(record["messages"], origin, "messages")
+    return _checked(Conversation(messages, _tools(record.get("tools"), origin), origin))
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -189,8 +196,11 @@ def _sharegpt(record: dict[str, Any], origin: Origin | None) -> Conversation:
         if source not in _SHAREGPT_ROLES:
             raise DataError(origin, f"unknown speaker {source!r} (expected one of "
                                     f"{', '.join(_SHAREGPT_ROLES)})", field=f"{field}.from")
-        value = _string(turn.get("value"), origin, f"{field}.value")
         role = _SHAREGPT_ROLES[source]
+        value = _string(turn.get("value"), origin, f"{field}.value", allow_empty=True)
+        if not value.strip():
+            raise DataError(origin, f"empty {role} turn", field=f"{field}.value",
+                            kind="empty_assistant" if role == "assistant" else "empty_field")
         if source == "function_call":
             try:
                 call = json.loads(value)
@@ -221,15 +231,17 @@ def _alpaca(record: dict[str, Any], origin: Origin | None) -> Conversation:
     extra = _string(record.get("input"), origin, "input", allow_empty=True)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     messages.append(Message("user", prompt))
-    messages.append(Message("assistant", _string(record["output"], origin, "output")))
+    output = _string(record["output"], origin, "output", allow_empty=True)
+    if not output.strip():
+        raise DataError(origin, "empty assistant turn", field="output", kind="empty_assistant")
+    messages.append(Message("assistant", output))
     return _checked(Conversation(tuple(messages), None, origin))
 
 
 def _prompt_completion(record: dict[str, Any], origin: Origin | None) -> Conversation:
     def as_messages(value: Any, field: str, role: str) -> list[Message]:
         if isinstance(value, list):
-            converted = _openai({"messages": value}, origin).messages
-            return list(converted)
+            return list(_parse_messages(value, origin, field))
         return [Message(role, _string(value, origin, field))]
 
     messages = []
