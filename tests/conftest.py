@@ -12,12 +12,14 @@ import pytest  # noqa: E402
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.path.expanduser("~"), ".cache", "coach_jax", "jax-tests"))
 
-REALWORLD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realworld")
+REALWORLD = os.environ.get("COACH_JAX_REALWORLD") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "realworld")
 
 
 @pytest.fixture(scope="session")
 def realworld() -> str:
-    """../shared/realworld: skipped where absent, a failure under CI=true."""
+    """../shared/realworld (or $COACH_JAX_REALWORLD): skipped where absent, a failure under
+    CI=true."""
     path = os.path.abspath(REALWORLD)
     if not os.path.isdir(path):
         if os.environ.get("CI") == "true":
