@@ -179,3 +179,11 @@ def test_saved_hf_dataset_rows(tmp_path):
     examples = data.load_examples(str(tmp_path / "saved"))
     assert [e.messages[-1].content for e in examples] == ["x", "y"]
     assert examples[1].origin == data.Origin(str(tmp_path / "saved"), row=2)
+
+
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(data.DataError, match=r"hf://nobody/nothing: cannot load from the hub"):
+        data.load_examples("hf://nobody/nothing")

@@ -29,6 +29,9 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
         paths = [paths]
     files: list[str] = []
     for pattern in map(os.fspath, paths):
+        if pattern.startswith(HUB_PREFIX):
+            files.append(pattern)
+            continue
         if os.path.isdir(pattern) and not _is_hf_dataset(pattern):
             raise DataError(None, f"{pattern} is a folder; name files or a glob such as "
                                   f"{os.path.join(pattern, '*.jsonl')}")
@@ -39,6 +42,9 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
     return files
 
 
+HUB_PREFIX = "hf://"  # hf://owner/name[:split] reads a dataset from the Hugging Face hub
+
+
 def _is_hf_dataset(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
         os.path.join(path, "dataset_dict.json"))
@@ -47,7 +53,9 @@ def _is_hf_dataset(path: str) -> bool:
 def read_records(paths: str | Sequence[str]) -> Iterator[RawRecord]:
     """All records of all files, in order. Format by file ending (or HF dataset folder)."""
     for path in expand_paths(paths):
-        if os.path.isdir(path):
+        if path.startswith(HUB_PREFIX):
+            yield from _read_hub_dataset(path)
+        elif os.path.isdir(path):
             yield from _read_hf_dataset(path)
         elif path.endswith((".jsonl", ".ndjson")):
             yield from _read_jsonl(path)
@@ -155,3 +163,20 @@ def _read_hf_dataset(path: str) -> Iterator[RawRecord]:
         dataset = dataset["train"]
     for row, record in enumerate(dataset, start=1):
         yield RawRecord(Origin(path, row=row), record)
+
+
+def _read_hub_dataset(spec: str) -> Iterator[RawRecord]:
+    """hf://owner/name[:split] (default split: train), where the network allows."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"{spec}: reading a hub dataset needs datasets: pip install "
+                          "'coach_jax[hf-datasets]'") from e
+    name, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # offline, unknown name, gated...
+        raise DataError(Origin(spec), f"cannot load from the hub ({type(e).__name__}: {e}); "
+                                      "download it elsewhere and save_to_disk") from e
+    for row, record in enumerate(dataset, start=1):
+        yield RawRecord(Origin(spec, row=row), record)
