@@ -52,7 +52,7 @@ def test_truncation_that_leaves_nothing_to_learn_is_skipped(tmp_path, tokenizer)
     report = data.EncodeReport()
     kept = list(data.encode_all(data.iter_examples(path), tokenizer,
                                 data.EncodeOptions(max_seq_len=8, overlong="truncate"), report))
-    assert kept == [] and report.counts == {"nothing_to_learn": 1, "truncated": 1}
+    assert kept == [] and report.counts == {"nothing_to_learn_after_truncation": 1}
 
 
 def test_invalid_records_error_or_are_counted(tmp_path, tokenizer):

@@ -182,8 +182,12 @@ def test_saved_hf_dataset_rows(tmp_path):
 
 
 def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
-    pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+
+    def offline(name, split):
+        assert (name, split) == ("nobody/nothing", "train")
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(data.DataError, match=r"hf://nobody/nothing: cannot load from the hub"):
         data.load_examples("hf://nobody/nothing")

@@ -48,6 +48,7 @@ class EncodedExample:
     input_ids: np.ndarray  # int32 [L]
     loss_mask: np.ndarray  # int8 [L], aligned with input_ids (the shift comes later)
     origin: Origin | None
+    truncated: bool = False
 
 
 @dataclasses.dataclass
@@ -56,6 +57,8 @@ class EncodeReport:
 
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    tokens: int = 0  # of the encoded examples
+    supervised_tokens: int = 0  # targets with loss (the first token is never a target)
 
     def note(self, reason: str, where: Any) -> None:
         self.counts[reason] += 1
@@ -63,13 +66,67 @@ class EncodeReport:
         if len(shown) < 5:
             shown.append(str(where))
 
+    def record(self, result: "EncodedExample | Skip") -> None:
+        if isinstance(result, Skip):
+            self.note(result.reason, result.where)
+            return
+        if result.truncated:
+            self.note("truncated", result.origin)
+        self.note("encoded", result.origin)
+        self.tokens += len(result.input_ids)
+        self.supervised_tokens += int(result.loss_mask[1:].sum())
+
+    @property
+    def dropped(self) -> int:
+        """Records left out for any reason."""
+        return sum(v for k, v in self.counts.items() if k not in ("encoded", "truncated"))
+
     def summary(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.counts.items())]
-        lines = ["encoded: " + (", ".join(parts) or "nothing")]
+        lines = ["encoded: " + (", ".join(parts) or "nothing")
+                 + f"; {self.tokens} tokens, {self.supervised_tokens} supervised"]
         for reason, where in sorted(self.examples.items()):
             if reason != "encoded":
                 lines.append(f"  {reason}: e.g. {'; '.join(where)}")
         return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """An example the policies leave out, and why."""
+
+    reason: str
+    where: str
+
+
+def encode_one(item: Example | DataError, tokenizer: Any, options: EncodeOptions
+               ) -> EncodedExample | Skip:
+    """Encodes one example under the policies; raises what the policies make an error."""
+    try:
+        if isinstance(item, DataError):
+            raise item
+        encoded = encode_example(tokenizer, item, options.train_on, options.system_fallback)
+    except DataError as e:
+        if e.kind == "nothing_to_learn":
+            return Skip("nothing_to_learn", str(e))
+        if options.on_invalid == "error":
+            raise
+        return Skip(f"skipped_{e.kind}", str(e))
+    ids, mask = encoded["input_ids"], encoded["loss_mask"]
+    truncated = False
+    if len(ids) - 1 > options.max_seq_len:
+        if options.overlong == "error":
+            raise DataError(item.origin, f"{len(ids)} tokens: inputs exceed max_seq_len="
+                                         f"{options.max_seq_len} (overlong='error')",
+                            kind="overlong")
+        if options.overlong == "drop":
+            return Skip("dropped_overlong", str(item.origin))
+        ids, mask = ids[:options.max_seq_len + 1], mask[:options.max_seq_len + 1]
+        truncated = True
+    if not mask[1:].any():  # the first token is never a target
+        return Skip("nothing_to_learn" + ("_after_truncation" if truncated else ""),
+                    str(item.origin))
+    return EncodedExample(ids, mask, item.origin, truncated)
 
 
 def encode_all(items: Iterable[Example | DataError], tokenizer: Any, options: EncodeOptions,
@@ -77,31 +134,7 @@ def encode_all(items: Iterable[Example | DataError], tokenizer: Any, options: En
     """Encodes examples; bad records and skips follow `options` and land in `report`."""
     report = report if report is not None else EncodeReport()
     for item in items:
-        try:
-            if isinstance(item, DataError):
-                raise item
-            encoded = encode_example(tokenizer, item, options.train_on, options.system_fallback)
-        except DataError as e:
-            if e.kind == "nothing_to_learn":
-                report.note("nothing_to_learn", e)
-                continue
-            if options.on_invalid == "error":
-                raise
-            report.note(f"skipped_{e.kind}", e)
-            continue
-        ids, mask = encoded["input_ids"], encoded["loss_mask"]
-        if len(ids) - 1 > options.max_seq_len:
-            if options.overlong == "error":
-                raise DataError(item.origin, f"{len(ids)} tokens: inputs exceed max_seq_len="
-                                             f"{options.max_seq_len} (overlong='error')",
-                                kind="overlong")
-            if options.overlong == "drop":
-                report.note("dropped_overlong", item.origin)
-                continue
-            ids, mask = ids[:options.max_seq_len + 1], mask[:options.max_seq_len + 1]
-            report.note("truncated", item.origin)
-        if not mask[1:].any():  # the first token is never a target
-            report.note("nothing_to_learn", item.origin)
-            continue
-        report.note("encoded", item.origin)
-        yield EncodedExample(ids, mask, item.origin)
+        result = encode_one(item, tokenizer, options)
+        report.record(result)
+        if isinstance(result, EncodedExample):
+            yield result

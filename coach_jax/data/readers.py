@@ -68,24 +68,24 @@ def read_records(paths: str | Sequence[str]) -> Iterator[RawRecord]:
                                           "or a saved Hugging Face dataset folder)")
 
 
+def parse_json_line(raw: bytes, origin: Origin) -> RawRecord:
+    """One JSONL line as a record, or as the error that describes it."""
+    try:
+        return RawRecord(origin, json.loads(raw.decode("utf-8")))
+    except UnicodeDecodeError as e:
+        return RawRecord(origin, error=DataError(
+            origin, f"undecodable text: not UTF-8 at byte {e.start} of the line",
+            kind="undecodable"))
+    except json.JSONDecodeError as e:
+        return RawRecord(origin, error=DataError(
+            origin, f"malformed JSON: {e.msg} at column {e.colno}", kind="malformed"))
+
+
 def _read_jsonl(path: str) -> Iterator[RawRecord]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            origin = Origin(path, line=number)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield RawRecord(origin, error=DataError(
-                    origin, f"undecodable text: not UTF-8 at byte {e.start} of the line",
-                    kind="undecodable"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield RawRecord(origin, json.loads(line))
-            except json.JSONDecodeError as e:
-                yield RawRecord(origin, error=DataError(
-                    origin, f"malformed JSON: {e.msg} at column {e.colno}", kind="malformed"))
+            if raw.strip():
+                yield parse_json_line(raw, Origin(path, line=number))
 
 
 def _read_json_array(path: str) -> Iterator[RawRecord]:
