@@ -35,6 +35,7 @@ class RecordSource:
 
     def __init__(self, paths: str | Sequence[str]):
         self._files = expand_paths(paths)
+        self._parsed: dict[int, list[RawRecord]] = {}
         parts = []  # per file: (kind, index rows or records)
         for file_index, path in enumerate(self._files):
             if path.endswith((".jsonl", ".ndjson")) and not os.path.isdir(path):
@@ -45,7 +46,6 @@ class RecordSource:
                                          enumerate(self._records(file_index))],
                                         np.int64).reshape(-1, 4))
         self._index = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
-        self._parsed: dict[int, list[RawRecord]] = {}
 
     def _records(self, file_index: int) -> list[RawRecord]:
         if file_index not in self._parsed:
