@@ -191,3 +191,19 @@ def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(data.DataError, match=r"hf://nobody/nothing: cannot load from the hub"):
         data.load_examples("hf://nobody/nothing")
+
+
+def test_record_source_gives_random_access_to_the_same_records(tmp_path, realworld):
+    from coach_jax.data.record_source import RecordSource
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"text": "a"}\n\n{"text": "b"\n{"text": "c\xe9"}\n{"text": "d"}\n')
+    alpaca = os.path.join(realworld, "data", "alpaca_en_demo.json")
+    source = RecordSource([str(path), alpaca])
+    sequential = list(data.read_records([str(path), alpaca]))
+    assert len(source) == len(sequential) == 4 + 999
+    for i in [3, 0, 2, 1, 1002, 4, 500]:  # any order
+        got, want = source[i], sequential[i]
+        assert got.origin == want.origin and got.data == want.data
+        assert str(got.error) == str(want.error)
+    assert source[1].error.kind == "malformed" and source[2].error.kind == "undecodable"
+    assert source[3].origin.line == 5
