@@ -133,6 +133,12 @@ def path_str(key_path: tuple[Any, ...]) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in key_path)
 
 
+def kernel_input_dims(path: str) -> int:
+    """How many leading (non-`layers`) dims of a Projection kernel are its inputs: o_proj
+    contracts (heads, head_dim), every other projection one dim."""
+    return 2 if path.split("/")[-2:-1] == ["o_proj"] else 1
+
+
 def init(cfg: ModelConfig, seed: int, sharding: ShardingFn | None = None) -> Params:
     """Random parameters, created directly where `sharding(path)` says (never whole on one
     device first when a sharding is given)."""

@@ -23,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from coach_jax.models.config import ModelConfig
-from coach_jax.models.decoder import Params, ShardingFn, param_shapes, path_str
+from coach_jax.models.decoder import (Params, ShardingFn, kernel_input_dims, param_shapes,
+                                      path_str)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,7 +68,7 @@ def _hf_suffix(path: list[str]) -> tuple[str, int]:
     leaf = path[-1]
     module = ".".join(path[:-1])
     if leaf == "kernel":
-        return f"{module}.weight", 2 if path[-2] == "o_proj" else 1
+        return f"{module}.weight", kernel_input_dims("/".join(path))
     if leaf == "scale":
         return f"{module}.weight", 0
     return f"{module}.{leaf}", 0

@@ -1,0 +1,83 @@
+"""Masked next-token cross-entropy as *sums*, so a step divides exactly once.
+
+Every function returns sums over tokens (or examples), never means: gradient accumulation
+adds the sums of its micro-batches and divides by the global count at the end, which makes
+k micro-batches equal one big batch token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+NORMALIZATIONS = ("tokens", "examples")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    normalization: Literal["tokens", "examples"] = "tokens"
+    z_loss: float = 0.0  # weight of logsumexp(logits)^2, keeps logits from drifting
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"loss_normalization={self.normalization!r}; expected one of "
+                             f"{', '.join(NORMALIZATIONS)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+
+
+def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, config: LossConfig
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(per-token objective, per-token NLL, per-token correct) in float32, unmasked."""
+    logits = logits_BxTxV.astype(jnp.float32)
+    lse_BxT = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    nll_BxT = lse_BxT - target_logit
+    objective = nll_BxT
+    if config.label_smoothing:
+        uniform_nll = lse_BxT - logits.mean(axis=-1)
+        objective = (1 - config.label_smoothing) * nll_BxT + config.label_smoothing * uniform_nll
+    if config.z_loss:
+        objective = objective + config.z_loss * lse_BxT ** 2
+    correct_BxT = (jnp.argmax(logits, axis=-1) == targets_BxT)
+    return objective, nll_BxT, correct_BxT
+
+
+def example_weights(loss_mask_BxT: jax.Array, segment_ids_BxT: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Per-token 1 / (supervised tokens of its example), and the number of examples with any
+    supervised token. Examples are (row, segment id) pairs; rows never split an example."""
+    length = segment_ids_BxT.shape[1]
+    counts_BxS = jax.vmap(lambda m, s: jax.ops.segment_sum(m, s, num_segments=length + 1))(
+        loss_mask_BxT.astype(jnp.float32), segment_ids_BxT)
+    per_token = jnp.take_along_axis(counts_BxS, segment_ids_BxT, axis=1)
+    weights = jnp.where(loss_mask_BxT > 0, 1.0 / jnp.maximum(per_token, 1.0), 0.0)
+    examples = (counts_BxS[:, 1:] > 0).sum()
+    return weights, examples.astype(jnp.float32)
+
+
+def loss_sums(logits_BxTxV: jax.Array, batch: dict[str, jax.Array], config: LossConfig,
+              num_sources: int) -> dict[str, jax.Array]:
+    """Sums for one (micro-)batch. `numerator / denominator` is the loss; the rest are metrics.
+
+    tokens: numerator = sum of masked per-token objective, denominator = supervised tokens.
+    examples: numerator = sum over examples of their mean objective, denominator = examples.
+    """
+    mask = batch["loss_mask"].astype(jnp.float32)
+    objective, nll, correct = token_losses(logits_BxTxV, batch["targets"], config)
+    if config.normalization == "tokens":
+        numerator, denominator = (objective * mask).sum(), mask.sum()
+    else:
+        weights, denominator = example_weights(batch["loss_mask"], batch["segment_ids"])
+        numerator = (objective * weights).sum()
+    source_nll = jax.ops.segment_sum((nll * mask).ravel(), batch["source_ids"].ravel(),
+                                     num_segments=num_sources)
+    source_tokens = jax.ops.segment_sum(mask.ravel(), batch["source_ids"].ravel(),
+                                        num_segments=num_sources)
+    return {"numerator": numerator, "denominator": denominator, "tokens": mask.sum(),
+            "nll": (nll * mask).sum(), "correct": (correct * mask).sum(),
+            "source_nll": source_nll, "source_tokens": source_tokens}

@@ -1,0 +1,117 @@
+"""Which parameters train, and how fast: groups by regex on parameter paths.
+
+Rules are `(regex, value)` pairs, first match wins, matched with `re.search` against paths
+such as `layers/self_attn/q_proj/kernel` or `embed_tokens`. A value is "frozen" or a
+learning-rate multiplier (1.0 = the default rate). Unmatched parameters train at 1.0.
+
+Frozen parameters are taken out of the trainable tree entirely: no gradient is asked for
+them and the optimizer holds no state for them. `trainable_last_layers = k` trains only the
+last k decoder layers; with unrolled layers that is a path rule, with layers stacked under
+`scan` it masks the gradient and update rows of the earlier layers (their optimizer state
+exists, as part of the stacked arrays, but stays zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coach_jax.models.decoder import Params, path_str
+
+FROZEN = "frozen"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+    rules: tuple[tuple[str, Any], ...] = ()
+    trainable_last_layers: int | None = None
+
+    def __post_init__(self):
+        for pattern, value in self.rules:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"param group rule {pattern!r} is not a valid regex: {e}") from e
+            if value != FROZEN and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"param group rule {pattern!r}: value {value!r} must be "
+                                 f"'{FROZEN}' or a positive learning-rate multiplier")
+
+
+def label_of(path: str, groups: ParamGroups, num_layers: int) -> str:
+    """'frozen' or 'lr_x<multiplier>' for one parameter path."""
+    if groups.trainable_last_layers is not None:
+        match = re.match(r"layers_(\d+)/", path)
+        if match and int(match.group(1)) < num_layers - groups.trainable_last_layers:
+            return FROZEN
+    for pattern, value in groups.rules:
+        if re.search(pattern, path):
+            return FROZEN if value == FROZEN else f"lr_x{float(value):g}"
+    return "lr_x1"
+
+
+def labels(params: Params, groups: ParamGroups, num_layers: int) -> Params:
+    """A tree like `params` of group labels."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: label_of(path_str(p), groups, num_layers), params)
+
+
+def multiplier(label: str) -> float:
+    return float(label.removeprefix("lr_x"))
+
+
+def split(params: Params, label_tree: Params) -> tuple[Params, Params]:
+    """(trainable, frozen): the same tree twice, None where a leaf belongs to the other."""
+    trainable = jax.tree.map(lambda x, l: None if l == FROZEN else x, params, label_tree)
+    frozen = jax.tree.map(lambda x, l: x if l == FROZEN else None, params, label_tree)
+    return trainable, frozen
+
+
+def merge(trainable: Params, frozen: Params) -> Params:
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                        is_leaf=lambda x: x is None)
+
+
+def layer_update_mask(params: Params, groups: ParamGroups, num_layers: int
+                      ) -> Params | None:
+    """For stacked layers and `trainable_last_layers`: a tree of [L]-broadcastable 0/1
+    multipliers (None elsewhere); None when nothing needs masking."""
+    k = groups.trainable_last_layers
+    if k is None or "layers" not in params:
+        return None
+    rows = np.arange(num_layers) >= num_layers - k
+
+    def mask(path, x):
+        if x is None or not path_str(path).startswith("layers/"):
+            return None
+        return jnp.asarray(rows, x.dtype).reshape((num_layers,) + (1,) * (x.ndim - 1))
+
+    return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def apply_mask(tree: Params, mask: Params | None) -> Params:
+    if mask is None:
+        return tree
+    return jax.tree.map(lambda x, m: x if m is None else x * m, tree, mask,
+                        is_leaf=lambda x: x is None)
+
+
+def describe(label_tree: Params, params: Params) -> dict[str, int]:
+    """Parameter counts per group label, for the run log."""
+    counts: dict[str, int] = {}
+    for label, x in zip(jax.tree.leaves(label_tree), jax.tree.leaves(params)):
+        counts[label] = counts.get(label, 0) + int(np.prod(x.shape))
+    return counts
+
+
+def check_rules_match(params: Params, groups: ParamGroups) -> None:
+    """A rule that matches no parameter is almost always a typo: say so."""
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern, _ in groups.rules:
+        if not any(re.search(pattern, p) for p in paths):
+            raise ValueError(f"param group rule {pattern!r} matches no parameter; paths look "
+                             f"like: {', '.join(paths[:6])}, ...")

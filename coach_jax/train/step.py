@@ -1,0 +1,146 @@
+"""`train_step(state, batch) -> (state, metrics)`: the coach's critique and the adjustment.
+
+Pure and jitted once. The loss is token-exact: masked NLL summed over the whole batch (all
+micro-batches) and divided once by the global count of supervised tokens (or examples), so
+accumulating k micro-batches equals one big batch. Frozen parameters are closed over, not
+differentiated. No host sync: metrics come back as device scalars for the loop to read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from coach_jax import models
+from coach_jax.models.config import ModelConfig
+from coach_jax.models.decoder import Params
+from coach_jax.train import param_groups
+from coach_jax.train.loss import LossConfig, loss_sums
+from coach_jax.train.optimizers import OptimizerConfig, make_optimizer
+from coach_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    model: ModelConfig
+    loss: LossConfig = LossConfig()
+    micro_batches: int = 1
+    num_sources: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What the step closes over besides its config: the optimizer and the parameter groups."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    label_tree: Params
+    layer_mask: Params | None = None
+
+
+def _micro_batches(batch: Batch, k: int) -> Batch:
+    """[B, T] -> [k, B / k, T]: whole rows per micro-batch, so examples are never split."""
+    rows = next(iter(batch.values())).shape[0]
+    if rows % k:
+        raise ValueError(f"batch of {rows} rows does not split into {k} micro-batches")
+    return {name: x.reshape(k, rows // k, *x.shape[1:]) for name, x in batch.items()}
+
+
+def train_step(state: TrainState, batch: Batch, *, config: StepConfig, parts: StepParts
+               ) -> tuple[TrainState, Metrics]:
+    trainable, frozen = param_groups.split(state.params, parts.label_tree)
+
+    def sums_and_grads(trainable_params: Params, micro: Batch) -> tuple[dict, Params]:
+        def numerator(p):
+            params = param_groups.merge(p, frozen)
+            logits = models.apply(config.model, params, micro["inputs"], micro["positions"],
+                                  micro["segment_ids"])
+            sums = loss_sums(logits, micro, config.loss, config.num_sources)
+            return sums["numerator"], sums
+        (_, sums), grads = jax.value_and_grad(numerator, has_aux=True)(trainable_params)
+        return sums, grads
+
+    if config.micro_batches == 1:
+        sums, grad_sum = sums_and_grads(trainable, batch)
+    else:
+        def accumulate(carry, micro):
+            sums, grads = sums_and_grads(trainable, micro)
+            return jax.tree.map(jnp.add, carry, (sums, grads)), None
+        zeros = jax.eval_shape(sums_and_grads, trainable,
+                               jax.tree.map(lambda x: x[0], _micro_batches(batch, 1)))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        (sums, grad_sum), _ = jax.lax.scan(accumulate, zeros,
+                                           _micro_batches(batch, config.micro_batches))
+
+    denominator = jnp.maximum(sums["denominator"], 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grad_sum)
+    grads = param_groups.apply_mask(grads, parts.layer_mask)
+    updates, opt_state = parts.tx.update(grads, state.opt_state, trainable)
+    updates = param_groups.apply_mask(updates, parts.layer_mask)
+    new_trainable = optax.apply_updates(trainable, updates)
+    params = param_groups.merge(new_trainable, frozen)
+
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    loss = sums["numerator"] / denominator
+    grad_norm = optax.tree.norm(grads)
+    metrics = {
+        "loss": loss,
+        "nll": sums["nll"] / tokens,
+        "supervised_tokens": sums["tokens"],
+        "token_accuracy": sums["correct"] / tokens,
+        "grad_norm": grad_norm,
+        "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
+        "learning_rate": jnp.asarray(parts.schedule(state.step), jnp.float32),
+        "source_loss": sums["source_nll"] / jnp.maximum(sums["source_tokens"], 1.0),
+        "source_tokens": sums["source_tokens"],
+        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def compile_train_step(config: StepConfig, parts: StepParts, state_sharding: Any = None,
+                       batch_sharding: Any = None):
+    """`train_step` jitted once: the state is donated, shardings explicit when given."""
+    step = functools.partial(train_step, config=config, parts=parts)
+    if state_sharding is None and batch_sharding is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def setup(model_cfg: ModelConfig, params: Params, optimizer: OptimizerConfig,
+          groups: param_groups.ParamGroups, total_steps: int, *, loss: LossConfig = LossConfig(),
+          micro_batches: int = 1, num_sources: int = 1, seed: int = 0
+          ) -> tuple[TrainState, StepConfig, StepParts]:
+    """The initial state and what `compile_train_step` needs, from the run's choices."""
+    param_groups.check_rules_match(params, groups)
+    label_tree = param_groups.labels(params, groups, model_cfg.num_layers)
+    tx, schedule = make_optimizer(optimizer, label_tree, total_steps)
+    trainable, _ = param_groups.split(params, label_tree)
+    parts = StepParts(tx, schedule, label_tree,
+                      param_groups.layer_update_mask(trainable, groups, model_cfg.num_layers))
+    state = TrainState.create(params, tx, label_tree, seed)
+    return state, StepConfig(model_cfg, loss, micro_batches, num_sources), parts
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf loss or gradient: the run stops and this state is never saved."""
+
+
+def check_finite(metrics: dict[str, Any], step: int) -> None:
+    if not bool(np.asarray(metrics["finite"])):
+        raise NonFiniteError(
+            f"step {step}: non-finite loss ({float(metrics['loss'])}) or gradient norm "
+            f"({float(metrics['grad_norm'])}); stopping without saving this state. Try a "
+            "lower learning rate, grad clipping, or fp32 compute to find the cause.")
