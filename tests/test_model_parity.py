@@ -130,3 +130,20 @@ def test_bf16_compute_tracks_fp32(checkpoints):
     # bf16 has 8 mantissa bits: close, but not fp32-exact.
     assert diff.max() < 0.1 * np.abs(reference).max()
     assert diff.max() > TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral"])
+def test_query_blocks_match_hf(checkpoints, family):
+    """T = 128 runs attention in 64-query blocks (see attention.dot_product_attention)."""
+    hf_model, folder = checkpoints[family]
+    cfg, params = models.load_hf(folder)
+    rng = np.random.RandomState(6)
+    tokens, positions, segments, spans = _packed_row([50, 30, 40], [0, 5, 3], rng, pad_token=1)
+    assert tokens.shape[1] == 128
+    packed = np.asarray(models.apply(cfg, params, tokens, positions, segments))
+    for start, end in spans:
+        alone = hf_reference.logits(hf_model, tokens[:, start:end])
+        assert np.abs(packed[:, start:end] - alone).max() <= TOLERANCE
+    unpacked = _tokens(batch=1, length=128, seed=7)
+    assert np.abs(np.asarray(models.apply(cfg, params, unpacked))
+                  - hf_reference.logits(hf_model, unpacked)).max() <= TOLERANCE

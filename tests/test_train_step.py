@@ -347,3 +347,32 @@ def test_non_finite_loss_is_detected_and_named():
     assert not metrics["finite"]
     with pytest.raises(train.NonFiniteError, match="step 7: non-finite loss"):
         train.check_finite(metrics, 7)
+
+
+@pytest.mark.parametrize("chunk", [0, 40, 128])
+def test_chunked_cross_entropy_equals_the_plain_one(chunk):
+    from coach_jax.train.loss import chunked_token_losses, token_losses
+    params = fresh_params()
+    batch = make_batch(6)
+    config = train.LossConfig(chunk_tokens=chunk, z_loss=1e-3, label_smoothing=0.1)
+    hidden = models.hidden_states(CFG, params, batch["inputs"], batch["positions"],
+                                  batch["segment_ids"])
+
+    def total(h, p, chunked):
+        logits_fn = lambda x: models.logits_from_hidden(CFG, p, x)
+        if chunked:
+            objective, _, _ = chunked_token_losses(h, batch["targets"], logits_fn, config)
+        else:
+            objective, _, _ = token_losses(logits_fn(h), batch["targets"], config)
+        return (objective * batch["loss_mask"]).sum()
+
+    plain = jax.value_and_grad(total, argnums=(0, 1))(hidden, params, False)
+    chunked = jax.value_and_grad(total, argnums=(0, 1))(hidden, params, True)
+    assert float(plain[0]) == pytest.approx(float(chunked[0]), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 plain[1], chunked[1])
+    accuracy = [chunked_token_losses(hidden, batch["targets"],
+                                     lambda x: models.logits_from_hidden(CFG, params, x),
+                                     config)[2], token_losses(
+        models.logits_from_hidden(CFG, params, hidden), batch["targets"], config)[2]]
+    np.testing.assert_array_equal(*accuracy)

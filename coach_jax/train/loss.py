@@ -8,7 +8,7 @@ k micro-batches equal one big batch token for token.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +21,17 @@ class LossConfig:
     normalization: Literal["tokens", "examples"] = "tokens"
     z_loss: float = 0.0  # weight of logsumexp(logits)^2, keeps logits from drifting
     label_smoothing: float = 0.0
+    # Tokens per chunk of the LM head + cross-entropy (0: all at once). Chunks are
+    # recomputed in the backward pass, so [B, T, V] logits never exist at once; the result
+    # does not depend on it.
+    chunk_tokens: int = 256
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"loss_normalization={self.normalization!r}; expected one of "
                              f"{', '.join(NORMALIZATIONS)}")
+        if self.chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens={self.chunk_tokens} must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
 
@@ -47,6 +53,30 @@ def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, config: LossCo
     return objective, nll_BxT, correct_BxT
 
 
+def chunked_token_losses(hidden_BxTxD: jax.Array, targets_BxT: jax.Array,
+                         logits_fn: Callable[[jax.Array], jax.Array], config: LossConfig
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`token_losses` of `logits_fn(hidden)`, computed `config.chunk_tokens` tokens at a time
+    under `jax.checkpoint`: only one chunk's logits exist in the forward or backward pass."""
+    batch, length, width = hidden_BxTxD.shape
+    total = batch * length
+    chunk = config.chunk_tokens
+    if not chunk or chunk >= total:
+        return token_losses(logits_fn(hidden_BxTxD), targets_BxT, config)
+    pad = -total % chunk
+    hidden = jnp.pad(hidden_BxTxD.reshape(total, width), ((0, pad), (0, 0)))
+    targets = jnp.pad(targets_BxT.reshape(total), (0, pad))
+
+    @jax.checkpoint
+    def one_chunk(h_CxD, t_C):
+        logits = logits_fn(h_CxD[None])
+        return tuple(x[0] for x in token_losses(logits, t_C[None], config))
+
+    outputs = jax.lax.map(lambda xs: one_chunk(*xs),
+                          (hidden.reshape(-1, chunk, width), targets.reshape(-1, chunk)))
+    return tuple(x.reshape(-1)[:total].reshape(batch, length) for x in outputs)
+
+
 def example_weights(loss_mask_BxT: jax.Array, segment_ids_BxT: jax.Array
                     ) -> tuple[jax.Array, jax.Array]:
     """Per-token 1 / (supervised tokens of its example), and the number of examples with any
@@ -60,15 +90,16 @@ def example_weights(loss_mask_BxT: jax.Array, segment_ids_BxT: jax.Array
     return weights, examples.astype(jnp.float32)
 
 
-def loss_sums(logits_BxTxV: jax.Array, batch: dict[str, jax.Array], config: LossConfig,
-              num_sources: int) -> dict[str, jax.Array]:
-    """Sums for one (micro-)batch. `numerator / denominator` is the loss; the rest are metrics.
+def loss_sums(per_token: tuple[jax.Array, jax.Array, jax.Array], batch: dict[str, jax.Array],
+              config: LossConfig, num_sources: int) -> dict[str, jax.Array]:
+    """Sums for one (micro-)batch from `(objective, nll, correct)` per token (see
+    `token_losses`). `numerator / denominator` is the loss; the rest are metrics.
 
     tokens: numerator = sum of masked per-token objective, denominator = supervised tokens.
     examples: numerator = sum over examples of their mean objective, denominator = examples.
     """
     mask = batch["loss_mask"].astype(jnp.float32)
-    objective, nll, correct = token_losses(logits_BxTxV, batch["targets"], config)
+    objective, nll, correct = per_token
     if config.normalization == "tokens":
         numerator, denominator = (objective * mask).sum(), mask.sum()
     else:
