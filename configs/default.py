@@ -1,36 +1,31 @@
-"""Default run: a tiny Llama-family model that runs offline on a laptop CPU in seconds.
+"""Default run: SFT of a tiny Llama-family model on the lab's golden briefs dataset.
 
-Override any field from the command line, e.g.
-  --config.model.hf_path=/path/to/hf_model --config.model.compute_dtype=bfloat16
+Offline, on a laptop CPU, in a few minutes. The model is initialised from scratch for now
+(a pretrained lab base replaces it in a later step); it learns the brief format: a JSON
+object whose fields it copies from the notes in the prompt.
+
+  python -m coach_jax.main --config configs/default.py --workdir runs/demo
 """
 
-import ml_collections
+from coach_jax.config import base_config
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-
-    config.model = ml_collections.ConfigDict()
-    config.model.hf_path = ""  # a local HF folder (config.json + safetensors); "" = random init
-    config.model.model_type = "llama"
-    config.model.vocab_size = 512
-    config.model.hidden_size = 128
-    config.model.intermediate_size = 352
-    config.model.num_layers = 4
-    config.model.num_heads = 4
-    config.model.num_kv_heads = 2
-    config.model.head_dim = 32
-    config.model.rope_theta = 10000.0
-    config.model.rms_norm_eps = 1e-5
-    config.model.tie_word_embeddings = True
-    config.model.max_position_embeddings = 2048
-    config.model.param_dtype = "float32"
-    config.model.compute_dtype = "float32"  # bfloat16 on accelerators
-    config.model.scan_layers = True
-
-    # Until the trainer lands, the default job runs a forward pass on random tokens.
-    config.demo = ml_collections.ConfigDict()
-    config.demo.batch_size = 4
-    config.demo.seq_len = 128
-    return config
+def get_config():
+    c = base_config()
+    c.model.init.update(vocab_size=1024, hidden_size=128, intermediate_size=352,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=32, tie_word_embeddings=True)
+    c.tokenizer.path = "assets/lab/tokenizer"
+    c.data.train = "assets/lab/train.jsonl"
+    c.data.eval = "assets/lab/eval.jsonl"
+    c.data.max_seq_len = 256
+    c.data.epochs = 6
+    c.train.global_batch_size = 16
+    c.train.log_every = 10
+    c.train.eval_every = 50
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.weight_decay = 0.01
+    c.schedule.warmup_steps = 20
+    c.checkpoint.every_steps = 100
+    c.checkpoint.keep = 2
+    return c

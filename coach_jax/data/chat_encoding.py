@@ -175,6 +175,9 @@ def _find_anchor(text: str, message: dict[str, Any], start: int, what: str,
         i = text.find(anchor, start)
         if i >= 0:
             return i, i + len(anchor)
+    if message.get("tool_calls") and not (message.get("content") or "").strip():
+        raise EncodingError(origin, f"{what}: its tool calls do not appear in the rendered "
+                                    "conversation; does the chat template support tool calls?")
     raise EncodingError(origin, f"{what} does not appear in the rendered conversation where "
                                 "expected; the template rewrites it in a way the mask cannot "
                                 "follow")

@@ -131,7 +131,11 @@ def inspect(paths: str | Sequence[str], tokenizer: Any, n: int = 3, format: str 
         if isinstance(item, DataError):
             blocks.append(f"--- {item}")
             continue
-        encoded = encode_example(tokenizer, item, train_on)
+        try:
+            encoded = encode_example(tokenizer, item, train_on)
+        except DataError as e:
+            blocks.append(f"--- {e}")
+            continue
         ids, mask = encoded["input_ids"], encoded["loss_mask"]
         pieces = []
         run_start = 0

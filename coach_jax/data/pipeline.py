@@ -92,6 +92,14 @@ def _shift(raw: bytes, source_id: int) -> dict[str, np.ndarray]:
             "source_ids": np.full(n, source_id, np.int32)}
 
 
+def _zeros_example(length: int, source_id: int) -> dict[str, np.ndarray]:
+    """Stands in for an example of `length` tokens when only the batch count matters."""
+    n = int(length) - 1
+    zeros = np.zeros(n, np.int32)
+    return {"inputs": zeros, "targets": zeros, "loss_mask": zeros,
+            "source_ids": np.full(n, source_id, np.int32)}
+
+
 def _pad_row(example: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
     """Packing off: one example per row, padded."""
     n = len(example["inputs"])
@@ -129,6 +137,13 @@ class Pipeline:
         self._check_drops()
         self.dataset = self._build()
 
+    def count_batches(self) -> int:
+        """Batches this process gets over the whole run, without reading the data: the same
+        shuffle and packing run over the cached example lengths only."""
+        if self.config.steps is not None:
+            return self.config.steps
+        return sum(1 for _ in self._build(lengths_only=True))
+
     def _check_drops(self) -> None:
         for source in self.sources:
             report = source.report
@@ -141,16 +156,18 @@ class Pipeline:
                     "max_seq_len, set overlong='truncate', fix the records (see lint), or "
                     "raise max_drop_fraction.")
 
-    def _build(self) -> grain.IterDataset:
+    def _build(self, lengths_only: bool = False) -> grain.IterDataset:
         config = self.config
         repeats = None if config.steps is not None else config.epochs
         per_source = []
         for source_id, source in enumerate(self.sources):
-            dataset = (grain.MapDataset.source(source.data_source())
+            records = source.lengths if lengths_only else source.data_source()
+            example = _zeros_example if lengths_only else _shift
+            dataset = (grain.MapDataset.source(records)
                        .seed(config.seed + 7919 * source_id)
                        .shuffle()
                        .repeat(repeats)  # a new shuffle every epoch
-                       .map(functools.partial(_shift, source_id=source_id)))
+                       .map(functools.partial(example, source_id=source_id)))
             per_source.append(dataset)
         if len(per_source) == 1:
             mixed = per_source[0]
@@ -159,6 +176,12 @@ class Pipeline:
             mixed = grain.MapDataset.mix(per_source, [w / sum(weights) for w in weights])
         shard = mixed[config.process_index::config.process_count]
         stream = shard.to_iter_dataset()
+        if config.workers > 0 and not lengths_only:
+            # Workers read and decode; their outputs interleave back into the original
+            # order, so packing (here, in this process) and the batch count do not depend
+            # on the number of workers.
+            stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=config.workers))
         length = config.max_seq_len
         if config.packing == "none":
             rows = stream.map(functools.partial(_pad_row, length=length))
@@ -170,9 +193,6 @@ class Pipeline:
                 meta_features=("targets", "loss_mask", "source_ids")).map(_from_packer)
         batches = rows.batch(config.batch_size, drop_remainder=False,
                              batch_fn=functools.partial(_stack, batch_size=config.batch_size))
-        if config.workers > 0:
-            batches = batches.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=config.workers))
         return batches
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:

@@ -13,6 +13,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -67,6 +68,10 @@ class ModelConfig:
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = True
+    remat: str = "none"  # one of REMAT_POLICIES: what the backward pass recomputes
+    # With a vocabulary padded (for sharding) beyond the tokenizer's, the real size: logits
+    # of the padding ids are masked and export cuts them off. None: vocab_size is real.
+    real_vocab_size: int | None = None
     # The source config.json as text, so export keeps fields we do not model (token ids...).
     hf_source: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -79,6 +84,12 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise UnsupportedModelError(f"remat={self.remat!r}; expected one of "
+                                        f"{', '.join(REMAT_POLICIES)}")
+        if self.real_vocab_size is not None and not 0 < self.real_vocab_size <= self.vocab_size:
+            raise UnsupportedModelError(f"real_vocab_size={self.real_vocab_size} must be in "
+                                        f"(0, vocab_size={self.vocab_size}]")
         if not self.layer_windows:
             object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
         if len(self.layer_windows) != self.num_layers:
@@ -160,6 +171,9 @@ class ModelConfig:
         if self.rope_scaling is not None:
             rope = {"rope_type": "llama3", "rope_theta": self.rope_theta,
                     **dataclasses.asdict(self.rope_scaling)}
+        if self.real_vocab_size not in (None, self.vocab_size):
+            raise UnsupportedModelError("cut the padded vocabulary back before export "
+                                        "(models.unpad_vocab)")
         hf.update(
             architectures=[_ARCHITECTURES[self.model_type]],
             model_type=self.model_type,

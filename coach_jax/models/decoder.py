@@ -19,6 +19,11 @@ from coach_jax.models.config import ModelConfig
 from coach_jax.models.layers import DecoderLayer, RMSNorm, _param
 
 Params = dict[str, Any]
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 # Maps a parameter path such as "layers/self_attn/q_proj/kernel" to where it should live.
 ShardingFn = Callable[[str], jax.sharding.Sharding]
 
@@ -33,13 +38,17 @@ class Decoder(nn.Module):
         normal = nn.initializers.normal(cfg.initializer_range)
         self.embed_tokens = _param(self, "embed_tokens", normal,
                                    (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(
-                DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                layer, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         else:
-            self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+            self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg, name="norm")
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(self, "lm_head", normal, (cfg.hidden_size, cfg.vocab_size),
@@ -59,11 +68,18 @@ class Decoder(nn.Module):
         return self.norm(x_BxTxD)
 
     def logits_from_hidden(self, hidden_BxTxD: jax.Array) -> jax.Array:
-        """Logits [B, T, V] in the compute dtype."""
-        dtype = jnp.dtype(self.cfg.compute_dtype)
-        if self.cfg.tie_word_embeddings:
-            return jnp.einsum("btd,vd->btv", hidden_BxTxD, self.embed_tokens.astype(dtype))
-        return jnp.einsum("btd,dv->btv", hidden_BxTxD, self.lm_head.astype(dtype))
+        """Logits [B, T, V] in the compute dtype; padding ids of a padded vocabulary get a
+        large negative logit, so they carry no probability."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.compute_dtype)
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, self.embed_tokens.astype(dtype))
+        else:
+            logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, self.lm_head.astype(dtype))
+        if cfg.real_vocab_size is not None and cfg.real_vocab_size < cfg.vocab_size:
+            real = jnp.arange(cfg.vocab_size) < cfg.real_vocab_size
+            logits = jnp.where(real, logits, jnp.finfo(dtype).min)
+        return logits
 
     def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
         return self.logits_from_hidden(

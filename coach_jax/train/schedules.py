@@ -9,6 +9,10 @@ import optax
 SCHEDULES = ("constant", "linear", "warmup_cosine", "warmup_linear", "wsd")
 
 
+class ScheduleError(ValueError):
+    """A schedule that does not fit the run."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
     """`warmup_steps`, or `warmup_ratio` of the total steps (not both). `end_ratio` is the
@@ -41,8 +45,8 @@ def make_schedule(config: ScheduleConfig, peak: float, total_steps: int) -> opta
     """The learning rate at each step 0 .. total_steps - 1."""
     warmup = config.warmup(total_steps)
     if warmup >= total_steps and config.name != "constant":
-        raise ValueError(f"warmup ({warmup} steps) must be shorter than the run "
-                         f"({total_steps} steps)")
+        raise ScheduleError(f"schedule warmup ({warmup} steps) must be shorter than the run "
+                            f"({total_steps} steps)")
     end = peak * config.end_ratio
     ramp = optax.linear_schedule(0.0, peak, warmup)
     after = max(total_steps - warmup, 1)

@@ -1,0 +1,321 @@
+"""The run config: every key declared here with its default, and one validation pass that
+turns the ml_collections config into typed settings before anything compiles.
+
+Config files (configs/*.py) start from `base_config()` and change what their recipe needs;
+the command line overrides any key (`--config.optimizer.name=lion`). The config is locked,
+so a misspelled key fails at once. `resolve(config)` checks everything that can be checked
+without touching a device and explains what is wrong in one line.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from coach_jax.data.encoded import OVERLONG, EncodeOptions
+from coach_jax.data.chat_encoding import TRAIN_ON
+from coach_jax.data.formats import FORMATS
+from coach_jax.data.pipeline import PACKING, SourceConfig
+from coach_jax.data.readers import expand_paths
+from coach_jax.models.config import REMAT_POLICIES
+from coach_jax.train import optimizers
+from coach_jax.train.loss import NORMALIZATIONS, LossConfig
+from coach_jax.train.optimizers import OptimizerConfig
+from coach_jax.train.param_groups import FROZEN, ParamGroups
+from coach_jax.train.schedules import SCHEDULES, ScheduleConfig
+
+MODES = ("train", "eval", "lint", "inspect", "export")
+# Optimizer hyperparameters declared as keys (unset = the optimizer's own default); any
+# other goes in optimizer.extra as "name=value,name=value".
+COMMON_HPARAMS = {"b1": float, "b2": float, "eps": float, "weight_decay": float,
+                  "momentum": float, "nesterov": bool}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, explained in one line."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run reads, with its default."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_path = ""  # a local HF folder (config.json + safetensors); "" = model.init
+    c.model.init = ml_collections.ConfigDict(dict(  # a from-scratch model, HF-style names
+        model_type="llama", vocab_size=1024, hidden_size=128, intermediate_size=352,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=4096))
+    c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.scan_layers = True
+    c.model.vocab_multiple = 1  # pad the vocabulary to a multiple (128 for sharding)
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # a local HF tokenizer folder; "" = model.hf_path
+    c.tokenizer.chat_template = ""  # a .jinja file replacing the tokenizer's template
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # path or glob; "a.jsonl@0.7,b.jsonl@0.3" for a weighted mixture
+    c.data.eval = ""  # held-out sources, same syntax; "" = no eval loss
+    c.data.format = "auto"  # auto | openai | sharegpt | alpaca | prompt_completion | text
+    c.data.max_seq_len = 2048
+    c.data.packing = "first_fit"  # first_fit | best_fit | none
+    c.data.num_packing_bins = 64
+    c.data.truncation = "drop"  # over-long examples: drop | truncate | error
+    c.data.train_on = "all_assistant"  # all_assistant | last_assistant | all
+    c.data.on_invalid = "error"  # bad records: error | skip (counted)
+    c.data.max_drop_fraction = 0.05
+    c.data.epochs = 1  # used when train.steps is 0
+    c.data.seed = 0
+    c.data.workers = 0  # data worker processes
+    c.data.cache_dir = ""  # encoded-example cache; "" = ~/.cache/coach_jax/encoded
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 0  # 0 = data.epochs passes over the data
+    c.train.global_batch_size = 16  # rows of data.max_seq_len tokens, all devices
+    c.train.micro_batches = 1  # gradient accumulation inside the step
+    c.train.log_every = 10
+    c.train.eval_every = 0  # 0 = only at the end
+    c.train.seed = 0
+    c.train.loss_normalization = "tokens"  # tokens | examples
+    c.train.z_loss = 0.0
+    c.train.label_smoothing = 0.0
+    c.train.chunk_tokens = 256  # LM head + cross-entropy chunk (0 = unchunked)
+    c.train.freeze = ()  # regexes of parameter paths to freeze, e.g. ("embed_tokens",)
+    c.train.lr_multipliers = ()  # ("regex=multiplier", ...), e.g. ("lm_head=0.5",)
+    c.train.trainable_last_layers = -1  # -1 = all layers train
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # see coach_jax.train.FACTORIES, or optax.<dotted.path>
+    c.optimizer.learning_rate = 1e-5  # peak
+    for name, kind in COMMON_HPARAMS.items():
+        setattr(c.optimizer, name, config_dict.placeholder(kind))
+    c.optimizer.extra = ""  # other hyperparameters: "alpha=5.0,b3=0.9999"
+    c.optimizer.grad_clip_norm = 1.0  # 0 = off
+    c.optimizer.decay_norms_and_biases = False
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "warmup_cosine"  # constant | linear | warmup_cosine | warmup_linear | wsd
+    c.schedule.warmup_steps = 0
+    c.schedule.warmup_ratio = 0.0  # used when warmup_steps is 0
+    c.schedule.end_ratio = 0.0
+    c.schedule.decay_ratio = 0.1  # wsd: share of the run spent decaying
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = the devices left over
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500  # and at the end
+    c.checkpoint.keep = 3
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_batches = 0  # 0 = the whole eval set
+
+    c.export = ml_collections.ConfigDict()
+    c.export.hf = True  # write DIR/export in Hugging Face format at the end
+    c.export.dtype = ""  # "" = the parameter dtype
+
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A validated run: typed settings for every part."""
+
+    model: Any  # the config.model section (read by models.builder)
+    tokenizer_path: str
+    chat_template: str | None
+    train_sources: tuple[SourceConfig, ...]
+    eval_sources: tuple[SourceConfig, ...]
+    encode: EncodeOptions
+    optimizer: OptimizerConfig
+    groups: ParamGroups
+    loss: LossConfig
+    mesh_shape: tuple[int, int, int]
+    cache_dir: str
+
+
+def parse_sources(spec: Any, field: str, format: str) -> tuple[SourceConfig, ...]:
+    """A path, "a@0.7,b@0.3", or a list of dicts (name, paths, weight, format)."""
+    if not spec:
+        return ()
+    if isinstance(spec, str):
+        sources = []
+        for entry in (e.strip() for e in spec.split(",") if e.strip()):
+            path, _, weight = entry.partition("@")
+            try:
+                weight_value = float(weight) if weight else 1.0
+            except ValueError:
+                raise ConfigError(f"{field}: weight {weight!r} of {path!r} is not a number")
+            name = os.path.splitext(os.path.basename(path))[0] or path
+            sources.append(SourceConfig(name, path, format, weight_value))
+    else:
+        sources = [SourceConfig(s["name"], tuple(s["paths"]) if isinstance(s["paths"], list)
+                                else s["paths"], s.get("format", format), s.get("weight", 1.0))
+                   for s in spec]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        sources = [dataclasses.replace(s, name=f"{s.name}_{i}") for i, s in enumerate(sources)]
+    for source in sources:
+        try:
+            expand_paths(source.paths)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{field}: {e}") from None
+    return tuple(sources)
+
+
+def _choice(value: Any, allowed: tuple, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
+
+
+def optimizer_hparams(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    hparams = {k: c.optimizer[k] for k in COMMON_HPARAMS if c.optimizer[k] is not None}
+    for item in (i.strip() for i in c.optimizer.extra.split(",") if i.strip()):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"optimizer.extra: {item!r} is not name=value")
+        try:
+            hparams[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"optimizer.extra: {name.strip()}={value.strip()!r} is not a "
+                              "Python literal") from None
+    return hparams
+
+
+def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> Run:
+    """Validates the whole config; raises ConfigError with a one-line explanation."""
+    if not c.model.hf_path and not c.model.init.vocab_size:
+        raise ConfigError("set model.hf_path (a local HF folder) or model.init")
+    if c.model.hf_path and not os.path.isfile(os.path.join(c.model.hf_path, "config.json")):
+        raise ConfigError(f"model.hf_path={c.model.hf_path!r}: no config.json there")
+    _choice(c.model.remat, REMAT_POLICIES, "model.remat")
+    for key in ("dtype", "param_dtype"):
+        _choice(c.model[key], ("float32", "bfloat16", "float16"), f"model.{key}")
+    tokenizer_path = c.tokenizer.path or c.model.hf_path
+    if not tokenizer_path or not os.path.isdir(tokenizer_path):
+        raise ConfigError(f"tokenizer.path={tokenizer_path!r} is not a folder (a local HF "
+                          "tokenizer is needed)")
+    if c.tokenizer.chat_template and not os.path.isfile(c.tokenizer.chat_template):
+        raise ConfigError(f"tokenizer.chat_template={c.tokenizer.chat_template!r}: no such file")
+    _choice(c.data.format, ("auto",) + FORMATS, "data.format")
+    _choice(c.data.packing, PACKING, "data.packing")
+    _choice(c.data.truncation, OVERLONG, "data.truncation")
+    _choice(c.data.train_on, TRAIN_ON, "data.train_on")
+    _choice(c.data.on_invalid, ("error", "skip"), "data.on_invalid")
+    _choice(c.train.loss_normalization, NORMALIZATIONS, "train.loss_normalization")
+    _choice(c.schedule.name, SCHEDULES, "schedule.name")
+    if not c.data.train:
+        raise ConfigError("data.train is empty: name the training data")
+    train_sources = parse_sources(c.data.train, "data.train", c.data.format)
+    eval_sources = parse_sources(c.data.eval, "data.eval", c.data.format)
+    if len(train_sources) > 1 and not c.train.steps:
+        raise ConfigError("a mixture of several training sources needs train.steps")
+    if c.data.max_seq_len < 2:
+        raise ConfigError(f"data.max_seq_len={c.data.max_seq_len} is too small")
+
+    mesh_shape = mesh_dims(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, device_count)
+    data_shards = mesh_shape[0] * mesh_shape[1]
+    batch, micro = c.train.global_batch_size, c.train.micro_batches
+    if micro < 1:
+        raise ConfigError(f"train.micro_batches={micro} must be at least 1")
+    if batch % (micro * data_shards):
+        raise ConfigError(
+            f"train.global_batch_size={batch} is not divisible by train.micro_batches="
+            f"{micro} x data shards={data_shards} (mesh.data x mesh.fsdp = {mesh_shape[0]} x "
+            f"{mesh_shape[1]}); use a multiple of {micro * data_shards}")
+    if batch % process_count:
+        raise ConfigError(f"train.global_batch_size={batch} is not divisible by the "
+                          f"{process_count} processes")
+
+    try:
+        optimizers.resolve_factory(c.optimizer.name)
+    except optimizers.OptimizerConfigError as e:
+        raise ConfigError(f"optimizer.name: {e}") from None
+    hparams = optimizer_hparams(c)
+    accepted = optimizers.accepted_hparams(optimizers.resolve_factory(c.optimizer.name))
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise ConfigError(f"optimizer {c.optimizer.name!r} does not accept "
+                          f"{', '.join(unknown)}; it accepts: {', '.join(accepted)}")
+    warmup_ratio = None  # warmup_steps wins when both are set
+    if not c.schedule.warmup_steps and c.schedule.warmup_ratio:
+        warmup_ratio = c.schedule.warmup_ratio
+    try:
+        schedule = ScheduleConfig(c.schedule.name, c.schedule.warmup_steps, warmup_ratio,
+                                  c.schedule.end_ratio, c.schedule.decay_ratio)
+        rules = tuple((pattern, FROZEN) for pattern in c.train.freeze)
+        for item in c.train.lr_multipliers:
+            pattern, _, multiplier = item.rpartition("=")
+            rules += ((pattern, float(multiplier)),)
+        groups = ParamGroups(rules, None if c.train.trainable_last_layers < 0
+                             else c.train.trainable_last_layers)
+        loss = LossConfig(c.train.loss_normalization, c.train.z_loss, c.train.label_smoothing,
+                          c.train.chunk_tokens)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    optimizer = OptimizerConfig(c.optimizer.name, c.optimizer.learning_rate, hparams,
+                                c.optimizer.grad_clip_norm or None, schedule,
+                                c.optimizer.decay_norms_and_biases)
+    encode = EncodeOptions(c.data.max_seq_len, c.data.truncation, c.data.train_on,
+                           c.data.on_invalid)
+    cache_dir = c.data.cache_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "coach_jax",
+        "encoded")
+    return Run(c.model, tokenizer_path, c.tokenizer.chat_template or None, train_sources,
+               eval_sources, encode, optimizer, groups, loss, mesh_shape, cache_dir)
+
+
+def mesh_dims(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with one -1 filled by the devices left over."""
+    dims = [data, fsdp, tensor]
+    if dims.count(-1) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    known = 1
+    for d in dims:
+        if d != -1:
+            if d < 1:
+                raise ConfigError(f"mesh sizes must be positive or -1, got {dims}")
+            known *= d
+    if -1 in dims:
+        if device_count % known:
+            raise ConfigError(f"{device_count} devices do not divide into mesh {dims}")
+        dims[dims.index(-1)] = device_count // known
+    if dims[0] * dims[1] * dims[2] != device_count:
+        raise ConfigError(f"mesh data x fsdp x tensor = {dims[0]} x {dims[1]} x {dims[2]} "
+                          f"needs {dims[0] * dims[1] * dims[2]} devices; {device_count} "
+                          "are available")
+    return tuple(dims)
+
+
+def finetune_config(hf_path: str, *, learning_rate: float, max_seq_len: int = 2048,
+                    global_batch_size: int = 32) -> ml_collections.ConfigDict:
+    """The shared recipe for fine-tuning a pretrained checkpoint on an accelerator; the
+    configs/<model>.py files differ only in what they pass here."""
+    c = base_config()
+    c.model.hf_path = hf_path
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.vocab_multiple = 128
+    c.data.train = "data/train.jsonl"
+    c.data.max_seq_len = max_seq_len
+    c.data.epochs = 2
+    c.train.global_batch_size = global_batch_size
+    c.train.log_every = 10
+    c.train.eval_every = 200
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.weight_decay = 0.0
+    c.schedule.name = "warmup_cosine"
+    c.schedule.warmup_ratio = 0.03
+    c.schedule.end_ratio = 0.1
+    c.checkpoint.every_steps = 200
+    return c

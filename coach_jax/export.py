@@ -1,0 +1,43 @@
+"""The trained model in Hugging Face format, ready to serve: weights, config, tokenizer,
+chat template and a generation config that stops on the template's end-of-turn token."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import transformers
+from absl import logging
+
+from coach_jax import models
+from coach_jax.data.chat_encoding import EncodingError, template_layout
+from coach_jax.models.config import ModelConfig
+from coach_jax.models.decoder import Params
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS ids a served model must stop on: the chat template's end-of-turn token first."""
+    ids = []
+    if tokenizer.chat_template:
+        try:
+            ids.append(template_layout(tokenizer).end_of_turn_id)
+        except EncodingError as e:
+            logging.warning("no end-of-turn token from the chat template: %s", e)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def export_hf(out_dir: str, cfg: ModelConfig, params: Params, tokenizer: Any,
+              dtype: str | None = None) -> str:
+    """Writes out_dir; the vocabulary padding is cut off. A tokenizer without a pad token
+    gets its EOS as pad in the generation config (batched generation needs one)."""
+    cfg, params = models.unpad_vocab(cfg, params)
+    models.save_hf(cfg, params, out_dir, dtype=dtype or None)
+    tokenizer.save_pretrained(out_dir)
+    eos = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [None])[0]
+    transformers.GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad,
+    ).save_pretrained(out_dir)
+    return os.path.abspath(out_dir)

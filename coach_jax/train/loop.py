@@ -1,0 +1,186 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, meant to be read top to bottom.
+
+Build the mesh, the tokenizer, the model and the data; create the train state (or restore
+it from this workdir's latest checkpoint); then iterate: dispatch step N, read step N-1's
+metrics while N runs, log, evaluate, checkpoint; at the end export to Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from coach_jax import data, parallel, train
+from coach_jax.checkpoint import Checkpointer, abstract
+from coach_jax.config import Run, resolve
+from coach_jax.data.pipeline import Pipeline, PipelineConfig
+from coach_jax.export import export_hf
+from coach_jax.models.builder import build_model
+from coach_jax.train import param_groups
+from coach_jax.train.evaluation import compile_eval_step, eval_totals, summarize
+from coach_jax.train.reporting import MetricsWriter, plot_losses, progress_line
+
+
+def pipeline_config(config: ml_collections.ConfigDict, run: Run, sources, *, steps, epochs
+                    ) -> PipelineConfig:
+    return PipelineConfig(
+        sources=sources, max_seq_len=config.data.max_seq_len,
+        batch_size=config.train.global_batch_size // jax.process_count(),
+        cache_dir=run.cache_dir, seed=config.data.seed, packing=config.data.packing,
+        num_packing_bins=config.data.num_packing_bins, epochs=epochs, steps=steps,
+        workers=config.data.workers, process_index=jax.process_index(),
+        process_count=jax.process_count(), encode=run.encode,
+        max_drop_fraction=config.data.max_drop_fraction)
+
+
+class Trainer:
+    """Everything a run builds before its first step; also used by --mode=eval/export."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, with_data: bool = True):
+        self.config, self.workdir = config, workdir
+        self.run = run = resolve(config, jax.device_count(), jax.process_count())
+        self.is_main = jax.process_index() == 0
+        self.mesh = parallel.make_mesh(run.mesh_shape)
+        self.tokenizer = data.load_tokenizer(run.tokenizer_path, run.chat_template)
+        self.model_cfg, params = build_model(run.model, len(self.tokenizer), config.train.seed)
+        self.source_names = tuple(s.name for s in run.train_sources)
+
+        self.pipeline = None
+        total_steps = config.train.steps
+        if with_data:
+            self.pipeline = Pipeline(pipeline_config(
+                config, run, run.train_sources, steps=config.train.steps or None,
+                epochs=config.data.epochs), tokenizer=self.tokenizer)
+            total_steps = total_steps or self.pipeline.count_batches()
+        # One pass over each held-out source, reported together and per source.
+        self.eval_pipelines = {s.name: Pipeline(pipeline_config(
+            config, run, (s,), steps=None, epochs=1), self.tokenizer) for s in run.eval_sources}
+        self.total_steps = max(total_steps, 1)
+
+        state, step_config, self.parts = train.setup(
+            self.model_cfg, params, run.optimizer, run.groups, self.total_steps, loss=run.loss,
+            micro_batches=config.train.micro_batches, num_sources=len(run.train_sources),
+            seed=config.train.seed)
+        self.replicated = parallel.replicated(self.mesh)
+        self.batch_sharding = parallel.batch_sharding(self.mesh)
+        self.state = parallel.place(state, self.replicated)
+        self.train_step = train.compile_train_step(step_config, self.parts, self.replicated,
+                                                   self.batch_sharding)
+        eval_config = train.StepConfig(self.model_cfg, run.loss, 1, 1)
+        self.eval_step = compile_eval_step(eval_config, self.replicated, self.batch_sharding)
+        self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                        config.checkpoint.every_steps, config.checkpoint.keep)
+
+    def restore_latest(self, iterator: Any = None) -> int:
+        """Loads this workdir's latest checkpoint, if any; returns its step (0 if none)."""
+        step = self.checkpoints.latest_step()
+        if step is None:
+            return 0
+        self.state, data_state = self.checkpoints.restore(step, abstract(self.state))
+        if iterator is not None:
+            iterator.set_state(data_state)
+        logging.info("restored step %d from %s", step, self.checkpoints.manager.directory)
+        return step
+
+    def eval_params(self) -> Any:
+        """What to evaluate and export (schedule-free optimizers keep an average)."""
+        trainable, frozen = param_groups.split(self.state.params, self.parts.label_tree)
+        averaged = train.eval_params(self.run.optimizer, self.state.opt_state, trainable)
+        return param_groups.merge(averaged, frozen)
+
+    def evaluate(self) -> dict[str, float]:
+        params, limit = self.eval_params(), self.config.eval.max_batches or None
+        totals = {}
+        for name, pipeline in self.eval_pipelines.items():
+            batches = (parallel.global_batch(b, self.batch_sharding)
+                       for i, b in enumerate(pipeline) if limit is None or i < limit)
+            totals[name] = eval_totals(self.eval_step, params, batches)
+        return summarize({k: v for k, v in totals.items() if v is not None})
+
+    def export(self) -> str:
+        out = os.path.join(self.workdir, "export")
+        return export_hf(out, self.model_cfg, jax.device_get(self.eval_params()),
+                         self.tokenizer, self.config.export.dtype or None)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains as the config says; returns the last logged record (with the final eval)."""
+    os.makedirs(workdir, exist_ok=True)
+    t = Trainer(config, workdir)
+    if t.is_main:
+        write_config(config, workdir)
+        for name, stats in t.pipeline.stats().items():
+            logging.info("data %s: %s", name, json.dumps(stats))
+    writer = MetricsWriter(workdir, t.source_names, enabled=t.is_main)
+    log_every, eval_every = config.train.log_every, config.train.eval_every
+    iterator = iter(t.pipeline)
+    step = t.restore_latest(iterator)
+
+    pending = None  # (step, device metrics) of the step dispatched last
+    window = {"tokens": 0, "since": time.perf_counter(), "start": time.perf_counter(),
+              "start_step": step}
+    record: dict[str, Any] = {}
+
+    def report(done_step: int, metrics: Any) -> None:
+        """Reads a finished step's metrics: the only host sync outside eval and saves."""
+        nonlocal record
+        metrics = jax.device_get(metrics)
+        train.check_finite(metrics, done_step)
+        if done_step % log_every and done_step not in (1, t.total_steps):
+            return
+        now = time.perf_counter()
+        metrics["tokens_per_s"] = window["tokens"] / max(now - window["since"], 1e-9)
+        window.update(tokens=0, since=now)
+        record = writer.write(done_step, metrics)
+        rate = (now - window["start"]) / max(done_step - window["start_step"], 1)
+        if t.is_main:
+            print(progress_line(done_step, t.total_steps, record,
+                                rate * (t.total_steps - done_step)), flush=True)
+
+    for batch in iterator:
+        if step >= t.total_steps:
+            break
+        t.state, metrics = t.train_step(t.state, parallel.global_batch(batch, t.batch_sharding))
+        step += 1
+        window["tokens"] += int((batch["segment_ids"] > 0).sum()) * jax.process_count()
+        if pending is not None:
+            report(*pending)
+        pending = (step, metrics)
+        if (eval_every and step % eval_every == 0) or t.checkpoints.due(step):
+            report(*pending)  # never evaluate or save a state with a non-finite step
+            pending = None
+            if eval_every and step % eval_every == 0:
+                evaluated = writer.write(step, t.evaluate())
+                if t.is_main:
+                    print(progress_line(step, t.total_steps, evaluated, 0).rsplit(" | ETA", 1)[0],
+                          flush=True)
+            if t.checkpoints.due(step):
+                t.checkpoints.save(step, t.state, iterator.get_state())
+    if pending is not None:
+        report(*pending)
+
+    final = t.evaluate()
+    if final:
+        record = {**record, **writer.write(step, final)}
+    if t.checkpoints.latest_step() != step:
+        t.checkpoints.save(step, t.state, iterator.get_state())
+    t.checkpoints.close()
+    writer.close()
+    if t.is_main:
+        if config.export.hf:
+            print(f"exported to {t.export()}", flush=True)
+        if os.path.exists(writer.path):
+            plot_losses(writer.path, os.path.join(workdir, "loss.png"))
+    return record
