@@ -113,6 +113,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
 
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # "" single process; "auto"; or "host:port"
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1  # -1: from COACH_JAX_PROCESS_ID or SLURM_PROCID
+
+    c.memory = ml_collections.ConfigDict()
+    c.memory.check = True  # refuse a run whose estimate does not fit a device
+    c.memory.device_bytes = 0  # 0: ask the device (GPU/TPU report it; CPU does not)
+    c.memory.headroom = 0.9  # share of device memory the estimate may use
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # and at the end
     c.checkpoint.keep = 3

@@ -15,6 +15,7 @@ from absl import flags
 from coach_jax.config import ConfigError
 from coach_jax.data.errors import DataError
 from coach_jax.data.pipeline import PipelineError
+from coach_jax.memory import DoesNotFitError
 from coach_jax.models.config import UnsupportedModelError
 from coach_jax.models.hf_checkpoint import CheckpointError
 from coach_jax.train.optimizers import OptimizerConfigError
@@ -22,7 +23,8 @@ from coach_jax.train.schedules import ScheduleError
 from coach_jax.train.step import NonFiniteError
 
 USER_ERRORS = (ConfigError, DataError, PipelineError, UnsupportedModelError, CheckpointError,
-               OptimizerConfigError, ScheduleError, NonFiniteError, FileNotFoundError)
+               OptimizerConfigError, ScheduleError, NonFiniteError, DoesNotFitError,
+               FileNotFoundError)
 
 
 def exit_with(message: str, status: int = 2) -> None:

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from coach_jax import errors
+from coach_jax import errors, parallel
 from coach_jax.config import MODES
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<file>.py[:preset]",
@@ -39,6 +39,9 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:  # progress lines only; -v 0 for library logs
         logging.set_verbosity(logging.WARNING)
     with errors.reported():
+        distributed = _CONFIG.value.distributed
+        parallel.initialize_distributed(distributed.coordinator_address,
+                                        distributed.num_processes, distributed.process_id)
         sys.exit(run(_MODE.value, _CONFIG.value, _WORKDIR.value))
 
 

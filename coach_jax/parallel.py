@@ -1,19 +1,32 @@
-"""The device mesh and where arrays live on it.
+"""The device mesh, logical-axis rules, and where every array lives.
 
 One device is a mesh too: the loop always runs on a (data, fsdp, tensor) mesh, so the same
-code serves a laptop and a pod. Batches are sharded over (data, fsdp); parameters are
-replicated here, and sharded by logical-axis rules once FSDP and tensor parallelism land.
+code serves a laptop, a GPU node and a TPU slice. Parameters carry logical axis names
+(models/layers.py); RULES map them onto mesh axes: FSDP shards `embed` (so parameters,
+gradients and optimizer state are split over data-parallel devices), tensor parallelism
+shards heads, KV heads, MLP and vocabulary. A dimension that does not divide its mesh
+axis stays whole (replicated) rather than failing. Batches are split over (data, fsdp).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import os
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from coach_jax.models.config import ModelConfig
+from coach_jax.models.decoder import Params, logical_axes, path_str
+
 AXES = ("data", "fsdp", "tensor")
+RULES: dict[str, Any] = {
+    "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",
+    "mlp": "tensor", "head_dim": None, "layers": None,
+}
 
 
 def make_mesh(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
@@ -30,10 +43,96 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...],
+             mesh: jax.sharding.Mesh) -> P:
+    """Mesh axes for one array's logical axes; dims that do not divide stay whole."""
+    axes = []
+    for name, size in zip(logical, shape):
+        axis = RULES.get(name) if name else None
+        if axis is not None and (mesh.shape[axis] == 1 or size % mesh.shape[axis]):
+            axis = None
+        axes.append(axis)
+    return P(*axes)
+
+
+def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> dict[str, NamedSharding]:
+    """Parameter path -> sharding, from the model's logical axes and RULES."""
+    from coach_jax.models.decoder import param_shapes
+    shapes = {path_str(p): x.shape for p, x in
+              jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]}
+    specs = jax.tree_util.tree_flatten_with_path(
+        logical_axes(cfg), is_leaf=lambda x: isinstance(x, P))[0]
+    return {path_str(p): NamedSharding(mesh, spec_for(tuple(spec), shapes[path_str(p)], mesh))
+            for p, spec in specs}
+
+
+def sharding_fn(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Callable[[str], NamedSharding]:
+    """For `models.init(..., sharding=)` and `models.load_hf(..., sharding=)`."""
+    table = param_shardings(cfg, mesh)
+    return lambda path: table[path]
+
+
+def tree_shardings(params: Params, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Params:
+    table = param_shardings(cfg, mesh)
+    return jax.tree_util.tree_map_with_path(lambda p, _: table[path_str(p)], params)
+
+
+def state_shardings(abstract_state: Any, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings for a whole train state: every leaf that mirrors a parameter (the params
+    themselves, Adam's moments, momentum...) shards like that parameter; the rest (step
+    counts, factored statistics, the RNG) is replicated."""
+    table = param_shardings(cfg, mesh)
+    shapes = {path: s.shape for path, s in
+              ((path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
+                  abstract_state.params)[0])}
+
+    def choose(key_path, leaf):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in key_path]
+        for start in range(len(names)):
+            candidate = "/".join(names[start:])
+            if candidate in table and shapes.get(candidate) == leaf.shape:
+                return table[candidate]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(choose, abstract_state)
+
+
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's rows as one global array per key (each process feeds its share)."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def place(tree: Any, sharding: NamedSharding) -> Any:
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+def place(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(jax.device_put, tree, shardings)
+
+
+def shard_fraction(sharding: NamedSharding) -> float:
+    """The share of an array one device holds under `sharding`."""
+    spec = sharding.spec
+    used = [a for entry in spec if entry is not None
+            for a in (entry if isinstance(entry, tuple) else (entry,))]
+    return 1.0 / math.prod(sharding.mesh.shape[a] for a in used) if used else 1.0
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int
+                           ) -> None:
+    """Joins JAX's multi-controller runtime before any device is used.
+
+    "" : single process. "auto": let JAX find the cluster (TPU VMs, SLURM, ...). Otherwise
+    "host:port" with num_processes and process_id (or the COACH_JAX_PROCESS_ID /
+    SLURM_PROCID environment variables).
+    """
+    if not coordinator_address:
+        return
+    if coordinator_address == "auto":
+        jax.distributed.initialize()
+    else:
+        if process_id < 0:
+            process_id = int(os.environ.get("COACH_JAX_PROCESS_ID",
+                                            os.environ.get("SLURM_PROCID", "-1")))
+        if num_processes <= 0 or process_id < 0:
+            raise ValueError("distributed.coordinator_address needs distributed.num_processes "
+                             "and distributed.process_id (or COACH_JAX_PROCESS_ID)")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,28 +1,45 @@
-"""The model a run config asks for, with a vocabulary that covers its tokenizer."""
+"""The model a run config asks for, with a vocabulary that covers its tokenizer, created
+directly with the shardings a mesh gives it."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import jax
+
+from coach_jax import parallel
 from coach_jax.models.config import ModelConfig
-from coach_jax.models.decoder import Params, ShardingFn, init
+from coach_jax.models.decoder import Params, init
 from coach_jax.models.hf_checkpoint import load_hf
 from coach_jax.models.vocab import fit_vocab
 
 
 def build_model(model_config: Any, tokenizer_size: int, seed: int,
-                sharding: ShardingFn | None = None) -> tuple[ModelConfig, Params]:
+                mesh: jax.sharding.Mesh | None = None) -> tuple[ModelConfig, Params]:
     """`model_config` is the `config.model` section: `hf_path` loads that folder, otherwise
-    `init` (HF config.json names) is initialised from `seed`. See models/vocab.py for how
-    the vocabulary is grown and padded."""
+    `init` (HF config.json names) is initialised from `seed`. With a mesh, every parameter
+    is created or read straight into its shards. See models/vocab.py for how the
+    vocabulary is grown and padded (also to a multiple of the tensor axis)."""
     runtime = dict(compute_dtype=model_config.dtype, scan_layers=model_config.scan_layers,
-                   remat=model_config.remat)
+                   remat=model_config.remat, param_dtype=model_config.param_dtype)
     if model_config.hf_path:
-        cfg, params = load_hf(model_config.hf_path, dtype=model_config.param_dtype,
-                              sharding=sharding, **runtime)
+        cfg = ModelConfig.from_hf_dir(model_config.hf_path, **runtime)
     else:
         spec = dict(model_config.init)
         spec["vocab_size"] = max(spec["vocab_size"], tokenizer_size)
-        cfg = ModelConfig.from_hf_dict(spec, param_dtype=model_config.param_dtype, **runtime)
+        cfg = ModelConfig.from_hf_dict(spec, **runtime)
+    sharding = parallel.sharding_fn(cfg, mesh) if mesh is not None else None
+    if model_config.hf_path:
+        runtime.pop("param_dtype")
+        cfg, params = load_hf(model_config.hf_path, dtype=model_config.param_dtype,
+                              sharding=sharding, **runtime)
+    else:
         params = init(cfg, seed, sharding=sharding)
-    return fit_vocab(cfg, params, tokenizer_size, model_config.vocab_multiple)
+    multiple = model_config.vocab_multiple
+    if mesh is not None:
+        multiple = math.lcm(multiple, mesh.shape["tensor"])
+    grown_cfg, params = fit_vocab(cfg, params, tokenizer_size, multiple)
+    if mesh is not None and grown_cfg.vocab_size != cfg.vocab_size:
+        params = parallel.place(params, parallel.tree_shardings(params, grown_cfg, mesh))
+    return grown_cfg, params

@@ -7,6 +7,7 @@ metrics while N runs, log, evaluate, checkpoint; at the end export to Hugging Fa
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -16,8 +17,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from coach_jax import data, parallel, train
+from coach_jax import data, memory, parallel, train
 from coach_jax.checkpoint import Checkpointer, abstract
 from coach_jax.config import Run, resolve
 from coach_jax.data.pipeline import Pipeline, PipelineConfig
@@ -49,7 +51,8 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.mesh = parallel.make_mesh(run.mesh_shape)
         self.tokenizer = data.load_tokenizer(run.tokenizer_path, run.chat_template)
-        self.model_cfg, params = build_model(run.model, len(self.tokenizer), config.train.seed)
+        self.model_cfg, params = build_model(run.model, len(self.tokenizer), config.train.seed,
+                                             self.mesh)
         self.source_names = tuple(s.name for s in run.train_sources)
 
         self.pipeline = None
@@ -58,25 +61,49 @@ class Trainer:
             self.pipeline = Pipeline(pipeline_config(
                 config, run, run.train_sources, steps=config.train.steps or None,
                 epochs=config.data.epochs), tokenizer=self.tokenizer)
-            total_steps = total_steps or self.pipeline.count_batches()
+            if not total_steps:
+                # Each host packs its own share: all stop at the smallest count.
+                counts = multihost_utils.process_allgather(
+                    np.asarray(self.pipeline.count_batches()))
+                total_steps = int(np.min(counts))
         # One pass over each held-out source, reported together and per source.
         self.eval_pipelines = {s.name: Pipeline(pipeline_config(
             config, run, (s,), steps=None, epochs=1), self.tokenizer) for s in run.eval_sources}
         self.total_steps = max(total_steps, 1)
 
-        state, step_config, self.parts = train.setup(
+        step_config, self.parts = train.prepare(
             self.model_cfg, params, run.optimizer, run.groups, self.total_steps, loss=run.loss,
-            micro_batches=config.train.micro_batches, num_sources=len(run.train_sources),
-            seed=config.train.seed)
-        self.replicated = parallel.replicated(self.mesh)
+            micro_batches=config.train.micro_batches, num_sources=len(run.train_sources))
+        create = functools.partial(train.create_state, parts=self.parts, seed=config.train.seed)
+        abstract_state = jax.eval_shape(create, params)
+        self.state_sharding = parallel.state_shardings(abstract_state, self.model_cfg, self.mesh)
         self.batch_sharding = parallel.batch_sharding(self.mesh)
-        self.state = parallel.place(state, self.replicated)
-        self.train_step = train.compile_train_step(step_config, self.parts, self.replicated,
+        self.check_memory(abstract_state)
+        # Created straight into its shards: never whole on one device.
+        self.state = jax.jit(create, out_shardings=self.state_sharding, donate_argnums=0)(params)
+        self.train_step = train.compile_train_step(step_config, self.parts, self.state_sharding,
                                                    self.batch_sharding)
         eval_config = train.StepConfig(self.model_cfg, run.loss, 1, 1)
-        self.eval_step = compile_eval_step(eval_config, self.replicated, self.batch_sharding)
+        self.eval_step = compile_eval_step(eval_config, self.state_sharding.params,
+                                           self.batch_sharding)
         self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"),
                                         config.checkpoint.every_steps, config.checkpoint.keep)
+
+    def check_memory(self, abstract_state: Any) -> None:
+        """Stops before compiling when the run will not fit a device."""
+        config = self.config
+        trainable, _ = param_groups.split(abstract_state.params, self.parts.label_tree)
+        rows = config.train.global_batch_size // (
+            config.train.micro_batches * self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        self.memory = memory.estimate(abstract_state, self.state_sharding, trainable,
+                                      self.model_cfg, max(rows, 1), config.data.max_seq_len,
+                                      config.train.chunk_tokens)
+        budget = config.memory.device_bytes or memory.device_bytes()
+        logging.info("memory estimate: %s (device: %s)", self.memory.describe(),
+                     memory.human(budget) if budget else "unknown")
+        if config.memory.check:
+            memory.check(self.memory, budget, config.memory.headroom, self.run.mesh_shape,
+                         config.train.micro_batches, config.model.remat)
 
     def restore_latest(self, iterator: Any = None) -> int:
         """Loads this workdir's latest checkpoint, if any; returns its step (0 if none)."""
@@ -104,10 +131,19 @@ class Trainer:
             totals[name] = eval_totals(self.eval_step, params, batches)
         return summarize({k: v for k, v in totals.items() if v is not None})
 
-    def export(self) -> str:
+    def export(self) -> str | None:
+        """Every process takes part in gathering the parameters; process 0 writes."""
+        params = multihost_utils.process_allgather(self.eval_params(), tiled=True)
+        if not self.is_main:
+            return None
         out = os.path.join(self.workdir, "export")
-        return export_hf(out, self.model_cfg, jax.device_get(self.eval_params()),
-                         self.tokenizer, self.config.export.dtype or None)
+        return export_hf(out, self.model_cfg, params, self.tokenizer,
+                         self.config.export.dtype or None)
+
+
+def count_examples(segment_ids: np.ndarray) -> int:
+    """Packed examples in a batch: distinct non-zero segment ids per row."""
+    return sum(len(np.unique(row[row > 0])) for row in segment_ids)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -129,6 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step = t.restore_latest(iterator)
 
     pending = None  # (step, device metrics) of the step dispatched last
+    read = {"examples": 0, "tokens": 0}  # this process's share, for the record
     window = {"tokens": 0, "since": time.perf_counter(), "start": time.perf_counter(),
               "start_step": step}
     record: dict[str, Any] = {}
@@ -143,6 +180,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         now = time.perf_counter()
         metrics["tokens_per_s"] = window["tokens"] / max(now - window["since"], 1e-9)
         window.update(tokens=0, since=now)
+        if done_step == 1:
+            peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+            if peak:
+                metrics["peak_memory_gib"] = peak / memory.GIB
         record = writer.write(done_step, metrics)
         rate = (now - window["start"]) / max(done_step - window["start_step"], 1)
         if t.is_main:
@@ -154,7 +195,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             break
         t.state, metrics = t.train_step(t.state, parallel.global_batch(batch, t.batch_sharding))
         step += 1
-        window["tokens"] += int((batch["segment_ids"] > 0).sum()) * jax.process_count()
+        local_tokens = int((batch["segment_ids"] > 0).sum())
+        window["tokens"] += local_tokens * jax.process_count()
+        read["tokens"] += local_tokens
+        read["examples"] += count_examples(batch["segment_ids"])
         if pending is not None:
             report(*pending)
         pending = (step, metrics)
@@ -178,9 +222,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         t.checkpoints.save(step, t.state, iterator.get_state())
     t.checkpoints.close()
     writer.close()
+    with open(os.path.join(workdir, f"data_process_{jax.process_index()}.json"), "w") as f:
+        json.dump({"process_index": jax.process_index(), "steps": step, **read}, f)
+    if config.export.hf:
+        exported = t.export()
+        if t.is_main:
+            print(f"exported to {exported}", flush=True)
     if t.is_main:
-        if config.export.hf:
-            print(f"exported to {t.export()}", flush=True)
         if os.path.exists(writer.path):
             plot_losses(writer.path, os.path.join(workdir, "loss.png"))
     return record

@@ -122,19 +122,33 @@ def compile_train_step(config: StepConfig, parts: StepParts, state_sharding: Any
                    out_shardings=(state_sharding, None), donate_argnums=0)
 
 
-def setup(model_cfg: ModelConfig, params: Params, optimizer: OptimizerConfig,
-          groups: param_groups.ParamGroups, total_steps: int, *, loss: LossConfig = LossConfig(),
-          micro_batches: int = 1, num_sources: int = 1, seed: int = 0
-          ) -> tuple[TrainState, StepConfig, StepParts]:
-    """The initial state and what `compile_train_step` needs, from the run's choices."""
+def prepare(model_cfg: ModelConfig, params: Params, optimizer: OptimizerConfig,
+            groups: param_groups.ParamGroups, total_steps: int, *,
+            loss: LossConfig = LossConfig(), micro_batches: int = 1, num_sources: int = 1
+            ) -> tuple[StepConfig, StepParts]:
+    """What `compile_train_step` and `create_state` need, from the run's choices."""
     param_groups.check_rules_match(params, groups)
     label_tree = param_groups.labels(params, groups, model_cfg.num_layers)
     tx, schedule = make_optimizer(optimizer, label_tree, total_steps)
     trainable, _ = param_groups.split(params, label_tree)
     parts = StepParts(tx, schedule, label_tree,
                       param_groups.layer_update_mask(trainable, groups, model_cfg.num_layers))
-    state = TrainState.create(params, tx, label_tree, seed)
-    return state, StepConfig(model_cfg, loss, micro_batches, num_sources), parts
+    return StepConfig(model_cfg, loss, micro_batches, num_sources), parts
+
+
+def create_state(params: Params, parts: StepParts, seed: int = 0) -> TrainState:
+    """The initial state; jit it with out_shardings to create it directly sharded."""
+    return TrainState.create(params, parts.tx, parts.label_tree, seed)
+
+
+def setup(model_cfg: ModelConfig, params: Params, optimizer: OptimizerConfig,
+          groups: param_groups.ParamGroups, total_steps: int, *, loss: LossConfig = LossConfig(),
+          micro_batches: int = 1, num_sources: int = 1, seed: int = 0
+          ) -> tuple[TrainState, StepConfig, StepParts]:
+    """`prepare` and `create_state` in one, on the default device."""
+    step_config, parts = prepare(model_cfg, params, optimizer, groups, total_steps, loss=loss,
+                                 micro_batches=micro_batches, num_sources=num_sources)
+    return create_state(params, parts, seed), step_config, parts
 
 
 class NonFiniteError(FloatingPointError):

@@ -1,0 +1,111 @@
+"""Will it fit? A per-device memory estimate before anything compiles.
+
+Parameters, gradients and optimizer state are counted exactly from their shapes, dtypes and
+shardings. Activations are an estimate of what the backward pass keeps per layer for one
+micro-batch on one device, following the remat policy; the LM head is chunked, so only one
+chunk's logits count. The check refuses a run whose estimate exceeds the device's memory
+(times a headroom) and says what would help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from coach_jax.models.config import ModelConfig
+from coach_jax.parallel import shard_fraction
+
+GIB = 2**30
+
+
+def human(size: float) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= 0.1 * GIB else f"{size / 2**20:.1f} MiB"
+
+
+class DoesNotFitError(RuntimeError):
+    """The run will not fit on the devices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    params: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.gradients + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {human(v)}" for k, v in dataclasses.asdict(self).items())
+        return f"{human(self.total)} per device ({parts})"
+
+
+def _per_device(abstract_tree: Any, shardings: Any) -> float:
+    leaves = zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings))
+    return float(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize * shard_fraction(s)
+                     for x, s in leaves))
+
+
+def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: int) -> float:
+    """What one micro-batch's backward pass keeps on one device (an estimate)."""
+    tokens = rows * seq_len
+    width = np.dtype(cfg.compute_dtype).itemsize
+    q = cfg.num_heads * cfg.head_dim
+    kv = 2 * cfg.num_kv_heads * cfg.head_dim
+    # Per layer: norms and residuals (4 D), q/k/v/attention output (2 q + kv), the MLP's
+    # gate, up and product (3 F), and one query block of float32 attention scores.
+    per_layer = tokens * (4 * cfg.hidden_size + 2 * q + kv + 3 * cfg.intermediate_size) * width
+    per_layer += rows * cfg.num_heads * min(seq_len, 64) * seq_len * 4
+    if cfg.remat == "full":
+        layers = cfg.num_layers * tokens * cfg.hidden_size * width + per_layer
+    elif cfg.remat in ("dots", "dots_no_batch"):
+        layers = cfg.num_layers * per_layer * 0.6 + per_layer
+    else:
+        layers = cfg.num_layers * per_layer
+    chunk = min(chunk_tokens or tokens, tokens)
+    logits = chunk * cfg.vocab_size * 4 * 3  # logits, softmax, gradient of one chunk
+    return float(layers + logits + 2 * tokens * cfg.hidden_size * 4)
+
+
+def estimate(abstract_state: Any, state_shardings: Any, trainable: Any, cfg: ModelConfig,
+             rows_per_device: int, seq_len: int, chunk_tokens: int) -> MemoryEstimate:
+    params = _per_device(abstract_state.params, state_shardings.params)
+    trainable_leaves = [(x, s) for x, s, keep in zip(
+        jax.tree.leaves(abstract_state.params), jax.tree.leaves(state_shardings.params),
+        jax.tree.leaves(trainable, is_leaf=lambda v: v is None)) if keep is not None]
+    gradients = float(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize * shard_fraction(s)
+                          for x, s in trainable_leaves))
+    optimizer = _per_device(abstract_state.opt_state, state_shardings.opt_state)
+    return MemoryEstimate(params, gradients, optimizer,
+                          activation_bytes(cfg, rows_per_device, seq_len, chunk_tokens))
+
+
+def device_bytes() -> float | None:
+    """The first local device's memory, where the backend reports it (GPU, TPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def check(found: MemoryEstimate, budget: float | None, headroom: float, mesh_shape,
+          micro_batches: int, remat: str) -> None:
+    """Raises with suggestions when the estimate exceeds `headroom` of the budget."""
+    if budget is None or found.total <= headroom * budget:
+        return
+    data, fsdp, tensor = mesh_shape
+    hints = []
+    if found.params + found.optimizer + found.gradients > 0.5 * found.total and data > 1:
+        hints.append(f"shard parameters and optimizer state over more devices (mesh.fsdp="
+                     f"{fsdp * data}, mesh.data=1)")
+    if found.activations > 0.3 * found.total:
+        if remat == "none":
+            hints.append("recompute activations (model.remat=full)")
+        hints.append(f"more micro-batches (train.micro_batches={micro_batches * 2})")
+    hints.append("a smaller train.global_batch_size or data.max_seq_len")
+    raise DoesNotFitError(
+        f"this run needs about {found.describe()}, more than {headroom:.0%} of the "
+        f"{human(budget)} a device has. Try: {'; '.join(hints)}.")
