@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -22,7 +23,7 @@ from coach_jax.data.chat_encoding import TRAIN_ON
 from coach_jax.data.formats import FORMATS
 from coach_jax.data.pipeline import PACKING, SourceConfig
 from coach_jax.data.readers import expand_paths
-from coach_jax.models.config import REMAT_POLICIES
+from coach_jax.models.config import ATTENTION, REMAT_POLICIES
 from coach_jax.train import optimizers
 from coach_jax.train.loss import NORMALIZATIONS, LossConfig
 from coach_jax.train.optimizers import OptimizerConfig
@@ -53,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
         max_position_embeddings=4096))
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.model.param_dtype = "float32"
-    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.remat = "none"  # none | full | dots | dots_no_batch | save_attention
+    c.model.attention = "auto"  # auto | xla | cudnn (GPU) | splash (TPU)
     c.model.scan_layers = True
     c.model.vocab_multiple = 1  # pad the vocabulary to a multiple (128 for sharding)
 
@@ -91,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.freeze = ()  # regexes of parameter paths to freeze, e.g. ("embed_tokens",)
     c.train.lr_multipliers = ()  # ("regex=multiplier", ...), e.g. ("lm_head=0.5",)
     c.train.trainable_last_layers = -1  # -1 = all layers train
+    c.train.profile_steps = ""  # "first,last": a profiler trace of those steps in DIR/profile
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # see coach_jax.train.FACTORIES, or optax.<dotted.path>
@@ -209,6 +212,10 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
     if c.model.hf_path and not os.path.isfile(os.path.join(c.model.hf_path, "config.json")):
         raise ConfigError(f"model.hf_path={c.model.hf_path!r}: no config.json there")
     _choice(c.model.remat, REMAT_POLICIES, "model.remat")
+    _choice(c.model.attention, ATTENTION, "model.attention")
+    if c.train.profile_steps and not re.fullmatch(r"\d+,\d+", c.train.profile_steps):
+        raise ConfigError(f"train.profile_steps={c.train.profile_steps!r}: expected "
+                          "'first,last', e.g. '10,12'")
     for key in ("dtype", "param_dtype"):
         _choice(c.model[key], ("float32", "bfloat16", "float16"), f"model.{key}")
     tokenizer_path = c.tokenizer.path or c.model.hf_path

@@ -376,3 +376,14 @@ def test_chunked_cross_entropy_equals_the_plain_one(chunk):
                                      config)[2], token_losses(
         models.logits_from_hidden(CFG, params, hidden), batch["targets"], config)[2]]
     np.testing.assert_array_equal(*accuracy)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "save_attention"])
+def test_remat_policies_change_memory_not_results(remat):
+    batch = make_batch(7)
+    plain, m_plain, _ = run(batch=batch)
+    cfg = models.ModelConfig(**{**CFG.__dict__, "remat": remat})
+    rematted, m_remat, _ = run(batch=batch, cfg=cfg)
+    assert m_plain[0]["loss"] == pytest.approx(m_remat[0]["loss"], rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 plain.params, rematted.params)

@@ -27,6 +27,82 @@ def attention_mask(q_positions: jax.Array, kv_positions: jax.Array, q_segment_id
     return mask
 
 
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+
+
+def choose(implementation: str, compute_dtype: str) -> str:
+    """`auto`: cuDNN's fused kernel on GPU (16-bit compute), splash on TPU, XLA elsewhere."""
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "gpu" and compute_dtype in ("bfloat16", "float16"):
+        return "cudnn"
+    if backend == "tpu":
+        return "splash"
+    return "xla"
+
+
+def attend(implementation: str, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array,
+           v_BxSxKxH: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
+           window: jax.Array | int | None, static_window: int | None = None) -> jax.Array:
+    """Causal, segment-aware self-attention by the named implementation; all give the same
+    result (tests compare them with the XLA path). `static_window` is the sliding window
+    when every layer shares it (fused kernels need it at trace time)."""
+    if implementation == "splash":
+        if window is not None and static_window is None:
+            raise ValueError("splash attention needs the same sliding window in every layer")
+        return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT,
+                                static_window)
+    mask = attention_mask(positions_BxT, positions_BxT, segment_ids_BxT, segment_ids_BxT,
+                          window)
+    if implementation == "cudnn":  # one fused kernel; the dense mask carries the segments
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask,
+                                            implementation="cudnn")
+    return dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
+
+
+def splash_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+                     segment_ids_BxT: jax.Array, window: int | None,
+                     interpret: bool | None = None) -> jax.Array:
+    """TPU splash attention with segment ids (Pallas; `interpret` runs it anywhere, slowly).
+
+    Grouped heads run as one multi-query kernel per KV head. Rows are causal in index
+    order within each segment, which is what the position-based mask means for packed rows.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
+    batch, length, heads, head_dim = q_BxTxNxH.shape
+    kv_heads = k_BxSxKxH.shape[2]
+    group = heads // kv_heads
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    shape = (length, length)
+    mask = (mask_lib.LocalMask(shape, (window - 1, 0), 0) if window
+            else mask_lib.CausalMask(shape))
+    block = min(length, 512)
+    sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                  block_q_dkv=block, block_kv_dkv=block,
+                                  block_kv_dkv_compute=block, block_q_dq=block,
+                                  block_kv_dq=block)
+    kernel = kernel_lib.make_splash_mqa_single_device(
+        mask_lib.MultiHeadMask([mask] * group), block_sizes=sizes, interpret=interpret)
+    scale = head_dim ** -0.5
+    # [B, T, K*G, H] -> [B, K, G, T, H]; keys [B, T, K, H] -> [B, K, T, H]
+    q = (q_BxTxNxH * scale).reshape(batch, length, kv_heads, group, head_dim)
+    q = q.transpose(0, 2, 3, 1, 4)
+    k = k_BxSxKxH.transpose(0, 2, 1, 3)
+    v = v_BxSxKxH.transpose(0, 2, 1, 3)
+
+    def one_row(q_KxGxTxH, k_KxTxH, v_KxTxH, segments_T):
+        ids = kernel_lib.SegmentIds(q=segments_T, kv=segments_T)
+        return jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=ids))(
+            q_KxGxTxH, k_KxTxH, v_KxTxH)
+
+    out = jax.vmap(one_row)(q, k, v, segment_ids_BxT)  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(
+        q_BxTxNxH.dtype)
+
+
 def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
                           mask_Bx1xTxS: jax.Array, block_size: int = 64) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads (N a multiple of K).

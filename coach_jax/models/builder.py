@@ -22,7 +22,8 @@ def build_model(model_config: Any, tokenizer_size: int, seed: int,
     is created or read straight into its shards. See models/vocab.py for how the
     vocabulary is grown and padded (also to a multiple of the tensor axis)."""
     runtime = dict(compute_dtype=model_config.dtype, scan_layers=model_config.scan_layers,
-                   remat=model_config.remat, param_dtype=model_config.param_dtype)
+                   remat=model_config.remat, attention=model_config.attention,
+                   param_dtype=model_config.param_dtype)
     if model_config.hf_path:
         cfg = ModelConfig.from_hf_dir(model_config.hf_path, **runtime)
     else:

@@ -13,7 +13,8 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -69,6 +70,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"  # one of REMAT_POLICIES: what the backward pass recomputes
+    attention: str = "auto"  # one of ATTENTION; auto picks the fastest for the backend
     # With a vocabulary padded (for sharding) beyond the tokenizer's, the real size: logits
     # of the padding ids are masked and export cuts them off. None: vocab_size is real.
     real_vocab_size: int | None = None
@@ -87,6 +89,9 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise UnsupportedModelError(f"remat={self.remat!r}; expected one of "
                                         f"{', '.join(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION:
+            raise UnsupportedModelError(f"attention={self.attention!r}; expected one of "
+                                        f"{', '.join(ATTENTION)}")
         if self.real_vocab_size is not None and not 0 < self.real_vocab_size <= self.vocab_size:
             raise UnsupportedModelError(f"real_vocab_size={self.real_vocab_size} must be in "
                                         f"(0, vocab_size={self.vocab_size}]")

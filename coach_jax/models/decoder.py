@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coach_jax.models import rope
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.layers import DecoderLayer, RMSNorm, _param
 
@@ -23,6 +24,7 @@ _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention": jax.checkpoint_policies.save_only_these_names("attention_out"),
 }
 # Maps a parameter path such as "layers/self_attn/q_proj/kernel" to where it should live.
 ShardingFn = Callable[[str], jax.sharding.Sharding]
@@ -45,7 +47,7 @@ class Decoder(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         else:
             self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
@@ -59,12 +61,14 @@ class Decoder(nn.Module):
         """Final-norm hidden states [B, T, D] in the compute dtype."""
         cfg = self.cfg
         x_BxTxD = jnp.take(self.embed_tokens, tokens_BxT, axis=0).astype(cfg.compute_dtype)
+        rope_tables = rope.tables(positions_BxT, rope.inverse_frequencies(cfg))
         if cfg.scan_layers:
             windows = jnp.asarray(cfg.layer_windows, dtype=jnp.int32)
-            x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT, windows)
+            x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT, rope_tables,
+                                     windows)
         else:
             for layer, window in zip(self.layers, cfg.layer_windows):
-                x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT, window)
+                x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT, rope_tables, window)
         return self.norm(x_BxTxD)
 
     def logits_from_hidden(self, hidden_BxTxD: jax.Array) -> jax.Array:

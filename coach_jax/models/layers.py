@@ -13,6 +13,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from coach_jax.models import attention, rope
 from coach_jax.models.config import ModelConfig
@@ -76,7 +77,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
-                 window: jax.Array | int) -> jax.Array:
+                 rope_tables: tuple[jax.Array, jax.Array], window: jax.Array | int) -> jax.Array:
         cfg = self.cfg
         def proj(name, heads_axis, n_heads):
             return Projection(cfg, ("embed",), (heads_axis, "head_dim"), (n_heads, cfg.head_dim),
@@ -87,13 +88,16 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q_BxTxNxH = RMSNorm(cfg, "head_dim", name="q_norm")(q_BxTxNxH)
             k_BxTxKxH = RMSNorm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
-        inv_freq = rope.inverse_frequencies(cfg)
-        q_BxTxNxH = rope.apply_rope(q_BxTxNxH, positions_BxT, inv_freq)
-        k_BxTxKxH = rope.apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
-        mask = attention.attention_mask(positions_BxT, positions_BxT, segment_ids_BxT,
-                                        segment_ids_BxT,
-                                        window if cfg.has_sliding_window else None)
-        out_BxTxNxH = attention.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask)
+        q_BxTxNxH = rope.rotate(q_BxTxNxH, rope_tables)
+        k_BxTxKxH = rope.rotate(k_BxTxKxH, rope_tables)
+        windows = set(cfg.layer_windows)
+        out_BxTxNxH = attention.attend(
+            attention.choose(cfg.attention, cfg.compute_dtype), q_BxTxNxH, k_BxTxKxH,
+            v_BxTxKxH, positions_BxT, segment_ids_BxT,
+            window if cfg.has_sliding_window else None,
+            static_window=windows.pop() if len(windows) == 1 and cfg.has_sliding_window
+            else None)
+        out_BxTxNxH = checkpoint_name(out_BxTxNxH, "attention_out")
         return Projection(cfg, ("heads", "head_dim"), ("embed",), (cfg.hidden_size,),
                           use_bias=cfg.o_bias, name="o_proj")(out_BxTxNxH)
 
@@ -121,11 +125,12 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
-                 window: jax.Array | int) -> tuple[jax.Array, None]:
+                 rope_tables: tuple[jax.Array, jax.Array], window: jax.Array | int
+                 ) -> tuple[jax.Array, None]:
         cfg = self.cfg
         h = RMSNorm(cfg, name="input_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + Attention(cfg, name="self_attn")(h, positions_BxT, segment_ids_BxT,
-                                                             window)
+                                                             rope_tables, window)
         h = RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + Mlp(cfg, name="mlp")(h)
         return x_BxTxD, None

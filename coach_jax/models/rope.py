@@ -31,12 +31,21 @@ def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates each head by its token's position; math in float32, result in x's dtype."""
+def tables(positions_BxT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, 1, H] in float32: computed once per forward, used by every layer."""
     angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
     angles_BxTx1xH = jnp.concatenate([angles_BxTxH2, angles_BxTxH2], axis=-1)[:, :, None, :]
+    return jnp.cos(angles_BxTx1xH), jnp.sin(angles_BxTx1xH)
+
+
+def rotate(x_BxTxNxH: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates each head by its token's position; math in float32, result in x's dtype."""
+    cos, sin = cos_sin
     x = x_BxTxNxH.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = x * jnp.cos(angles_BxTx1xH) + rotated * jnp.sin(angles_BxTx1xH)
-    return out.astype(x_BxTxNxH.dtype)
+    return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    return rotate(x_BxTxNxH, tables(positions_BxT, inv_freq))

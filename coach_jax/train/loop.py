@@ -190,9 +190,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             print(progress_line(done_step, t.total_steps, record,
                                 rate * (t.total_steps - done_step)), flush=True)
 
+    profile = [int(x) for x in config.train.profile_steps.split(",")] if (
+        config.train.profile_steps) else None
     for batch in iterator:
         if step >= t.total_steps:
             break
+        if profile and step + 1 == profile[0]:
+            jax.profiler.start_trace(os.path.join(workdir, "profile"))
         t.state, metrics = t.train_step(t.state, parallel.global_batch(batch, t.batch_sharding))
         step += 1
         local_tokens = int((batch["segment_ids"] > 0).sum())
@@ -202,6 +206,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if pending is not None:
             report(*pending)
         pending = (step, metrics)
+        if profile and step == profile[1]:
+            jax.block_until_ready(metrics)
+            jax.profiler.stop_trace()
         if (eval_every and step % eval_every == 0) or t.checkpoints.due(step):
             report(*pending)  # never evaluate or save a state with a non-finite step
             pending = None

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on the lent GPU machine (under 8 minutes): for each anchor shape
+# (Qwen2.5-0.5B-like batch 8, Llama-3.2-1B-like batch 4, seq 2048, bf16, AdamW), the
+# same-card baseline ../shared/bench/jax_ref.py, then coach_jax unpacked and packed
+# (real-length examples). Results go to $OUT/gpu_check.jsonl; scripts/gpu_report.py turns
+# them into rows of docs/benchmarks.md.
+#
+# Before the call, on this machine (only the checkout travels):
+#   mkdir -p .bench && cp -r ../shared/bench .bench/shared-bench
+#   echo /.whl/ >> .git/info/exclude && mkdir -p .whl && cp ../shared/wheels-gpu/*.whl .whl/
+# The call: carry [".whl", ".bench"], command "bash scripts/gpu_check.sh".
+set -u -o pipefail
+OUT=${OUT:-/tmp/gpu_check}
+PER_CMD_S=${PER_CMD_S:-100}
+mkdir -p "$OUT"
+JSONL=$OUT/gpu_check.jsonl
+: > "$JSONL"
+python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD/.site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+
+run() {  # run LABEL CMD...: keep the command's last JSON line, tagged with LABEL
+  local label=$1; shift
+  local line
+  line=$(timeout "$PER_CMD_S" "$@" 2>>"$OUT/stderr.log" | grep '^{' | tail -1)
+  if [ -n "$line" ]; then
+    echo "{\"run\": \"$label\", \"result\": $line}" | tee -a "$JSONL"
+  else
+    echo "{\"run\": \"$label\", \"result\": null}" | tee -a "$JSONL"
+  fi
+}
+
+for spec in "qwen0.5b 8" "llama1b 4"; do
+  set -- $spec
+  run "jax_ref $1" python3 .bench/shared-bench/jax_ref.py --preset "$1" --batch "$2" --seq 2048
+  run "coach_jax $1" python3 scripts/benchmark.py --preset "$1" --batch "$2" --seq 2048
+  run "coach_jax $1 packed" python3 scripts/benchmark.py --preset "$1" --batch "$2" \
+    --seq 2048 --packed
+done
+python3 -m pytest -q tests/test_attention.py -k cudnn 2>&1 | tail -2 | tee "$OUT/cudnn_test.txt"
