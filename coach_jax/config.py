@@ -129,6 +129,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # and at the end
     c.checkpoint.keep = 3
+    c.checkpoint.init_from = ""  # another run's checkpoints folder: start from its params
+    c.checkpoint.allow_config_change = False  # resume although the data or tokenizer changed
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_batches = 0  # 0 = the whole eval set

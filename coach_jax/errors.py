@@ -12,6 +12,7 @@ from typing import Iterator
 
 from absl import flags
 
+from coach_jax.checkpoint import CheckpointSaveError, IncompatibleCheckpointError
 from coach_jax.config import ConfigError
 from coach_jax.data.errors import DataError
 from coach_jax.data.pipeline import PipelineError
@@ -24,7 +25,7 @@ from coach_jax.train.step import NonFiniteError
 
 USER_ERRORS = (ConfigError, DataError, PipelineError, UnsupportedModelError, CheckpointError,
                OptimizerConfigError, ScheduleError, NonFiniteError, DoesNotFitError,
-               FileNotFoundError)
+               CheckpointSaveError, IncompatibleCheckpointError, FileNotFoundError)
 
 
 def exit_with(message: str, status: int = 2) -> None:

@@ -18,6 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for this run's outputs and checkpoints.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 _INSPECT = flags.DEFINE_integer("inspect_examples", 3, "Examples --mode=inspect shows.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step for --mode=eval/export (latest).")
 
 
 def run(mode: str, config, workdir: str) -> int:
@@ -28,7 +29,8 @@ def run(mode: str, config, workdir: str) -> int:
         record = train_and_evaluate(config, workdir)
         print(json.dumps(record))
         return 0
-    return getattr(modes, mode)(config, workdir, inspect_examples=_INSPECT.value)
+    return getattr(modes, mode)(config, workdir, inspect_examples=_INSPECT.value,
+                                step=_STEP.value)
 
 
 def main(argv: list[str]) -> None:

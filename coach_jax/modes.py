@@ -39,21 +39,25 @@ def inspect(config, workdir, inspect_examples: int = 3, **_) -> int:
     return 0
 
 
-def _restored_trainer(config, workdir):
+def _restored_trainer(config, workdir, step=None):
     from coach_jax.train.loop import Trainer
     trainer = Trainer(config, workdir, with_data=False)
     if trainer.checkpoints.latest_step() is None:
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
-    return trainer, trainer.restore_latest()
+    if step is not None and step not in trainer.checkpoints.steps():
+        raise FileNotFoundError(f"{workdir}/checkpoints: no step {step}; saved steps: "
+                                f"{trainer.checkpoints.steps()}")
+    return trainer, trainer.restore(step=step)
 
 
-def eval(config, workdir, **_) -> int:  # noqa: A001 - the mode's name
-    trainer, step = _restored_trainer(config, workdir)
+def eval(config, workdir, step=None, **_) -> int:  # noqa: A001 - the mode's name
+    trainer, step = _restored_trainer(config, workdir, step)
     print(json.dumps({"step": step, **trainer.evaluate()}))
     return 0
 
 
-def export(config, workdir, **_) -> int:
-    trainer, step = _restored_trainer(config, workdir)
+def export(config, workdir, step=None, **_) -> int:
+    """DIR/export from the latest checkpoint, or from `--step`."""
+    trainer, step = _restored_trainer(config, workdir, step)
     print(json.dumps({"step": step, "export": trainer.export()}))
     return 0

@@ -7,8 +7,10 @@ metrics while N runs, log, evaluate, checkpoint; at the end export to Hugging Fa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import signal
 import os
 import time
 from typing import Any
@@ -21,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from coach_jax import data, memory, parallel, train
 from coach_jax.checkpoint import Checkpointer, abstract
+from coach_jax.data.cache import tokenizer_fingerprint
 from coach_jax.config import Run, resolve
 from coach_jax.data.pipeline import Pipeline, PipelineConfig
 from coach_jax.export import export_hf
@@ -105,16 +108,41 @@ class Trainer:
             memory.check(self.memory, budget, config.memory.headroom, self.run.mesh_shape,
                          config.train.micro_batches, config.model.remat)
 
-    def restore_latest(self, iterator: Any = None) -> int:
-        """Loads this workdir's latest checkpoint, if any; returns its step (0 if none)."""
-        step = self.checkpoints.latest_step()
-        if step is None:
-            return 0
-        self.state, data_state = self.checkpoints.restore(step, abstract(self.state))
-        if iterator is not None:
-            iterator.set_state(data_state)
-        logging.info("restored step %d from %s", step, self.checkpoints.manager.directory)
-        return step
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: architecture, tokenizer, data."""
+        model = {k: v for k, v in dataclasses.asdict(self.model_cfg).items()
+                 if k not in ("hf_source", "compute_dtype", "scan_layers", "remat", "attention")}
+        model["rope_scaling"] = str(model["rope_scaling"])
+        model["layer_windows"] = list(model["layer_windows"])
+        data_ids = ([s.fingerprint for s in self.pipeline.sources] if self.pipeline else None)
+        return {"model": model, "tokenizer": tokenizer_fingerprint(self.tokenizer),
+                "data": data_ids}
+
+    def save(self, step: int, iterator: Any) -> None:
+        """Saves this step unless it is already saved (a periodic save just before)."""
+        if self.checkpoints.latest_step() != step:
+            self.checkpoints.save(step, self.state, iterator.get_state(), self.meta())
+
+    def restore(self, iterator: Any = None, step: int | None = None) -> int:
+        """Resume order: this workdir's newest valid checkpoint (or `step`), else
+        checkpoint.init_from's parameters, else the weights built in __init__. Returns the
+        step the state is at."""
+        meta = self.meta()
+        if iterator is None:
+            meta["data"] = None  # eval/export: the data need not match
+        found = self.checkpoints.restore_newest_valid(
+            abstract(self.state), meta, self.config.checkpoint.allow_config_change, step)
+        if found is not None:
+            step, self.state, data_state = found
+            if iterator is not None:
+                iterator.set_state(data_state)
+            logging.info("restored step %d from %s", step, self.checkpoints.directory)
+            return step
+        if self.config.checkpoint.init_from:
+            self.state = self.state.replace(params=init_params_from(
+                self.config.checkpoint.init_from, self.state.params))
+        return 0
+
 
     def eval_params(self) -> Any:
         """What to evaluate and export (schedule-free optimizers keep an average)."""
@@ -141,6 +169,48 @@ class Trainer:
                          self.config.export.dtype or None)
 
 
+class PreemptionWatch:
+    """SIGTERM or Ctrl-C asks the loop to finish its step, save and exit 0. With several
+    hosts, JAX's preemption sync point makes them all stop at the same step."""
+
+    def __init__(self):
+        self.flag = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step) or self.flag
+        return self.flag
+
+    def restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def init_params_from(directory: str, like: Any) -> Any:
+    """Parameters from another run's latest checkpoint, placed like `like`."""
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state",))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"checkpoint.init_from={directory}: no checkpoint there")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    params = restored["state"]["params"]
+    expected = jax.tree.map(lambda x: x.shape, like)
+    got = jax.tree.map(lambda x: x.shape, params)
+    if expected != got:
+        raise ValueError(f"checkpoint.init_from={directory}: its parameters have other shapes")
+    logging.info("initialised parameters from %s step %d", directory, step)
+    return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, like)
+
+
 def count_examples(segment_ids: np.ndarray) -> int:
     """Packed examples in a batch: distinct non-zero segment ids per row."""
     return sum(len(np.unique(row[row > 0])) for row in segment_ids)
@@ -159,10 +229,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         write_config(config, workdir)
         for name, stats in t.pipeline.stats().items():
             logging.info("data %s: %s", name, json.dumps(stats))
-    writer = MetricsWriter(workdir, t.source_names, enabled=t.is_main)
     log_every, eval_every = config.train.log_every, config.train.eval_every
     iterator = iter(t.pipeline)
-    step = t.restore_latest(iterator)
+    step = t.restore(iterator)
+    # Records of steps after the checkpoint were lost with the run that wrote them.
+    writer = MetricsWriter(workdir, t.source_names, enabled=t.is_main, resume_step=step)
+    preemption = PreemptionWatch()
 
     pending = None  # (step, device metrics) of the step dispatched last
     read = {"examples": 0, "tokens": 0}  # this process's share, for the record
@@ -218,15 +290,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     print(progress_line(step, t.total_steps, evaluated, 0).rsplit(" | ETA", 1)[0],
                           flush=True)
             if t.checkpoints.due(step):
-                t.checkpoints.save(step, t.state, iterator.get_state())
+                t.save(step, iterator)
+        if preemption.requested(step):
+            if pending is not None:
+                report(*pending)
+            t.save(step, iterator)
+            t.checkpoints.close()
+            if t.is_main:
+                print(f"preempted: saved step {step} to {t.checkpoints.directory}; run the same "
+                      "command again to continue", flush=True)
+            return {**record, "preempted_at": step}
+    preemption.restore_handlers()
     if pending is not None:
         report(*pending)
 
     final = t.evaluate()
     if final:
         record = {**record, **writer.write(step, final)}
-    if t.checkpoints.latest_step() != step:
-        t.checkpoints.save(step, t.state, iterator.get_state())
+    t.save(step, iterator)
     t.checkpoints.close()
     writer.close()
     with open(os.path.join(workdir, f"data_process_{jax.process_index()}.json"), "w") as f:

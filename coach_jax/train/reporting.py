@@ -25,10 +25,13 @@ def _scalar(value: Any) -> Any:
 class MetricsWriter:
     """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
 
-    def __init__(self, workdir: str, source_names: tuple[str, ...] = (), enabled: bool = True):
+    def __init__(self, workdir: str, source_names: tuple[str, ...] = (), enabled: bool = True,
+                 resume_step: int = 0):
         self.enabled = enabled
         self.source_names = source_names
         self.path = os.path.join(workdir, "metrics.jsonl")
+        if enabled:
+            self._drop_after(resume_step)
         self._tensorboard = None
         if enabled:
             try:
@@ -37,6 +40,15 @@ class MetricsWriter:
             except ImportError:
                 logging.warning("tensorboardX is not installed: no TensorBoard events "
                                 "(pip install 'coach_jax[monitor]')")
+
+    def _drop_after(self, step: int) -> None:
+        """Keeps only records up to `step`: a resumed run rewrites what came after."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         record = {"step": step}
