@@ -10,7 +10,8 @@ from coach_jax import data
 from coach_jax.config import resolve
 
 
-def _sources(config) -> list:
+def _sources(config) -> tuple:
+    """The validated run and every data source it names (train, then eval)."""
     run = resolve(config, jax.device_count(), jax.process_count())
     return run, list(run.train_sources + run.eval_sources)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import signal
 import os
@@ -155,7 +156,7 @@ class Trainer:
         totals = {}
         for name, pipeline in self.eval_pipelines.items():
             batches = (parallel.global_batch(b, self.batch_sharding)
-                       for i, b in enumerate(pipeline) if limit is None or i < limit)
+                       for b in itertools.islice(pipeline, limit))
             totals[name] = eval_totals(self.eval_step, params, batches)
         return summarize({k: v for k, v in totals.items() if v is not None})
 
