@@ -16,7 +16,6 @@ import platform
 import tempfile
 import time
 
-import numpy as np
 
 from coach_jax import data
 from coach_jax.data.pipeline import Pipeline, PipelineConfig, SourceConfig

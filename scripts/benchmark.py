@@ -21,7 +21,6 @@ import numpy as np
 
 from coach_jax import models, parallel, train
 from coach_jax.config import base_config
-from coach_jax.train.step import StepConfig
 
 PRESETS = {  # the shapes of ../shared/bench (Llama architecture, untied head)
     "tiny": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4,

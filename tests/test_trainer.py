@@ -5,13 +5,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from coach_jax import data, models, modes
+from coach_jax import models, modes
 from coach_jax.config import base_config
 from coach_jax.train.loop import Trainer, train_and_evaluate
 

@@ -109,8 +109,10 @@ class Trainer:
             memory.check(self.memory, budget, config.memory.headroom, self.run.mesh_shape,
                          config.train.micro_batches, config.model.remat)
 
-    def meta(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed: architecture, tokenizer, data."""
+    @functools.cached_property
+    def _identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: architecture, tokenizer, data.
+        Computed once: fingerprinting a large tokenizer is not free."""
         model = {k: v for k, v in dataclasses.asdict(self.model_cfg).items()
                  if k not in ("hf_source", "compute_dtype", "scan_layers", "remat", "attention")}
         model["rope_scaling"] = str(model["rope_scaling"])
@@ -118,6 +120,9 @@ class Trainer:
         data_ids = ([s.fingerprint for s in self.pipeline.sources] if self.pipeline else None)
         return {"model": model, "tokenizer": tokenizer_fingerprint(self.tokenizer),
                 "data": data_ids}
+
+    def meta(self) -> dict[str, Any]:
+        return dict(self._identity)
 
     def save(self, step: int, iterator: Any) -> None:
         """Saves this step unless it is already saved (a periodic save just before)."""
