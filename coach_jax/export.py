@@ -7,25 +7,11 @@ import os
 from typing import Any
 
 import transformers
-from absl import logging
 
 from coach_jax import models
-from coach_jax.data.chat_encoding import EncodingError, template_layout
+from coach_jax.data.chat_encoding import stop_token_ids
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """EOS ids a served model must stop on: the chat template's end-of-turn token first."""
-    ids = []
-    if tokenizer.chat_template:
-        try:
-            ids.append(template_layout(tokenizer).end_of_turn_id)
-        except EncodingError as e:
-            logging.warning("no end-of-turn token from the chat template: %s", e)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def export_hf(out_dir: str, cfg: ModelConfig, params: Params, tokenizer: Any,

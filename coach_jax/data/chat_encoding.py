@@ -32,6 +32,7 @@ import os
 from typing import Any, Literal, Sequence
 
 import numpy as np
+from absl import logging
 
 from coach_jax.data.conversation import Conversation, Document, Example
 from coach_jax.data.errors import DataError, Origin
@@ -120,6 +121,19 @@ def _layout(tokenizer: Any, template: str) -> TemplateLayout:
     if len(ids) != 1:
         raise EncodingError(None, f"end-of-turn marker {end_of_turn!r} is not a single token")
     return TemplateLayout(header, end_of_turn, ids[0], specials)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids generation stops on: the chat template's end-of-turn token first, then EOS."""
+    ids = []
+    if tokenizer.chat_template:
+        try:
+            ids.append(template_layout(tokenizer).end_of_turn_id)
+        except EncodingError as e:
+            logging.warning("no end-of-turn token from the chat template: %s", e)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def _token_boundary(text: str, cut: int, specials: Sequence[str]) -> int:
@@ -265,6 +279,17 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = Non
                                         f"end-of-turn token {layout.end_of_turn!r}")
         mask |= in_span
     return {"input_ids": ids, "loss_mask": mask.astype(np.int8)}
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None
+                  ) -> np.ndarray:
+    """The ids a model continues from to write the next assistant turn: the conversation
+    rendered with the template's generation prompt, tokenized as in training."""
+    try:
+        text = render(tokenizer, messages, tools, add_generation_prompt=True)
+    except Exception as e:  # jinja2 TemplateError, or raise_exception() inside the template
+        raise EncodingError(None, f"the chat template rejected the conversation: {e}") from e
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
 
 
 def encode_text(tokenizer: Any, text: str) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from coach_jax.models import rope
 from coach_jax.models.config import ModelConfig
+from coach_jax.models.kv_cache import KVCache
 from coach_jax.models.layers import DecoderLayer, RMSNorm, _param
 
 Params = dict[str, Any]
@@ -47,7 +48,10 @@ class Decoder(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+                # positions, segment ids, rope tables, cache slots are shared by all layers;
+                # each layer has its own window and its own slice of the KV cache.
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         else:
             self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
@@ -59,17 +63,38 @@ class Decoder(nn.Module):
     def hidden_states(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
                       segment_ids_BxT: jax.Array) -> jax.Array:
         """Final-norm hidden states [B, T, D] in the compute dtype."""
+        return self.decode(tokens_BxT, positions_BxT, segment_ids_BxT, None)[0]
+
+    def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
+               segment_ids_BxT: jax.Array, cache: KVCache | None
+               ) -> tuple[jax.Array, KVCache | None]:
+        """Hidden states of T new tokens; with a cache, they attend to everything already
+        in it and are written into it at `cache.index`."""
         cfg = self.cfg
         x_BxTxD = jnp.take(self.embed_tokens, tokens_BxT, axis=0).astype(cfg.compute_dtype)
         rope_tables = rope.tables(positions_BxT, rope.inverse_frequencies(cfg))
+        slots = kv = None
+        if cache is not None:
+            cache = cache.written(positions_BxT, segment_ids_BxT)
+            slots = (cache.positions_BxS, cache.segment_ids_BxS, cache.index)
+            kv = (cache.keys_LxBxSxKxH, cache.values_LxBxSxKxH)
         if cfg.scan_layers:
             windows = jnp.asarray(cfg.layer_windows, dtype=jnp.int32)
-            x_BxTxD, _ = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT, rope_tables,
-                                     windows)
+            x_BxTxD, kv = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT, rope_tables,
+                                      windows, slots, kv)
         else:
-            for layer, window in zip(self.layers, cfg.layer_windows):
-                x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT, rope_tables, window)
-        return self.norm(x_BxTxD)
+            written = []
+            for i, (layer, window) in enumerate(zip(self.layers, cfg.layer_windows)):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x_BxTxD, layer_kv = layer(x_BxTxD, positions_BxT, segment_ids_BxT,
+                                          rope_tables, window, slots, layer_kv)
+                written.append(layer_kv)
+            if kv is not None:
+                kv = tuple(jnp.stack(parts) for parts in zip(*written))
+        if cache is not None:
+            cache = cache.replace(keys_LxBxSxKxH=kv[0], values_LxBxSxKxH=kv[1],
+                                  index=cache.index + tokens_BxT.shape[1])
+        return self.norm(x_BxTxD), cache
 
     def logits_from_hidden(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """Logits [B, T, V] in the compute dtype; padding ids of a padded vocabulary get a
@@ -129,6 +154,15 @@ def apply(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array,
     """
     positions_BxT, segment_ids_BxT = _defaults(tokens_BxT, positions_BxT, segment_ids_BxT)
     return Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=5)
+def decode(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array,
+           segment_ids_BxT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Hidden states [B, T, D] of T new tokens attending to the cache, and the cache with
+    them written in (donated: updated in place)."""
+    return Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
+                              cache, method=Decoder.decode)
 
 
 def _boxed_init(cfg: ModelConfig, rng: jax.Array) -> Params:

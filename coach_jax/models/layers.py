@@ -15,8 +15,13 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from coach_jax.models import attention, rope
+from coach_jax.models import attention, kv_cache, rope
 from coach_jax.models.config import ModelConfig
+
+# While decoding: (positions [B, S], segment ids [B, S], write index) shared by all layers,
+# and one layer's (keys, values) [B, S, K, H]. Both are None in training.
+CacheSlots = tuple[jax.Array, jax.Array, jax.Array] | None
+LayerKV = tuple[jax.Array, jax.Array] | None
 
 
 def _param(module: nn.Module, name: str, init, shape: Sequence[int],
@@ -71,13 +76,19 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE, optional q/k RMSNorm and sliding window."""
+    """Grouped-query self-attention with RoPE, optional q/k RMSNorm and sliding window.
+
+    With a KV cache (`slots`, `layer_kv`) the new tokens' keys and values are written into
+    the cache and the queries attend over all of it; returns (output, updated layer_kv).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
-                 rope_tables: tuple[jax.Array, jax.Array], window: jax.Array | int) -> jax.Array:
+                 rope_tables: tuple[jax.Array, jax.Array], window: jax.Array | int,
+                 slots: CacheSlots = None, layer_kv: LayerKV = None
+                 ) -> tuple[jax.Array, LayerKV]:
         cfg = self.cfg
         def proj(name, heads_axis, n_heads):
             return Projection(cfg, ("embed",), (heads_axis, "head_dim"), (n_heads, cfg.head_dim),
@@ -90,16 +101,27 @@ class Attention(nn.Module):
             k_BxTxKxH = RMSNorm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
         q_BxTxNxH = rope.rotate(q_BxTxNxH, rope_tables)
         k_BxTxKxH = rope.rotate(k_BxTxKxH, rope_tables)
-        windows = set(cfg.layer_windows)
-        out_BxTxNxH = attention.attend(
-            attention.choose(cfg.attention, cfg.compute_dtype), q_BxTxNxH, k_BxTxKxH,
-            v_BxTxKxH, positions_BxT, segment_ids_BxT,
-            window if cfg.has_sliding_window else None,
-            static_window=windows.pop() if len(windows) == 1 and cfg.has_sliding_window
-            else None)
+        layer_window = window if cfg.has_sliding_window else None
+        if layer_kv is not None:
+            kv_positions_BxS, kv_segment_ids_BxS, index = slots
+            k_BxSxKxH = kv_cache.write_layer(layer_kv[0], k_BxTxKxH, index)
+            v_BxSxKxH = kv_cache.write_layer(layer_kv[1], v_BxTxKxH, index)
+            layer_kv = (k_BxSxKxH, v_BxSxKxH)
+            mask = attention.attention_mask(positions_BxT, kv_positions_BxS, segment_ids_BxT,
+                                            kv_segment_ids_BxS, layer_window)
+            out_BxTxNxH = attention.dot_product_attention(
+                q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype),
+                v_BxSxKxH.astype(q_BxTxNxH.dtype), mask)
+        else:
+            windows = set(cfg.layer_windows)
+            out_BxTxNxH = attention.attend(
+                attention.choose(cfg.attention, cfg.compute_dtype), q_BxTxNxH, k_BxTxKxH,
+                v_BxTxKxH, positions_BxT, segment_ids_BxT, layer_window,
+                static_window=windows.pop() if len(windows) == 1 and cfg.has_sliding_window
+                else None)
         out_BxTxNxH = checkpoint_name(out_BxTxNxH, "attention_out")
         return Projection(cfg, ("heads", "head_dim"), ("embed",), (cfg.hidden_size,),
-                          use_bias=cfg.o_bias, name="o_proj")(out_BxTxNxH)
+                          use_bias=cfg.o_bias, name="o_proj")(out_BxTxNxH), layer_kv
 
 
 class Mlp(nn.Module):
@@ -119,18 +141,21 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block; returns (x, None) so `nn.scan` can stack it."""
+    """Pre-norm residual block; returns (x, updated layer_kv) so `nn.scan` can stack it
+    (the second item is None in training)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
-                 rope_tables: tuple[jax.Array, jax.Array], window: jax.Array | int
-                 ) -> tuple[jax.Array, None]:
+                 rope_tables: tuple[jax.Array, jax.Array], window: jax.Array | int,
+                 slots: CacheSlots = None, layer_kv: LayerKV = None
+                 ) -> tuple[jax.Array, LayerKV]:
         cfg = self.cfg
         h = RMSNorm(cfg, name="input_layernorm")(x_BxTxD)
-        x_BxTxD = x_BxTxD + Attention(cfg, name="self_attn")(h, positions_BxT, segment_ids_BxT,
-                                                             rope_tables, window)
+        attended, layer_kv = Attention(cfg, name="self_attn")(
+            h, positions_BxT, segment_ids_BxT, rope_tables, window, slots, layer_kv)
+        x_BxTxD = x_BxTxD + attended
         h = RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + Mlp(cfg, name="mlp")(h)
-        return x_BxTxD, None
+        return x_BxTxD, layer_kv
