@@ -11,5 +11,6 @@ from coach_jax.models.vocab import fit_vocab, unpad_vocab
 __all__ = [
     "CheckpointError", "KVCache", "Llama3RopeScaling", "ModelConfig", "Params", "ShardingFn",
     "UnsupportedModelError", "apply", "count_params", "decode", "fit_vocab", "hidden_states",
-    "init", "init_cache", "load_hf", "logical_axes", "logits_from_hidden", "param_shapes", "save_hf", "unpad_vocab",
+    "init", "init_cache", "load_hf", "logical_axes", "logits_from_hidden", "param_shapes",
+    "save_hf", "unpad_vocab",
 ]
