@@ -134,6 +134,19 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_batches = 0  # 0 = the whole eval set
+    c.eval.at_start = True  # also evaluate before step 1: the "before" of every eval
+    # Behaviour: generate for held-out conversations, compare with their last assistant turn.
+    c.eval.prompts = ""  # sources like data.eval; "" = data.eval
+    c.eval.generate_examples = 0  # conversations per source to generate for; 0 = off
+    c.eval.max_new_tokens = 128
+    c.eval.temperature = 0.0  # 0 = greedy
+    c.eval.generate_batch_size = 32
+    c.eval.json_schema = ""  # a JSON schema file: report the share of outputs that validate
+    # Forgetting: loss and KL against the base model on a general reference set.
+    c.eval.reference = ""  # a text or chat source SFT never trains on; "" = off
+    c.eval.reference_max_batches = 0  # 0 = the whole reference set
+    c.eval.forgetting_budget = 0.0  # allowed rise of the reference loss in nats; 0 = none
+    c.eval.on_forgetting_budget = "warn"  # warn | stop (save, report, end the run)
 
     c.export = ml_collections.ConfigDict()
     c.export.hf = True  # write DIR/export in Hugging Face format at the end
@@ -157,6 +170,8 @@ class Run:
     loss: LossConfig
     mesh_shape: tuple[int, int, int]
     cache_dir: str
+    prompt_sources: tuple[SourceConfig, ...] = ()  # behaviour evals
+    reference_source: SourceConfig | None = None  # forgetting monitor
 
 
 def parse_sources(spec: Any, field: str, format: str) -> tuple[SourceConfig, ...]:
@@ -241,6 +256,7 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
         raise ConfigError("a mixture of several training sources needs train.steps")
     if c.data.max_seq_len < 2:
         raise ConfigError(f"data.max_seq_len={c.data.max_seq_len} is too small")
+    prompt_sources, reference_source = _eval_sources(c, eval_sources)
 
     mesh_shape = mesh_dims(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, device_count)
     data_shards = mesh_shape[0] * mesh_shape[1]
@@ -291,7 +307,41 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "coach_jax",
         "encoded")
     return Run(c.model, tokenizer_path, c.tokenizer.chat_template or None, train_sources,
-               eval_sources, encode, optimizer, groups, loss, mesh_shape, cache_dir)
+               eval_sources, encode, optimizer, groups, loss, mesh_shape, cache_dir,
+               prompt_sources, reference_source)
+
+
+def _eval_sources(c: ml_collections.ConfigDict, eval_sources: tuple[SourceConfig, ...]
+                  ) -> tuple[tuple[SourceConfig, ...], SourceConfig | None]:
+    """Checks the eval section; returns the behaviour sources and the reference source."""
+    e = c.eval
+    _choice(e.on_forgetting_budget, ("warn", "stop"), "eval.on_forgetting_budget")
+    prompt_sources = ()
+    if e.generate_examples < 0 or e.max_new_tokens < 1 or e.temperature < 0:
+        raise ConfigError("eval.generate_examples must be >= 0, eval.max_new_tokens >= 1 and "
+                          "eval.temperature >= 0")
+    if e.generate_examples:
+        prompt_sources = (parse_sources(e.prompts, "eval.prompts", c.data.format)
+                          if e.prompts else eval_sources)
+        if not prompt_sources:
+            raise ConfigError("eval.generate_examples needs conversations with reference "
+                              "answers: set eval.prompts or data.eval")
+    if e.json_schema and not os.path.isfile(e.json_schema):
+        raise ConfigError(f"eval.json_schema={e.json_schema!r}: no such file")
+    if e.json_schema and not e.generate_examples:
+        raise ConfigError("eval.json_schema checks generations: set eval.generate_examples")
+    reference = None
+    if e.reference:
+        found = parse_sources(e.reference, "eval.reference", "auto")
+        if len(found) != 1:
+            raise ConfigError("eval.reference names one source (no mixture)")
+        reference = found[0]
+    if e.forgetting_budget < 0:
+        raise ConfigError(f"eval.forgetting_budget={e.forgetting_budget} must be >= 0")
+    if e.forgetting_budget and reference is None:
+        raise ConfigError("eval.forgetting_budget needs eval.reference (the set forgetting "
+                          "is measured on)")
+    return prompt_sources, reference
 
 
 def mesh_dims(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:

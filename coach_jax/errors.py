@@ -16,6 +16,7 @@ from coach_jax.checkpoint import CheckpointSaveError, IncompatibleCheckpointErro
 from coach_jax.config import ConfigError
 from coach_jax.data.errors import DataError
 from coach_jax.data.pipeline import PipelineError
+from coach_jax.evals.behaviour import SchemaError
 from coach_jax.memory import DoesNotFitError
 from coach_jax.models.config import UnsupportedModelError
 from coach_jax.models.hf_checkpoint import CheckpointError
@@ -25,7 +26,8 @@ from coach_jax.train.step import NonFiniteError
 
 USER_ERRORS = (ConfigError, DataError, PipelineError, UnsupportedModelError, CheckpointError,
                OptimizerConfigError, ScheduleError, NonFiniteError, DoesNotFitError,
-               CheckpointSaveError, IncompatibleCheckpointError, FileNotFoundError)
+               CheckpointSaveError, IncompatibleCheckpointError, SchemaError,
+               FileNotFoundError)
 
 
 def exit_with(message: str, status: int = 2) -> None:

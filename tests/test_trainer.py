@@ -58,7 +58,8 @@ def trained(tmp_path_factory):
 
 def test_a_run_writes_everything(trained):
     config, workdir, record = trained
-    for name in ("config.json", "metrics.jsonl", "loss.png", "export/model.safetensors",
+    for name in ("config.json", "metrics.jsonl", "loss.png", "report.md", "data_stats.json",
+                 "export/model.safetensors",
                  "export/tokenizer.json", "export/generation_config.json"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{workdir}/tb"))
@@ -71,7 +72,8 @@ def test_a_run_writes_everything(trained):
                 "supervised_tokens"} <= r.keys()
     assert train_records[-1]["loss"] < 0.8 * train_records[0]["loss"]
     evals = [r for r in read_metrics(workdir) if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [12, 24, 24]
+    # Before step 1 (eval.at_start), every eval_every, once at the end (not twice at 24).
+    assert [r["step"] for r in evals] == [0, 12, 24]
     assert record["eval_perplexity"] == pytest.approx(np.exp(record["eval_loss"]))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import signal
 import os
@@ -27,11 +26,14 @@ from coach_jax.checkpoint import Checkpointer, abstract
 from coach_jax.data.cache import tokenizer_fingerprint
 from coach_jax.config import Run, resolve
 from coach_jax.data.pipeline import Pipeline, PipelineConfig
+from coach_jax.evals.forgetting import compute_dtype_copy
+from coach_jax.evals.report import write_report
+from coach_jax.evals.suite import EvalSuite, global_batches
 from coach_jax.export import export_hf
 from coach_jax.models.builder import build_model
 from coach_jax.train import param_groups
-from coach_jax.train.evaluation import compile_eval_step, eval_totals, summarize
-from coach_jax.train.reporting import MetricsWriter, plot_losses, progress_line
+from coach_jax.train.evaluation import compile_eval_step
+from coach_jax.train.reporting import MetricsWriter, progress_line
 
 
 def pipeline_config(config: ml_collections.ConfigDict, run: Run, sources, *, steps, epochs
@@ -70,10 +72,12 @@ class Trainer:
                 counts = multihost_utils.process_allgather(
                     np.asarray(self.pipeline.count_batches()))
                 total_steps = int(np.min(counts))
-        # One pass over each held-out source, reported together and per source.
-        self.eval_pipelines = {s.name: Pipeline(pipeline_config(
-            config, run, (s,), steps=None, epochs=1), self.tokenizer) for s in run.eval_sources}
         self.total_steps = max(total_steps, 1)
+        base_params = None  # the forgetting monitor's reference point, before any step
+        if run.reference_source is not None:
+            if config.checkpoint.init_from:
+                params = init_params_from(config.checkpoint.init_from, params)
+            base_params = compute_dtype_copy(params, self.model_cfg.compute_dtype)
 
         step_config, self.parts = train.prepare(
             self.model_cfg, params, run.optimizer, run.groups, self.total_steps, loss=run.loss,
@@ -92,6 +96,22 @@ class Trainer:
                                            self.batch_sharding)
         self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"),
                                         config.checkpoint.every_steps, config.checkpoint.keep)
+        self.evals = self._eval_suite(base_params)
+
+    def _eval_suite(self, base_params: Any) -> EvalSuite:
+        """One pass over each held-out source per eval (reported together and per source),
+        generations for behaviour, the forgetting monitor."""
+        config, run = self.config, self.run
+        def batches(source, limit):
+            pipeline = Pipeline(pipeline_config(config, run, (source,), steps=None, epochs=1),
+                                self.tokenizer)
+            return global_batches(pipeline, self.batch_sharding, limit)
+        held_out = {s.name: batches(s, config.eval.max_batches) for s in run.eval_sources}
+        reference = (batches(run.reference_source, config.eval.reference_max_batches)
+                     if run.reference_source is not None else None)
+        return EvalSuite(config.eval, config.train.seed, self.model_cfg, self.tokenizer,
+                         self.eval_step, held_out, run.prompt_sources, reference, base_params,
+                         config.train.chunk_tokens)
 
     def check_memory(self, abstract_state: Any) -> None:
         """Stops before compiling when the run will not fit a device."""
@@ -156,14 +176,16 @@ class Trainer:
         averaged = train.eval_params(self.run.optimizer, self.state.opt_state, trainable)
         return param_groups.merge(averaged, frozen)
 
-    def evaluate(self) -> dict[str, float]:
-        params, limit = self.eval_params(), self.config.eval.max_batches or None
-        totals = {}
-        for name, pipeline in self.eval_pipelines.items():
-            batches = (parallel.global_batch(b, self.batch_sharding)
-                       for b in itertools.islice(pipeline, limit))
-            totals[name] = eval_totals(self.eval_step, params, batches)
-        return summarize({k: v for k, v in totals.items() if v is not None})
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
+        """Every eval the config asks for; with `step`, the generations are written to
+        DIR/generations/step_<step>.jsonl."""
+        metrics, generations = self.evals.run(self.eval_params())
+        if generations and step is not None and self.is_main:
+            folder = os.path.join(self.workdir, "generations")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"step_{step:06d}.jsonl"), "w") as f:
+                f.writelines(json.dumps(g) + "\n" for g in generations)
+        return metrics
 
     def export(self) -> str | None:
         """Every process takes part in gathering the parameters; process 0 writes."""
@@ -231,9 +253,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains as the config says; returns the last logged record (with the final eval)."""
     os.makedirs(workdir, exist_ok=True)
     t = Trainer(config, workdir)
+    data_stats = {"sources": t.pipeline.stats()}
     if t.is_main:
         write_config(config, workdir)
-        for name, stats in t.pipeline.stats().items():
+        for name, stats in data_stats["sources"].items():
             logging.info("data %s: %s", name, json.dumps(stats))
     log_every, eval_every = config.train.log_every, config.train.eval_every
     iterator = iter(t.pipeline)
@@ -243,10 +266,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preemption = PreemptionWatch()
 
     pending = None  # (step, device metrics) of the step dispatched last
-    read = {"examples": 0, "tokens": 0}  # this process's share, for the record
+    read = {"examples": 0, "tokens": 0, "slots": 0, "batches": 0}  # this process's share
     window = {"tokens": 0, "since": time.perf_counter(), "start": time.perf_counter(),
               "start_step": step}
     record: dict[str, Any] = {}
+    evaluated_at, stopped = None, None
 
     def report(done_step: int, metrics: Any) -> None:
         """Reads a finished step's metrics: the only host sync outside eval and saves."""
@@ -268,10 +292,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             print(progress_line(done_step, t.total_steps, record,
                                 rate * (t.total_steps - done_step)), flush=True)
 
+    def evaluate(at_step: int) -> str | None:
+        """Runs the evals; returns why the run must stop (the forgetting budget), if so."""
+        nonlocal record, evaluated_at
+        metrics = t.evaluate(at_step)
+        record = {**record, **writer.write(at_step, metrics)}
+        evaluated_at = at_step
+        if t.is_main:
+            print(progress_line(at_step, t.total_steps, metrics, 0).rsplit(" | ETA", 1)[0],
+                  flush=True)
+        if not t.evals.over_budget(metrics):
+            return None
+        why = (f"forgetting budget exceeded at step {at_step}: the reference loss rose by "
+               f"{metrics['forgetting/reference_loss_delta']:.4f} nats (budget "
+               f"{config.eval.forgetting_budget})")
+        if config.eval.on_forgetting_budget == "stop":
+            return why
+        logging.warning("%s; going on (eval.on_forgetting_budget=warn)", why)
+        if t.is_main:
+            print(f"warning: {why}", flush=True)
+        return None
+
+    if step == 0 and config.eval.at_start and t.evals.enabled:
+        stopped = evaluate(0)  # the "before" of every eval
     profile = [int(x) for x in config.train.profile_steps.split(",")] if (
         config.train.profile_steps) else None
     for batch in iterator:
-        if step >= t.total_steps:
+        if step >= t.total_steps or stopped:
             break
         if profile and step + 1 == profile[0]:
             jax.profiler.start_trace(os.path.join(workdir, "profile"))
@@ -280,6 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         local_tokens = int((batch["segment_ids"] > 0).sum())
         window["tokens"] += local_tokens * jax.process_count()
         read["tokens"] += local_tokens
+        read["slots"] += batch["segment_ids"].size
+        read["batches"] += 1
         read["examples"] += count_examples(batch["segment_ids"])
         if pending is not None:
             report(*pending)
@@ -291,10 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             report(*pending)  # never evaluate or save a state with a non-finite step
             pending = None
             if eval_every and step % eval_every == 0:
-                evaluated = writer.write(step, t.evaluate())
-                if t.is_main:
-                    print(progress_line(step, t.total_steps, evaluated, 0).rsplit(" | ETA", 1)[0],
-                          flush=True)
+                stopped = evaluate(step)
             if t.checkpoints.due(step):
                 t.save(step, iterator)
         if preemption.requested(step):
@@ -310,19 +356,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if pending is not None:
         report(*pending)
 
-    final = t.evaluate()
-    if final:
-        record = {**record, **writer.write(step, final)}
+    if evaluated_at != step and t.evals.enabled:
+        evaluate(step)
     t.save(step, iterator)
     t.checkpoints.close()
     writer.close()
     with open(os.path.join(workdir, f"data_process_{jax.process_index()}.json"), "w") as f:
         json.dump({"process_index": jax.process_index(), "steps": step, **read}, f)
+    if stopped:
+        record["stopped"] = stopped
+        if t.is_main:
+            print(f"stopped: {stopped} (eval.on_forgetting_budget=stop); saved step {step}",
+                  flush=True)
     if config.export.hf:
         exported = t.export()
         if t.is_main:
             print(f"exported to {exported}", flush=True)
     if t.is_main:
-        if os.path.exists(writer.path):
-            plot_losses(writer.path, os.path.join(workdir, "loss.png"))
+        data_stats.update(packing_efficiency=read["tokens"] / max(read["slots"], 1),
+                          batches=read["batches"], stopped=stopped)
+        with open(os.path.join(workdir, "data_stats.json"), "w") as f:
+            json.dump(data_stats, f, indent=2)
+        print(f"report: {write_report(workdir)}", flush=True)
     return record

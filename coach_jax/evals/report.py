@@ -1,0 +1,194 @@
+"""DIR/report.md: the one page to read after a run.
+
+Everything comes from files the run wrote (config.json, metrics.jsonl, data_stats.json,
+generations/step_<N>.jsonl), so a report can be rebuilt for any workdir after the fact:
+`python -m coach_jax.evals.report DIR`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import sys
+from typing import Any
+
+from absl import logging
+
+from coach_jax.train.reporting import plot_losses
+
+SAMPLES = 4  # generations shown before / after
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_json(path: str) -> Any:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _eval_keys(records: list[dict[str, Any]]) -> list[str]:
+    keys = []
+    for record in records:
+        for key in record:
+            if key not in keys and (key.startswith(("eval_loss", "behaviour/", "forgetting/"))
+                                    or key == "eval_token_accuracy"):
+                keys.append(key)
+    return keys
+
+
+def _plot(records: list[dict[str, Any]], keys: list[str], out_path: str, ylabel: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return False
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, points in series.items():
+        axis.plot(*zip(*points), marker="o", label=key)
+    axis.set_xlabel("step")
+    axis.set_ylabel(ylabel)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def _config_rows(config: dict[str, Any]) -> list[list[Any]]:
+    model = config["model"]
+    size = model["hf_path"] or ", ".join(
+        f"{k}={model['init'][k]}" for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                            "vocab_size"))
+    train, data, opt = config["train"], config["data"], config["optimizer"]
+    length = f"{train['steps']} steps" if train["steps"] else f"{data['epochs']} epochs"
+    return [
+        ["model", size],
+        ["data", f"train {data['train']}; eval {data['eval'] or '-'}"],
+        ["length", f"{length}, {train['global_batch_size']} rows x {data['max_seq_len']} "
+                   f"tokens, packing {data['packing']}"],
+        ["optimizer", f"{opt['name']}, lr {opt['learning_rate']}, "
+                      f"schedule {config['schedule']['name']}"],
+        ["evals", f"every {train['eval_every'] or '-'} steps; reference "
+                  f"{config['eval']['reference'] or '-'}; schema "
+                  f"{config['eval']['json_schema'] or '-'}"],
+    ]
+
+
+def _samples(workdir: str, first_step: int, last_step: int) -> str:
+    before = _read_jsonl(os.path.join(workdir, "generations", f"step_{first_step:06d}.jsonl"))
+    after = _read_jsonl(os.path.join(workdir, "generations", f"step_{last_step:06d}.jsonl"))
+    if not after:
+        return "No generations were evaluated (set eval.generate_examples).\n"
+    parts = []
+    for i, late in enumerate(after[:SAMPLES]):
+        early = before[i]["output"] if i < len(before) and first_step != last_step else None
+        parts.append(f"**{late['source']} · {late['origin']}**\n\n"
+                     f"Prompt: {late['prompt']!r}\n\n"
+                     f"- reference: `{late['reference']}`\n"
+                     + (f"- before (step {first_step}): `{early}`\n" if early is not None
+                        else "")
+                     + f"- after (step {last_step}): `{late['output']}`\n")
+    return "\n".join(parts)
+
+
+def _data_section(stats: dict[str, Any] | None) -> str:
+    if not stats:
+        return "No data statistics were written.\n"
+    rows = [[name, s["examples"], s["tokens_per_epoch"], f"{100 * s['supervised_fraction']:.1f}%",
+             ", ".join(f"{k}: {v}" for k, v in s["left_out"].items()) or "none"]
+            for name, s in stats.get("sources", {}).items()]
+    text = _table(["source", "examples", "tokens / epoch", "supervised", "left out"], rows)
+    if "packing_efficiency" in stats:
+        text += (f"\n\nPacking: {100 * stats['packing_efficiency']:.1f}% of the token slots "
+                 f"of the {stats.get('batches', '?')} training batches held real tokens.")
+    return text + "\n"
+
+
+def write_report(workdir: str) -> str:
+    """Writes DIR/report.md (and its PNGs, when matplotlib is installed); returns its path."""
+    config = _read_json(os.path.join(workdir, "config.json"))
+    records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    stats = _read_json(os.path.join(workdir, "data_stats.json"))
+    evals = [r for r in records if any(k.startswith(("eval_", "behaviour/", "forgetting/"))
+                                       for k in r)]
+    keys = _eval_keys(evals)
+    last_step = max((r["step"] for r in records), default=0)
+    stopped = (stats or {}).get("stopped")
+    lines = ["# Run report", "",
+             f"`{os.path.abspath(workdir)}` · written "
+             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} · {last_step} steps"
+             + (f" · **stopped early: {stopped}**" if stopped else ""), ""]
+    if config:
+        lines += ["## What was trained", "", _table(["", ""], _config_rows(config)), ""]
+    if evals:
+        first, last = evals[0], evals[-1]
+        rows = []
+        for key in keys:
+            a, b = first.get(key), last.get(key)
+            change = b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+            rows.append([key, a, b, change])
+        lines += ["## Before and after", "",
+                  _table(["metric", f"step {first['step']}", f"step {last['step']}", "change"],
+                         rows), ""]
+    if plot_losses(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png")):
+        lines += ["## Loss", "", "![loss curves](loss.png)", ""]
+    if evals:
+        lines += ["## Evals over time", "",
+                  _table(["step"] + keys, [[r["step"]] + [r.get(k) for k in keys] for r in evals]),
+                  ""]
+        behaviour_keys = [k for k in keys if k.startswith("behaviour/")]
+        if _plot(evals, behaviour_keys, os.path.join(workdir, "behaviour.png"), "share"):
+            lines += ["![behaviour over time](behaviour.png)", ""]
+        lines += ["## Behaviour before and after", "",
+                  _samples(workdir, evals[0]["step"], evals[-1]["step"])]
+        forgetting_keys = ["forgetting/reference_loss_delta", "forgetting/kl"]
+        if any(k in keys for k in forgetting_keys):
+            last = evals[-1]
+            lines += ["## Forgetting", "",
+                      f"Reference loss of the base model: "
+                      f"{_fmt(last.get('forgetting/reference_loss_base'))} nats; now "
+                      f"{_fmt(last.get('forgetting/reference_loss'))} (delta "
+                      f"{_fmt(last.get('forgetting/reference_loss_delta'))}); mean "
+                      f"KL(base || current) {_fmt(last.get('forgetting/kl'))}."
+                      + (f" Budget: {config['eval']['forgetting_budget']} nats."
+                         if config and config["eval"]["forgetting_budget"] else ""), ""]
+            if _plot(evals, forgetting_keys, os.path.join(workdir, "forgetting.png"),
+                     "nats"):
+                lines += ["![forgetting over time](forgetting.png)", ""]
+    lines += ["## Data", "", _data_section(stats)]
+    path = os.path.join(workdir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    logging.info("wrote %s", path)
+    return path
+
+
+if __name__ == "__main__":
+    print(write_report(sys.argv[1]))
