@@ -8,7 +8,6 @@ generations/step_<N>.jsonl), so a report can be rebuilt for any workdir after th
 from __future__ import annotations
 
 import datetime
-import glob
 import json
 import os
 import sys
