@@ -53,6 +53,20 @@ def normalize(text: str) -> str:
 _FENCE = re.compile(r"^```(?:json)?\s*\n(.*)\n```$", re.DOTALL)
 
 
+def _canonical(value: Any) -> str:
+    """JSON text with sorted keys: equal for equal JSON values (1 and true differ)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def same_answer(output: str, reference: str) -> bool:
+    """Normalised match: equal JSON values when both parse as JSON (formatting and key
+    order ignored), else equal text after `normalize`."""
+    (output_ok, output_value), (ref_ok, ref_value) = parse_json(output), parse_json(reference)
+    if output_ok and ref_ok:
+        return _canonical(output_value) == _canonical(ref_value)
+    return normalize(output) == normalize(reference)
+
+
 def parse_json(text: str) -> tuple[bool, Any]:
     """(parsed, value) for a whole output that is one JSON value (a ```json fence around
     it is allowed); anything before or after it means it does not parse."""
@@ -97,7 +111,8 @@ def field_accuracy(output: Any, reference: Any) -> float | None:
         return None
     if not isinstance(output, dict):
         return 0.0
-    return sum(k in output and output[k] == v for k, v in reference.items()) / len(reference)
+    return sum(k in output and _canonical(output[k]) == _canonical(v)
+               for k, v in reference.items()) / len(reference)
 
 
 def score(outputs: Sequence[str], references: Sequence[str], validator: Any = None
@@ -111,8 +126,7 @@ def score(outputs: Sequence[str], references: Sequence[str], validator: Any = No
     parsed = [parse_json(o) for o in outputs]
     result = {
         "exact_match": sum(o.strip() == r.strip() for o, r in zip(outputs, references)) / n,
-        "normalized_match": sum(normalize(o) == normalize(r)
-                                for o, r in zip(outputs, references)) / n,
+        "normalized_match": sum(same_answer(o, r) for o, r in zip(outputs, references)) / n,
         "json_parses": sum(ok for ok, _ in parsed) / n,
     }
     if validator is not None:

@@ -100,6 +100,12 @@ def _config_rows(config: dict[str, Any]) -> list[list[Any]]:
     ]
 
 
+def _code(text: str) -> str:
+    """Inline code on one line (newlines shown as \\n); a double-backtick span, so a single
+    backtick in the text cannot end it."""
+    return "`` " + text.replace("\n", "\\n").replace("``", "` `") + " ``"
+
+
 def _samples(workdir: str, first_step: int, last_step: int) -> str:
     before = _read_jsonl(os.path.join(workdir, "generations", f"step_{first_step:06d}.jsonl"))
     after = _read_jsonl(os.path.join(workdir, "generations", f"step_{last_step:06d}.jsonl"))
@@ -109,11 +115,11 @@ def _samples(workdir: str, first_step: int, last_step: int) -> str:
     for i, late in enumerate(after[:SAMPLES]):
         early = before[i]["output"] if i < len(before) and first_step != last_step else None
         parts.append(f"**{late['source']} · {late['origin']}**\n\n"
-                     f"Prompt: {late['prompt']!r}\n\n"
-                     f"- reference: `{late['reference']}`\n"
-                     + (f"- before (step {first_step}): `{early}`\n" if early is not None
+                     f"Prompt: {_code(late['prompt'])}\n\n"
+                     f"- reference: {_code(late['reference'])}\n"
+                     + (f"- before (step {first_step}): {_code(early)}\n" if early is not None
                         else "")
-                     + f"- after (step {last_step}): `{late['output']}`\n")
+                     + f"- after (step {last_step}): {_code(late['output'])}\n")
     return "\n".join(parts)
 
 
