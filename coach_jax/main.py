@@ -2,6 +2,8 @@
 
   python -m coach_jax.main --config configs/default.py --workdir runs/demo \
       [--mode=train|eval|lint|inspect|export] [--config.optimizer.name=lion ...]
+  python -m coach_jax.main --mode=chat --model runs/demo/export
+  python -m coach_jax.main --mode=generate --model DIR --input in.jsonl --output out.jsonl
 """
 
 import json
@@ -18,7 +20,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for this run's outputs and checkpoints.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 _INSPECT = flags.DEFINE_integer("inspect_examples", 3, "Examples --mode=inspect shows.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step for --mode=eval/export (latest).")
+_STEP = flags.DEFINE_integer("step", None,
+                             "Checkpoint step for --mode=eval/export/generate/chat (latest).")
+# --mode=generate / chat
+_MODEL = flags.DEFINE_string("model", None, "An HF model folder to generate with (instead of "
+                             "--config/--workdir's checkpoint).")
+_INPUT = flags.DEFINE_string("input", None, "--mode=generate: a JSONL of conversations.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode=generate: where to write the outputs.")
+_SYSTEM = flags.DEFINE_string("system", None, "--mode=chat: a system prompt.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Generation: new tokens at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Generation: 0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Generation: sample from the k most likely (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Generation: nucleus sampling mass (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Generation: sampling seed.")
+_GEN_BATCH = flags.DEFINE_integer("generate_batch_size", 32, "Generation: prompts per batch.")
 
 
 def run(mode: str, config, workdir: str) -> int:
@@ -29,8 +44,11 @@ def run(mode: str, config, workdir: str) -> int:
         record = train_and_evaluate(config, workdir)
         print(json.dumps(record))
         return 0
-    return getattr(modes, mode)(config, workdir, inspect_examples=_INSPECT.value,
-                                step=_STEP.value)
+    return getattr(modes, mode)(
+        config, workdir, inspect_examples=_INSPECT.value, step=_STEP.value, model=_MODEL.value,
+        input=_INPUT.value, output=_OUTPUT.value, system=_SYSTEM.value,
+        max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+        top_p=_TOP_P.value, seed=_SEED.value, generate_batch_size=_GEN_BATCH.value)
 
 
 def main(argv: list[str]) -> None:
@@ -38,12 +56,17 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _WORKDIR.value is None and _MODE.value in ("train", "eval", "export"):
         errors.exit_with(f"--workdir is required for --mode={_MODE.value}")
+    if _CONFIG.value is None and not (_MODE.value in ("generate", "chat") and _MODEL.value):
+        errors.exit_with(f"--config is required for --mode={_MODE.value}"
+                         + (" (or --model=<HF folder>)" if _MODE.value in ("generate", "chat")
+                            else ""))
     if not flags.FLAGS["verbosity"].present:  # progress lines only; -v 0 for library logs
         logging.set_verbosity(logging.WARNING)
     with errors.reported():
-        distributed = _CONFIG.value.distributed
-        parallel.initialize_distributed(distributed.coordinator_address,
-                                        distributed.num_processes, distributed.process_id)
+        if _CONFIG.value is not None:
+            distributed = _CONFIG.value.distributed
+            parallel.initialize_distributed(distributed.coordinator_address,
+                                            distributed.num_processes, distributed.process_id)
         sys.exit(run(_MODE.value, _CONFIG.value, _WORKDIR.value))
 
 

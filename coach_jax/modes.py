@@ -1,13 +1,17 @@
-"""--mode=eval|lint|inspect|export: the commands besides training."""
+"""--mode=eval|lint|inspect|export|generate|chat: the commands besides training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+from typing import Any
 
 import jax
 
-from coach_jax import data
-from coach_jax.config import resolve
+from coach_jax import data, models, sampling
+from coach_jax.config import ConfigError, resolve
+from coach_jax.data.conversation import Conversation, Document, Message
 
 
 def _sources(config) -> tuple:
@@ -61,4 +65,105 @@ def export(config, workdir, step=None, **_) -> int:
     """DIR/export from the latest checkpoint, or from `--step`."""
     trainer, step = _restored_trainer(config, workdir, step)
     print(json.dumps({"step": step, "export": trainer.export()}))
+    return 0
+
+
+def _model(config, workdir, model_path, step):
+    """(model config, params, tokenizer) from an HF folder (`--model`), or from the
+    workdir's latest checkpoint (or `--step`) of the run `--config` describes."""
+    if model_path:
+        dtype = config.model.dtype if config is not None else "float32"
+        cfg, params = models.load_hf(model_path, compute_dtype=dtype)
+        return cfg, params, data.load_tokenizer(model_path)
+    if config is None or not workdir:
+        raise ConfigError("name a model: --model=<HF folder>, or --config and --workdir of a "
+                          "run with checkpoints")
+    trainer, _ = _restored_trainer(config, workdir, step)
+    return trainer.model_cfg, trainer.eval_params(), trainer.tokenizer
+
+
+def _sampling(flags: dict[str, Any]) -> sampling.SamplingConfig:
+    try:
+        return sampling.SamplingConfig(**{k: flags[k] for k in (
+            "max_new_tokens", "temperature", "top_k", "top_p", "seed")})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def generate(config, workdir, input=None, output=None, model=None, step=None,  # noqa: A002
+             **flags) -> int:
+    """One output line per input line: the next assistant turn of each conversation (its
+    last assistant turn, if any, is kept as `reference`); a text record is a raw prompt."""
+    if not input or not output:
+        raise ConfigError("--mode=generate needs --input (a JSONL of conversations) and "
+                          "--output")
+    settings = _sampling(flags)
+    prompts, rows = [], []
+    for item in data.iter_examples(input, "auto", require_answer=False):
+        if isinstance(item, data.DataError):
+            raise item
+        row: dict[str, Any] = {"origin": str(item.origin)}
+        if isinstance(item, Document):
+            prompts.append(item.text)
+            row["prompt"] = item.text
+        else:
+            messages = item.messages
+            if messages[-1].role == "assistant":
+                row["reference"] = messages[-1].content
+                messages = messages[:-1]
+            prompts.append(Conversation(messages, item.tools, item.origin))
+            row["messages"] = [m.as_template_dict() for m in messages]
+        rows.append(row)
+    if not rows:
+        raise data.DataError(None, f"{input}: no records to generate for")
+    cfg, params, tokenizer = _model(config, workdir, model, step)
+    completions = sampling.generate_tokens(
+        cfg, params, [sampling.prompt_ids(tokenizer, p) for p in prompts],
+        sampling.stop_token_ids(tokenizer), settings, flags["generate_batch_size"])
+    with open(output, "w") as f:
+        for row, completion in zip(rows, completions):
+            row["output"] = tokenizer.decode(completion.token_ids, skip_special_tokens=False)
+            row["finish_reason"] = completion.finish_reason
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(json.dumps({"generated": len(rows), "output": output}))
+    return 0
+
+
+CHAT_HELP = "commands: /reset (new conversation), /exit (or Ctrl-D)"
+
+
+def chat(config, workdir, model=None, step=None, system=None, **flags) -> int:
+    """An interactive chat in the terminal; one line per user turn."""
+    settings = _sampling(flags)
+    cfg, params, tokenizer = _model(config, workdir, model, step)
+    opening = [Message("system", system)] if system else []
+    history = list(opening)
+    interactive = sys.stdin.isatty()
+    print(f"coach_jax chat · {CHAT_HELP}", flush=True)
+    turn = 0
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = list(opening)
+            print("(new conversation)", flush=True)
+            continue
+        history.append(Message("user", line))
+        conversation = Conversation(tuple(history))
+        completion = sampling.generate_tokens(
+            cfg, params, [sampling.prompt_ids(tokenizer, conversation)],
+            sampling.stop_token_ids(tokenizer),
+            dataclasses.replace(settings, seed=settings.seed + turn))[0]
+        turn += 1
+        answer = tokenizer.decode(completion.token_ids, skip_special_tokens=False)
+        history.append(Message("assistant", answer))
+        suffix = "" if completion.finish_reason == "stop" else " [max_new_tokens reached]"
+        print(f"assistant> {answer}{suffix}", flush=True)
     return 0

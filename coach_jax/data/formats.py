@@ -63,8 +63,11 @@ def detect_format(record: Any, origin: Origin | None = None) -> str:
                             f"{keys}); pass format= explicitly", kind="unknown_format")
 
 
-def normalize(record: Any, format: str, origin: Origin | None = None) -> Example:
-    """The record as a Conversation (or a Document for `text`); DataError if it does not fit."""
+def normalize(record: Any, format: str, origin: Origin | None = None,
+              require_answer: bool = True) -> Example:
+    """The record as a Conversation (or a Document for `text`); DataError if it does not fit.
+    `require_answer=False` accepts conversations with no assistant turn (prompts to
+    generate for)."""
     if format not in _FORMATS:
         raise DataError(origin, f"unknown format {format!r}; known: {', '.join(FORMATS)}",
                         field="format", kind="unknown_format")
@@ -75,7 +78,11 @@ def normalize(record: Any, format: str, origin: Origin | None = None) -> Example
                                 f"required: {', '.join(sorted(required))}; optional: "
                                 f"{', '.join(sorted(optional)) or 'none'})",
                         kind="unknown_format")
-    return _NORMALIZERS[format](record, origin)
+    example = _NORMALIZERS[format](record, origin)
+    if (require_answer and isinstance(example, Conversation)
+            and not any(m.role == "assistant" for m in example.messages)):
+        raise DataError(origin, "no assistant turn: nothing to learn", kind="nothing_to_learn")
+    return example
 
 
 def _string(value: Any, origin: Origin | None, field: str, allow_empty: bool = False) -> str:
@@ -261,14 +268,12 @@ def _text(record: dict[str, Any], origin: Origin | None) -> Document:
 
 
 def _checked(conversation: Conversation) -> Conversation:
-    """Rejects conversations with nothing to learn or empty assistant turns."""
+    """Rejects empty assistant turns (a conversation with none is `normalize`'s call)."""
     origin = conversation.origin
     for i, m in enumerate(conversation.messages):
         if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
             raise DataError(origin, "empty assistant turn", field=f"message {i}",
                             kind="empty_assistant")
-    if not any(m.role == "assistant" for m in conversation.messages):
-        raise DataError(origin, "no assistant turn: nothing to learn", kind="nothing_to_learn")
     return conversation
 
 

@@ -10,8 +10,8 @@ from coach_jax.data.formats import FORMATS, detect_format, normalize
 from coach_jax.data.readers import read_records
 
 
-def iter_examples(paths: str | Sequence[str], format: str = "auto"
-                  ) -> Iterator[Example | DataError]:
+def iter_examples(paths: str | Sequence[str], format: str = "auto",
+                  require_answer: bool = True) -> Iterator[Example | DataError]:
     """Every record of the source as an Example, or as the DataError that describes it.
 
     With format="auto" the first well-formed record decides the format for the whole source;
@@ -28,7 +28,7 @@ def iter_examples(paths: str | Sequence[str], format: str = "auto"
         try:
             if chosen is None:
                 chosen = detect_format(raw.data, raw.origin)
-            yield normalize(raw.data, chosen, raw.origin)
+            yield normalize(raw.data, chosen, raw.origin, require_answer)
         except DataError as e:
             yield e
 
