@@ -49,7 +49,7 @@ class Decoder(nn.Module):
             self.layers = nn.scan(
                 layer, variable_axes={"params": 0}, split_rngs={"params": True},
                 # positions, segment ids, rope tables, cache slots are shared by all layers;
-                # each layer has its own window and its own slice of the KV cache.
+                # each layer has its own window and index.
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
@@ -78,19 +78,17 @@ class Decoder(nn.Module):
             cache = cache.written(positions_BxT, segment_ids_BxT)
             slots = (cache.positions_BxS, cache.segment_ids_BxS, cache.index)
             kv = (cache.keys_LxBxSxKxH, cache.values_LxBxSxKxH)
+        carry = (x_BxTxD, kv)
         if cfg.scan_layers:
             windows = jnp.asarray(cfg.layer_windows, dtype=jnp.int32)
-            x_BxTxD, kv = self.layers(x_BxTxD, positions_BxT, segment_ids_BxT, rope_tables,
-                                      windows, slots, kv)
+            layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            carry, _ = self.layers(carry, positions_BxT, segment_ids_BxT, rope_tables, windows,
+                                   slots, layers)
         else:
-            written = []
             for i, (layer, window) in enumerate(zip(self.layers, cfg.layer_windows)):
-                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x_BxTxD, layer_kv = layer(x_BxTxD, positions_BxT, segment_ids_BxT,
-                                          rope_tables, window, slots, layer_kv)
-                written.append(layer_kv)
-            if kv is not None:
-                kv = tuple(jnp.stack(parts) for parts in zip(*written))
+                carry, _ = layer(carry, positions_BxT, segment_ids_BxT, rope_tables, window,
+                                 slots, i)
+        x_BxTxD, kv = carry
         if cache is not None:
             cache = cache.replace(keys_LxBxSxKxH=kv[0], values_LxBxSxKxH=kv[1],
                                   index=cache.index + tokens_BxT.shape[1])

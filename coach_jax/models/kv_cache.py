@@ -46,8 +46,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
                    jnp.zeros((), jnp.int32))
 
 
-def write_layer(cache_BxSxKxH: jax.Array, new_BxTxKxH: jax.Array, index: jax.Array
-                ) -> jax.Array:
-    """One layer's keys (or values) with T new tokens written from slot `index`."""
-    return jax.lax.dynamic_update_slice(cache_BxSxKxH, new_BxTxKxH.astype(cache_BxSxKxH.dtype),
-                                        (0, index, 0, 0))
+def write(cache_LxBxSxKxH: jax.Array, new_BxTxKxH: jax.Array, layer: jax.Array | int,
+          index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Writes one layer's T new keys (or values) from slot `index`, in place: only the new
+    tokens move, never the whole cache. Returns (cache, that layer's [B, S, K, H])."""
+    cache_LxBxSxKxH = jax.lax.dynamic_update_slice(
+        cache_LxBxSxKxH, new_BxTxKxH.astype(cache_LxBxSxKxH.dtype)[None],
+        (layer, 0, index, 0, 0))
+    return cache_LxBxSxKxH, cache_LxBxSxKxH[layer]

@@ -19,9 +19,10 @@ from coach_jax.models import attention, kv_cache, rope
 from coach_jax.models.config import ModelConfig
 
 # While decoding: (positions [B, S], segment ids [B, S], write index) shared by all layers,
-# and one layer's (keys, values) [B, S, K, H]. Both are None in training.
+# and every layer's (keys, values) [L, B, S, K, H], carried through the layers so each
+# writes its new tokens in place. Both are None in training.
 CacheSlots = tuple[jax.Array, jax.Array, jax.Array] | None
-LayerKV = tuple[jax.Array, jax.Array] | None
+KV = tuple[jax.Array, jax.Array] | None
 
 
 def _param(module: nn.Module, name: str, init, shape: Sequence[int],
@@ -78,8 +79,8 @@ class Projection(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, optional q/k RMSNorm and sliding window.
 
-    With a KV cache (`slots`, `layer_kv`) the new tokens' keys and values are written into
-    the cache and the queries attend over all of it; returns (output, updated layer_kv).
+    With a KV cache (`slots`, `kv`) the new tokens' keys and values are written into layer
+    `layer`'s part of the cache and the queries attend over all of it; returns (output, kv).
     """
 
     cfg: ModelConfig
@@ -87,8 +88,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
                  rope_tables: tuple[jax.Array, jax.Array], window: jax.Array | int,
-                 slots: CacheSlots = None, layer_kv: LayerKV = None
-                 ) -> tuple[jax.Array, LayerKV]:
+                 slots: CacheSlots = None, kv: KV = None, layer: jax.Array | int = 0
+                 ) -> tuple[jax.Array, KV]:
         cfg = self.cfg
         def proj(name, heads_axis, n_heads):
             return Projection(cfg, ("embed",), (heads_axis, "head_dim"), (n_heads, cfg.head_dim),
@@ -102,11 +103,11 @@ class Attention(nn.Module):
         q_BxTxNxH = rope.rotate(q_BxTxNxH, rope_tables)
         k_BxTxKxH = rope.rotate(k_BxTxKxH, rope_tables)
         layer_window = window if cfg.has_sliding_window else None
-        if layer_kv is not None:
+        if kv is not None:
             kv_positions_BxS, kv_segment_ids_BxS, index = slots
-            k_BxSxKxH = kv_cache.write_layer(layer_kv[0], k_BxTxKxH, index)
-            v_BxSxKxH = kv_cache.write_layer(layer_kv[1], v_BxTxKxH, index)
-            layer_kv = (k_BxSxKxH, v_BxSxKxH)
+            keys, k_BxSxKxH = kv_cache.write(kv[0], k_BxTxKxH, layer, index)
+            values, v_BxSxKxH = kv_cache.write(kv[1], v_BxTxKxH, layer, index)
+            kv = (keys, values)
             mask = attention.attention_mask(positions_BxT, kv_positions_BxS, segment_ids_BxT,
                                             kv_segment_ids_BxS, layer_window)
             out_BxTxNxH = attention.dot_product_attention(
@@ -121,7 +122,7 @@ class Attention(nn.Module):
                 else None)
         out_BxTxNxH = checkpoint_name(out_BxTxNxH, "attention_out")
         return Projection(cfg, ("heads", "head_dim"), ("embed",), (cfg.hidden_size,),
-                          use_bias=cfg.o_bias, name="o_proj")(out_BxTxNxH), layer_kv
+                          use_bias=cfg.o_bias, name="o_proj")(out_BxTxNxH), kv
 
 
 class Mlp(nn.Module):
@@ -141,21 +142,22 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block; returns (x, updated layer_kv) so `nn.scan` can stack it
-    (the second item is None in training)."""
+    """Pre-norm residual block. Its carry is (x, kv) so `nn.scan` can thread the hidden
+    states and the KV cache (None in training) through the layers; `layer` is its index."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
-                 rope_tables: tuple[jax.Array, jax.Array], window: jax.Array | int,
-                 slots: CacheSlots = None, layer_kv: LayerKV = None
-                 ) -> tuple[jax.Array, LayerKV]:
+    def __call__(self, carry: tuple[jax.Array, KV], positions_BxT: jax.Array,
+                 segment_ids_BxT: jax.Array, rope_tables: tuple[jax.Array, jax.Array],
+                 window: jax.Array | int, slots: CacheSlots, layer: jax.Array | int
+                 ) -> tuple[tuple[jax.Array, KV], None]:
         cfg = self.cfg
+        x_BxTxD, kv = carry
         h = RMSNorm(cfg, name="input_layernorm")(x_BxTxD)
-        attended, layer_kv = Attention(cfg, name="self_attn")(
-            h, positions_BxT, segment_ids_BxT, rope_tables, window, slots, layer_kv)
+        attended, kv = Attention(cfg, name="self_attn")(
+            h, positions_BxT, segment_ids_BxT, rope_tables, window, slots, kv, layer)
         x_BxTxD = x_BxTxD + attended
         h = RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + Mlp(cfg, name="mlp")(h)
-        return x_BxTxD, layer_kv
+        return (x_BxTxD, kv), None
