@@ -26,6 +26,9 @@ def get_config():
     c.optimizer.learning_rate = 3e-3
     c.optimizer.weight_decay = 0.01
     c.schedule.warmup_steps = 20
+    c.eval.generate_examples = 16  # behaviour: briefs written for held-out prompts
+    c.eval.max_new_tokens = 64
+    c.eval.json_schema = "assets/lab/brief_schema.json"
     c.checkpoint.every_steps = 100
     c.checkpoint.keep = 2
     return c

@@ -82,6 +82,12 @@ def progress_line(step: int, total: int, record: dict[str, Any], seconds_left: f
         parts.append(f"loss {record['loss']:.4f}")
     if "eval_loss" in record:
         parts.append(f"eval_loss {record['eval_loss']:.4f}")
+    for key, value in record.items():
+        if key.startswith("behaviour/") and key.endswith(("/schema_valid", "/exact_match")):
+            parts.append(f"{key.removeprefix('behaviour/')} {100 * value:.0f}%")
+    if "forgetting/reference_loss_delta" in record:
+        parts.append(f"forgetting {record['forgetting/reference_loss_delta']:+.4f} nats "
+                     f"(KL {record['forgetting/kl']:.4f})")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s'] / 1e3:.1f}k tok/s")
     if "learning_rate" in record:
