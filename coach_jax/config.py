@@ -141,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 128
     c.eval.temperature = 0.0  # 0 = greedy
     c.eval.generate_batch_size = 32
-    c.eval.json_schema = ""  # a JSON schema file: report the share of outputs that validate
+    c.eval.json_schema = ""  # a JSON schema file: the share of generations that validate
     # Forgetting: loss and KL against the base model on a general reference set.
     c.eval.reference = ""  # a text or chat source SFT never trains on; "" = off
     c.eval.reference_max_batches = 0  # 0 = the whole reference set
@@ -328,8 +328,6 @@ def _eval_sources(c: ml_collections.ConfigDict, eval_sources: tuple[SourceConfig
                               "answers: set eval.prompts or data.eval")
     if e.json_schema and not os.path.isfile(e.json_schema):
         raise ConfigError(f"eval.json_schema={e.json_schema!r}: no such file")
-    if e.json_schema and not e.generate_examples:
-        raise ConfigError("eval.json_schema checks generations: set eval.generate_examples")
     reference = None
     if e.reference:
         found = parse_sources(e.reference, "eval.reference", "auto")

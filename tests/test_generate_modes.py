@@ -27,6 +27,7 @@ def trained(tmp_path_factory):
     workdir = str(tmp / "run")
     overrides = ["--config.train.steps=4", "--config.schedule.warmup_steps=1",
                  "--config.train.eval_every=0", "--config.data.eval=",
+                 "--config.eval.generate_examples=0",
                  f"--config.data.cache_dir={tmp / 'cache'}"]
     result = _cli("--config", CONFIG, "--workdir", workdir, *overrides)
     assert result.returncode == 0, result.stderr

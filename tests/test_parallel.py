@@ -59,6 +59,7 @@ def _run(workdir, *overrides, devices=8, env_extra=None):
          "--config.model.init.head_dim=8", "--config.train.steps=3",
          "--config.train.log_every=1", "--config.train.global_batch_size=8",
          "--config.train.eval_every=0", "--config.data.eval=", "--config.schedule.warmup_steps=1",
+         "--config.eval.generate_examples=0",
          "--config.checkpoint.every_steps=0", "--config.optimizer.learning_rate=1e-2",
          f"--config.data.cache_dir={workdir}/../cache", *overrides],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -25,6 +25,7 @@ def command(workdir, *overrides):
             "--config.model.init.head_dim=8", f"--config.train.steps={STEPS}",
             "--config.train.log_every=1", "--config.train.global_batch_size=8",
             "--config.train.eval_every=0", "--config.data.eval=", "--config.data.workers=2",
+            "--config.eval.generate_examples=0",
             "--config.schedule.warmup_steps=2", "--config.checkpoint.every_steps=4",
             "--config.optimizer.learning_rate=1e-2",
             f"--config.data.cache_dir={workdir}/../cache", *overrides]
