@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coach_jax import models
+from jax.experimental import multihost_utils
+
+from coach_jax import models, parallel
 from coach_jax.data.chat_encoding import encode_prompt, stop_token_ids
 from coach_jax.data.conversation import Conversation
 from coach_jax.models.config import ModelConfig
@@ -125,8 +127,13 @@ def _generate(params: Params, tokens_BxP: jax.Array, lengths_B: jax.Array,
 
 def generate_tokens(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
                     stop_ids: Sequence[int] = (), config: SamplingConfig = SamplingConfig(),
-                    batch_size: int = 32) -> list[Completion]:
-    """Completions of token-id prompts, `batch_size` prompts per compiled batch."""
+                    batch_size: int = 32, mesh: jax.sharding.Mesh | None = None
+                    ) -> list[Completion]:
+    """Completions of token-id prompts, `batch_size` prompts per compiled batch.
+
+    `params` may be sharded (FSDP, tensor parallel) as in training; with the run's `mesh`
+    the prompt rows are also split over its data axes, as training batches are (a batch is
+    padded with copies of its last prompt to a multiple of the data shards)."""
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
@@ -136,15 +143,24 @@ def generate_tokens(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence
     completions: list[Completion] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
+        real_rows = len(chunk)
+        shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+        chunk += [chunk[-1]] * (-len(chunk) % shards)
         longest = max(len(p) for p in chunk)
         width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
         tokens = np.zeros((len(chunk), width), np.int32)
         for row, prompt in enumerate(chunk):
             tokens[row, width - len(prompt):] = prompt
         lengths = np.asarray([len(p) for p in chunk], np.int32)
-        out = np.asarray(_generate(params, tokens, lengths, stop,
-                                   jax.random.fold_in(rng, start), cfg=cfg, config=config))
-        for row in out:
+        if mesh is not None:
+            rows = parallel.batch_sharding(mesh)
+            tokens = jax.device_put(tokens, rows)
+            lengths = jax.device_put(lengths, rows)
+        out = _generate(params, tokens, lengths, stop, jax.random.fold_in(rng, start), cfg=cfg,
+                        config=config)
+        if jax.process_count() > 1:  # every process holds the same prompts and wants all rows
+            out = multihost_utils.process_allgather(out, tiled=True)
+        for row in np.asarray(out)[:real_rows]:
             stops = np.flatnonzero(np.isin(row, list(stop_ids)))
             if stops.size:
                 completions.append(Completion(row[:stops[0]].tolist(), "stop"))

@@ -10,7 +10,7 @@ import torch
 
 import hf_reference
 import coach_jax
-from coach_jax import data, models, sampling
+from coach_jax import data, models, parallel, sampling
 from coach_jax.data.chat_encoding import stop_token_ids
 from coach_jax.models.config import ModelConfig
 
@@ -113,6 +113,21 @@ def test_kv_cache_decoding_equals_full_recompute(scan_layers):
                                     config=sampling.SamplingConfig(max_new_tokens=20))
     for prompt, completion in zip(prompts, ours):
         assert completion.token_ids == _recompute_greedy(cfg, params, prompt, 20)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
+def test_sharded_generation_equals_one_device(lab_model, mesh_shape):
+    """Parameters sharded as in training (FSDP / tensor parallel) and prompt rows split over
+    the data axes (3 prompts padded to the data shards)."""
+    _, cfg, params = lab_model
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], list(range(20, 60))]
+    config = sampling.SamplingConfig(max_new_tokens=10)
+    expected = sampling.generate_tokens(cfg, params, prompts, config=config)
+    mesh = parallel.make_mesh(mesh_shape)
+    sharded = parallel.place(params, parallel.tree_shardings(params, cfg, mesh))
+    spec = sharded["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec
+    assert any(axis is not None for axis in spec) == (mesh_shape != (8, 1, 1))
+    assert sampling.generate_tokens(cfg, sharded, prompts, config=config, mesh=mesh) == expected
 
 
 def test_cached_logits_equal_one_forward_pass():

@@ -32,7 +32,7 @@ class EvalSuite:
                  tokenizer: Any, eval_step: Callable, held_out: dict[str, Batches],
                  prompt_sources: tuple[SourceConfig, ...] = (),
                  reference: Batches | None = None, base_params: Params | None = None,
-                 chunk_tokens: int = 256):
+                 chunk_tokens: int = 256, mesh: jax.sharding.Mesh | None = None):
         e = eval_config
         self.model_cfg, self.tokenizer, self.eval_step = model_cfg, tokenizer, eval_step
         self.held_out = held_out
@@ -46,7 +46,7 @@ class EvalSuite:
         self.validator = behaviour.load_schema(e.json_schema) if e.json_schema else None
         self.sampling = sampling.SamplingConfig(max_new_tokens=e.max_new_tokens,
                                                 temperature=e.temperature, seed=seed)
-        self.batch_size = e.generate_batch_size
+        self.batch_size, self.mesh = e.generate_batch_size, mesh
         self.forgetting = None
         if reference is not None:
             self.forgetting = ForgettingMonitor(
@@ -69,7 +69,7 @@ class EvalSuite:
         for name, cases in self.cases.items():
             prompts = [sampling.prompt_ids(self.tokenizer, c.prompt) for c in cases]
             completions = sampling.generate_tokens(self.model_cfg, params, prompts, stop,
-                                                   self.sampling, self.batch_size)
+                                                   self.sampling, self.batch_size, self.mesh)
             outputs = [self.tokenizer.decode(c.token_ids, skip_special_tokens=False)
                        for c in completions]
             scores = behaviour.score(outputs, [c.reference for c in cases], self.validator)

@@ -111,7 +111,7 @@ class Trainer:
                      if run.reference_source is not None else None)
         return EvalSuite(config.eval, config.train.seed, self.model_cfg, self.tokenizer,
                          self.eval_step, held_out, run.prompt_sources, reference, base_params,
-                         config.train.chunk_tokens)
+                         config.train.chunk_tokens, self.mesh)
 
     def check_memory(self, abstract_state: Any) -> None:
         """Stops before compiling when the run will not fit a device."""
