@@ -142,6 +142,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.temperature = 0.0  # 0 = greedy
     c.eval.generate_batch_size = 32
     c.eval.json_schema = ""  # a JSON schema file: the share of generations that validate
+    c.eval.fact_fields = ()  # JSON fields to recall, not copy: behaviour/<source>/fact_accuracy
+    c.eval.fact_chance = 0.0  # fact_accuracy of a model without the knowledge (the report)
     # Forgetting: loss and KL against the base model on a general reference set.
     c.eval.reference = ""  # a text or chat source SFT never trains on; "" = off
     c.eval.reference_max_batches = 0  # 0 = the whole reference set

@@ -80,3 +80,11 @@ def test_cases_are_conversations_cut_before_their_last_answer(tmp_path):
     assert [m.content for m in cases[1].prompt.messages] == ["q2", "a2", "q3"]
     assert cases[1].origin.endswith("eval.jsonl:2")
     assert isinstance(cases[0].prompt, data.Conversation)
+
+
+def test_fact_accuracy_counts_only_the_recalled_fields():
+    outputs = [REFERENCE, json.dumps({**GOOD, "name": "Other", "year": 1931}), "not JSON",
+               json.dumps([GOOD])]
+    scores = behaviour.score(outputs, [REFERENCE] * 4,
+                             fact_fields=("category", "location", "year"))
+    assert scores["fact_accuracy"] == pytest.approx((1 + 2 / 3 + 0 + 0) / 4)

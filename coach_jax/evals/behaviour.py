@@ -115,9 +115,12 @@ def field_accuracy(output: Any, reference: Any) -> float | None:
                for k, v in reference.items()) / len(reference)
 
 
-def score(outputs: Sequence[str], references: Sequence[str], validator: Any = None
-          ) -> dict[str, float]:
-    """Shares over all outputs, each in [0, 1]; `validator` from `load_schema`."""
+def score(outputs: Sequence[str], references: Sequence[str], validator: Any = None,
+          fact_fields: Sequence[str] = ()) -> dict[str, float]:
+    """Shares over all outputs, each in [0, 1]; `validator` from `load_schema`.
+    `fact_fields`: the JSON fields that must be recalled rather than copied from the
+    prompt; `fact_accuracy` is the share of them right over every output (an output that is
+    not a JSON object gets none right)."""
     if len(outputs) != len(references):
         raise ValueError(f"{len(outputs)} outputs for {len(references)} references")
     if not outputs:
@@ -137,4 +140,10 @@ def score(outputs: Sequence[str], references: Sequence[str], validator: Any = No
     fields = [f for f in fields if f is not None]
     if fields:
         result["field_accuracy"] = sum(fields) / len(fields)
+    if fact_fields:
+        facts = [field_accuracy(value if ok else None,
+                                {k: v for k, v in (parse_json(r)[1] or {}).items()
+                                 if k in fact_fields}) or 0.0
+                 for (ok, value), r in zip(parsed, references)]
+        result["fact_accuracy"] = sum(facts) / n
     return result

@@ -162,6 +162,10 @@ def write_report(workdir: str) -> str:
         lines += ["## Before and after", "",
                   _table(["metric", f"step {first['step']}", f"step {last['step']}", "change"],
                          rows), ""]
+        chance = (config or {}).get("eval", {}).get("fact_chance")
+        if chance:
+            lines += [f"Chance level of `fact_accuracy` (a model that knows only what the "
+                      f"SFT data shows): {chance:.4g}.", ""]
     if plot_losses(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png")):
         lines += ["## Loss", "", "![loss curves](loss.png)", ""]
     if evals:

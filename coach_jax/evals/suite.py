@@ -47,6 +47,7 @@ class EvalSuite:
         self.sampling = sampling.SamplingConfig(max_new_tokens=e.max_new_tokens,
                                                 temperature=e.temperature, seed=seed)
         self.batch_size, self.mesh = e.generate_batch_size, mesh
+        self.fact_fields = tuple(e.fact_fields)
         self.forgetting = None
         if reference is not None:
             self.forgetting = ForgettingMonitor(
@@ -72,7 +73,8 @@ class EvalSuite:
                                                    self.sampling, self.batch_size, self.mesh)
             outputs = [self.tokenizer.decode(c.token_ids, skip_special_tokens=False)
                        for c in completions]
-            scores = behaviour.score(outputs, [c.reference for c in cases], self.validator)
+            scores = behaviour.score(outputs, [c.reference for c in cases], self.validator,
+                                     self.fact_fields)
             metrics.update({f"behaviour/{name}/{k}": v for k, v in scores.items()})
             for case, output, completion in zip(cases, outputs, completions):
                 generations.append({"source": name, "origin": case.origin,
