@@ -30,7 +30,7 @@ def test_warmup_longer_than_the_run_is_one_clear_line(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().endswith(
-        "schedule warmup (20 steps) must be shorter than the run (3 steps)")
+        "schedule warmup (5 steps) must be shorter than the run (3 steps)")
 
 
 def test_ci_runs_the_readme_test_command():

@@ -54,7 +54,8 @@ def _run(workdir, *overrides, devices=8, env_extra=None):
            "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "coach_jax.main", "--config", "configs/default.py",
-         "--workdir", str(workdir), "--config.model.init.hidden_size=32",
+         "--workdir", str(workdir), "--config.model.hf_path=", "--config.eval.reference=",
+         "--config.model.init.hidden_size=32",
          "--config.model.init.intermediate_size=64", "--config.model.init.num_hidden_layers=2",
          "--config.model.init.head_dim=8", "--config.train.steps=3",
          "--config.train.log_every=1", "--config.train.global_batch_size=8",

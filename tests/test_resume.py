@@ -20,7 +20,8 @@ STEPS = 12
 
 def command(workdir, *overrides):
     return [sys.executable, "-m", "coach_jax.main", "--config", "configs/default.py",
-            "--workdir", str(workdir), "--config.model.init.hidden_size=32",
+            "--workdir", str(workdir), "--config.model.hf_path=", "--config.eval.reference=",
+            "--config.model.init.hidden_size=32",
             "--config.model.init.intermediate_size=64", "--config.model.init.num_hidden_layers=2",
             "--config.model.init.head_dim=8", f"--config.train.steps={STEPS}",
             "--config.train.log_every=1", "--config.train.global_batch_size=8",

@@ -150,7 +150,7 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, override, message):
 def test_lint_and_inspect_modes_on_the_default_data(tmp_path):
     lint = _cli("--config", "configs/default.py", "--mode=lint")
     assert lint.returncode == 0, lint.stderr
-    assert "540 records, 0 errors" in lint.stdout
+    assert "480 records, 0 errors" in lint.stdout
     inspect = _cli("--config", "configs/default.py", "--mode=inspect",
                    "--inspect_examples=1")
     assert inspect.returncode == 0, inspect.stderr
