@@ -23,6 +23,7 @@ from coach_jax.data.chat_encoding import TRAIN_ON
 from coach_jax.data.formats import FORMATS
 from coach_jax.data.pipeline import PACKING, SourceConfig
 from coach_jax.data.readers import expand_paths
+from coach_jax.evals.forgetting import ON_BUDGET
 from coach_jax.models.config import ATTENTION, REMAT_POLICIES
 from coach_jax.train import optimizers
 from coach_jax.train.loss import NORMALIZATIONS, LossConfig
@@ -317,7 +318,7 @@ def _eval_sources(c: ml_collections.ConfigDict, eval_sources: tuple[SourceConfig
                   ) -> tuple[tuple[SourceConfig, ...], SourceConfig | None]:
     """Checks the eval section; returns the behaviour sources and the reference source."""
     e = c.eval
-    _choice(e.on_forgetting_budget, ("warn", "stop"), "eval.on_forgetting_budget")
+    _choice(e.on_forgetting_budget, ON_BUDGET, "eval.on_forgetting_budget")
     prompt_sources = ()
     if e.generate_examples < 0 or e.max_new_tokens < 1 or e.temperature < 0:
         raise ConfigError("eval.generate_examples must be >= 0, eval.max_new_tokens >= 1 and "

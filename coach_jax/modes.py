@@ -122,7 +122,7 @@ def generate(config, workdir, input=None, output=None, model=None, step=None,  #
         sampling.stop_token_ids(tokenizer), settings, flags["generate_batch_size"])
     with open(output, "w") as f:
         for row, completion in zip(rows, completions):
-            row["output"] = tokenizer.decode(completion.token_ids, skip_special_tokens=False)
+            row["output"] = sampling.completion_text(tokenizer, completion)
             row["finish_reason"] = completion.finish_reason
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(json.dumps({"generated": len(rows), "output": output}))
@@ -136,6 +136,7 @@ def chat(config, workdir, model=None, step=None, system=None, **flags) -> int:
     """An interactive chat in the terminal; one line per user turn."""
     settings = _sampling(flags)
     cfg, params, tokenizer = _model(config, workdir, model, step)
+    stop_ids = sampling.stop_token_ids(tokenizer)
     opening = [Message("system", system)] if system else []
     history = list(opening)
     interactive = sys.stdin.isatty()
@@ -158,11 +159,10 @@ def chat(config, workdir, model=None, step=None, system=None, **flags) -> int:
         history.append(Message("user", line))
         conversation = Conversation(tuple(history))
         completion = sampling.generate_tokens(
-            cfg, params, [sampling.prompt_ids(tokenizer, conversation)],
-            sampling.stop_token_ids(tokenizer),
+            cfg, params, [sampling.prompt_ids(tokenizer, conversation)], stop_ids,
             dataclasses.replace(settings, seed=settings.seed + turn))[0]
         turn += 1
-        answer = tokenizer.decode(completion.token_ids, skip_special_tokens=False)
+        answer = sampling.completion_text(tokenizer, completion)
         history.append(Message("assistant", answer))
         suffix = "" if completion.finish_reason == "stop" else " [max_new_tokens reached]"
         print(f"assistant> {answer}{suffix}", flush=True)

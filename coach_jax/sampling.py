@@ -169,6 +169,11 @@ def generate_tokens(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence
     return completions
 
 
+def completion_text(tokenizer: Any, completion: Completion) -> str:
+    """The generated text, special tokens kept as written (the stop token is not in it)."""
+    return tokenizer.decode(completion.token_ids, skip_special_tokens=False)
+
+
 def prompt_ids(tokenizer: Any, conversation: Any) -> np.ndarray:
     """A chat (list of {role, content} messages or a Conversation) through the chat
     template with its generation prompt; a plain string as raw text (base models)."""
@@ -190,4 +195,4 @@ def generate(cfg: ModelConfig, params: Params, tokenizer: Any, conversations: Se
     config = SamplingConfig(**sampling)
     completions = generate_tokens(cfg, params, [prompt_ids(tokenizer, c) for c in conversations],
                                   stop_token_ids(tokenizer), config, batch_size)
-    return [tokenizer.decode(c.token_ids, skip_special_tokens=False) for c in completions]
+    return [completion_text(tokenizer, c) for c in completions]

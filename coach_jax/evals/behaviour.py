@@ -135,15 +135,15 @@ def score(outputs: Sequence[str], references: Sequence[str], validator: Any = No
     if validator is not None:
         result["schema_valid"] = sum(ok and validator.is_valid(value)
                                      for ok, value in parsed) / n
-    fields = [field_accuracy(value if ok else None, parse_json(r)[1])
-              for (ok, value), r in zip(parsed, references)]
+    output_values = [value if ok else None for ok, value in parsed]
+    reference_values = [parse_json(r)[1] for r in references]
+    fields = [field_accuracy(o, r) for o, r in zip(output_values, reference_values)]
     fields = [f for f in fields if f is not None]
     if fields:
         result["field_accuracy"] = sum(fields) / len(fields)
     if fact_fields:
-        facts = [field_accuracy(value if ok else None,
-                                {k: v for k, v in (parse_json(r)[1] or {}).items()
-                                 if k in fact_fields}) or 0.0
-                 for (ok, value), r in zip(parsed, references)]
+        facts = [field_accuracy(o, {k: r[k] for k in fact_fields if k in r}) or 0.0
+                 if isinstance(r, dict) else 0.0
+                 for o, r in zip(output_values, reference_values)]
         result["fact_accuracy"] = sum(facts) / n
     return result

@@ -28,10 +28,12 @@ from coach_jax.models.decoder import Params
 ON_BUDGET = ("warn", "stop")
 
 
-def kl_sums(base_params: Params, params: Params, batch: dict[str, jax.Array], *,
-            cfg: ModelConfig, chunk_tokens: int) -> dict[str, jax.Array]:
-    """Sum over non-padding positions of KL(base || current), and their count. The LM
-    head runs `chunk_tokens` positions at a time, so [B, T, V] logits never exist."""
+def reference_sums(base_params: Params, params: Params, batch: dict[str, jax.Array], *,
+                   cfg: ModelConfig, chunk_tokens: int) -> dict[str, jax.Array]:
+    """One pass over a reference batch: the current model's NLL summed over supervised
+    tokens (and their count), and KL(base || current) summed over non-padding positions
+    (and their count). The LM head runs `chunk_tokens` positions at a time, so [B, T, V]
+    logits never exist."""
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
     hidden_base = models.hidden_states(cfg, base_params, *args)
     hidden = models.hidden_states(cfg, params, *args)
@@ -40,20 +42,26 @@ def kl_sums(base_params: Params, params: Params, batch: dict[str, jax.Array], *,
     chunk = min(chunk_tokens or total, total)
     pad = -total % chunk
 
-    def rows(h):
-        return jnp.pad(h.reshape(total, width), ((0, pad), (0, 0))).reshape(-1, chunk, width)
+    def rows(x):
+        x = x.reshape(total, -1)
+        return jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, x.shape[-1])
 
-    def one_chunk(pair):
-        h_base, h = pair
+    def one_chunk(parts):
+        h_base, h, targets = parts
         log_p = jax.nn.log_softmax(
             models.logits_from_hidden(cfg, base_params, h_base[None])[0].astype(jnp.float32))
         log_q = jax.nn.log_softmax(
             models.logits_from_hidden(cfg, params, h[None])[0].astype(jnp.float32))
-        return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+        nll = -jnp.take_along_axis(log_q, targets, axis=-1)[:, 0]
+        return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), nll
 
-    kl = jax.lax.map(one_chunk, (rows(hidden_base), rows(hidden))).reshape(-1)[:total]
+    kl, nll = jax.lax.map(one_chunk, (rows(hidden_base), rows(hidden),
+                                      rows(batch["targets"])))
+    kl, nll = kl.reshape(-1)[:total], nll.reshape(-1)[:total]
     real = (batch["segment_ids"] > 0).reshape(-1)
-    return {"kl": jnp.sum(jnp.where(real, kl, 0.0)), "positions": jnp.sum(real)}
+    supervised = batch["loss_mask"].reshape(-1) > 0
+    return {"kl": jnp.sum(jnp.where(real, kl, 0.0)), "positions": jnp.sum(real),
+            "nll": jnp.sum(jnp.where(supervised, nll, 0.0)), "tokens": jnp.sum(supervised)}
 
 
 def compute_dtype_copy(params: Params, dtype: str) -> Params:
@@ -64,50 +72,40 @@ def compute_dtype_copy(params: Params, dtype: str) -> Params:
 
 @dataclasses.dataclass
 class ForgettingMonitor:
-    """Measures the reference loss and KL against the base; `start()` once before use."""
+    """Measures the reference loss and KL against the base, one pass over the reference
+    set per eval; the base's own loss is measured on the first call."""
 
     cfg: ModelConfig
     base_params: Params
     batches: Callable[[], Iterable[dict[str, jax.Array]]]  # the reference set, global arrays
-    eval_step: Callable[[Params, dict[str, jax.Array]], dict[str, jax.Array]]
     chunk_tokens: int = 256
     budget: float = 0.0  # allowed rise of the reference loss (nats); 0 = no budget
-    on_budget: str = "warn"
     base_loss: float | None = None
 
     def __post_init__(self):
-        if self.on_budget not in ON_BUDGET:
-            raise ValueError(f"eval.on_forgetting_budget={self.on_budget!r}; expected one of "
-                             f"{', '.join(ON_BUDGET)}")
-        self._kl = jax.jit(functools.partial(kl_sums, cfg=self.cfg,
-                                             chunk_tokens=self.chunk_tokens))
+        self._sums = jax.jit(functools.partial(reference_sums, cfg=self.cfg,
+                                               chunk_tokens=self.chunk_tokens))
 
-    def _loss(self, params: Params) -> float:
-        nll = tokens = 0.0
+    def _totals(self, params: Params) -> dict[str, float]:
+        totals = None
         for batch in self.batches():
-            sums = jax.device_get(self.eval_step(params, batch))
-            nll, tokens = nll + float(sums["nll"]), tokens + float(sums["tokens"])
-        if not tokens:
+            sums = self._sums(self.base_params, params, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = {k: float(v) for k, v in jax.device_get(totals or {}).items()}
+        if not totals.get("tokens"):
             raise DataError(None, "eval.reference has no supervised tokens to measure "
                                   "forgetting on", field="eval.reference")
-        return nll / tokens
-
-    def start(self) -> dict[str, float]:
-        self.base_loss = self._loss(self.base_params)
-        return {"reference_loss_base": self.base_loss}
+        return totals
 
     def measure(self, params: Params) -> dict[str, float]:
         if self.base_loss is None:
-            self.start()
-        loss = self._loss(params)
-        totals = None
-        for batch in self.batches():
-            sums = self._kl(self.base_params, params, batch)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        totals = jax.device_get(totals)
+            base = self._totals(self.base_params)
+            self.base_loss = base["nll"] / base["tokens"]
+        totals = self._totals(params)
+        loss = totals["nll"] / totals["tokens"]
         return {"reference_loss": loss, "reference_loss_base": self.base_loss,
                 "reference_loss_delta": loss - self.base_loss,
-                "kl": float(totals["kl"]) / max(float(totals["positions"]), 1.0)}
+                "kl": totals["kl"] / max(totals["positions"], 1.0)}
 
-    def over_budget(self, measured: dict[str, float]) -> bool:
-        return bool(self.budget) and measured["reference_loss_delta"] > self.budget
+    def over_budget(self, reference_loss_delta: float) -> bool:
+        return bool(self.budget) and reference_loss_delta > self.budget

@@ -47,12 +47,15 @@ class EvalSuite:
         self.sampling = sampling.SamplingConfig(max_new_tokens=e.max_new_tokens,
                                                 temperature=e.temperature, seed=seed)
         self.batch_size, self.mesh = e.generate_batch_size, mesh
+        # Encoded once: the same prompts are generated for at every eval.
+        self.prompts = {name: [sampling.prompt_ids(tokenizer, c.prompt) for c in cases]
+                        for name, cases in self.cases.items()}
+        self.stop_ids = sampling.stop_token_ids(tokenizer)
         self.fact_fields = tuple(e.fact_fields)
         self.forgetting = None
         if reference is not None:
-            self.forgetting = ForgettingMonitor(
-                model_cfg, base_params, reference, eval_step, chunk_tokens,
-                e.forgetting_budget, e.on_forgetting_budget)
+            self.forgetting = ForgettingMonitor(model_cfg, base_params, reference,
+                                                chunk_tokens, e.forgetting_budget)
 
     @property
     def enabled(self) -> bool:
@@ -66,13 +69,11 @@ class EvalSuite:
     def behaviour(self, params: Params) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """`behaviour/<source>/<metric>` and one record per generation."""
         metrics, generations = {}, []
-        stop = sampling.stop_token_ids(self.tokenizer)
         for name, cases in self.cases.items():
-            prompts = [sampling.prompt_ids(self.tokenizer, c.prompt) for c in cases]
-            completions = sampling.generate_tokens(self.model_cfg, params, prompts, stop,
-                                                   self.sampling, self.batch_size, self.mesh)
-            outputs = [self.tokenizer.decode(c.token_ids, skip_special_tokens=False)
-                       for c in completions]
+            completions = sampling.generate_tokens(self.model_cfg, params, self.prompts[name],
+                                                   self.stop_ids, self.sampling,
+                                                   self.batch_size, self.mesh)
+            outputs = [sampling.completion_text(self.tokenizer, c) for c in completions]
             scores = behaviour.score(outputs, [c.reference for c in cases], self.validator,
                                      self.fact_fields)
             metrics.update({f"behaviour/{name}/{k}": v for k, v in scores.items()})
@@ -96,7 +97,7 @@ class EvalSuite:
 
     def over_budget(self, metrics: dict[str, float]) -> bool:
         return self.forgetting is not None and self.forgetting.over_budget(
-            {"reference_loss_delta": metrics.get("forgetting/reference_loss_delta", 0.0)})
+            metrics["forgetting/reference_loss_delta"])
 
 
 def global_batches(pipeline: Iterable[dict], sharding: Any, limit: int) -> Batches:

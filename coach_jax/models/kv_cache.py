@@ -23,10 +23,6 @@ class KVCache:
     segment_ids_BxS: jax.Array  # 0 = empty slot or padding
     index: jax.Array  # int32 scalar: the next slot to write, the same for every row
 
-    @property
-    def length(self) -> int:
-        return self.positions_BxS.shape[1]
-
     def written(self, positions_BxT: jax.Array, segment_ids_BxT: jax.Array) -> "KVCache":
         """The slot bookkeeping after writing T new tokens at `index` (keys come per layer)."""
         start = (0, self.index)

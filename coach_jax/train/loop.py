@@ -317,8 +317,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stopped = evaluate(0)  # the "before" of every eval
     profile = [int(x) for x in config.train.profile_steps.split(",")] if (
         config.train.profile_steps) else None
-    for batch in iterator:
-        if step >= t.total_steps or stopped:
+    # The step count and a forgetting-budget stop are checked before a batch is read, so
+    # the saved iterator state never runs ahead of the saved step.
+    while step < t.total_steps and not stopped:
+        batch = next(iterator, None)
+        if batch is None:  # the data ran out (epoch mode)
             break
         if profile and step + 1 == profile[0]:
             jax.profiler.start_trace(os.path.join(workdir, "profile"))
