@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_packing_bins = 64
     c.data.truncation = "drop"  # over-long examples: drop | truncate | error
     c.data.train_on = "all_assistant"  # all_assistant | last_assistant | all
+    # The marker that closes an assistant turn where the chat template writes none or only
+    # text (e.g. the tokenizer's EOS); inserted after turns the template leaves open.
+    c.data.end_of_turn = ""
     c.data.on_invalid = "error"  # bad records: error | skip (counted)
     c.data.max_drop_fraction = 0.05
     c.data.epochs = 1  # used when train.steps is 0
@@ -305,7 +308,7 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
                                 c.optimizer.grad_clip_norm or None, schedule,
                                 c.optimizer.decay_norms_and_biases)
     encode = EncodeOptions(c.data.max_seq_len, c.data.truncation, c.data.train_on,
-                           c.data.on_invalid)
+                           c.data.on_invalid, end_of_turn=c.data.end_of_turn)
     cache_dir = c.data.cache_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "coach_jax",
         "encoded")

@@ -15,13 +15,13 @@ from coach_jax.models.decoder import Params
 
 
 def export_hf(out_dir: str, cfg: ModelConfig, params: Params, tokenizer: Any,
-              dtype: str | None = None) -> str:
+              dtype: str | None = None, end_of_turn: str = "") -> str:
     """Writes out_dir; the vocabulary padding is cut off. A tokenizer without a pad token
     gets its EOS as pad in the generation config (batched generation needs one)."""
     cfg, params = models.unpad_vocab(cfg, params)
     models.save_hf(cfg, params, out_dir, dtype=dtype or None)
     tokenizer.save_pretrained(out_dir)
-    eos = stop_token_ids(tokenizer)
+    eos = stop_token_ids(tokenizer, end_of_turn)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [None])[0]
     transformers.GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad,

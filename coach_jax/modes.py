@@ -27,7 +27,7 @@ def lint(config, workdir, **_) -> int:
     failed = False
     for source in sources:
         report = data.lint(source.paths, tokenizer, source.format, config.data.max_seq_len,
-                           config.data.train_on)
+                           config.data.train_on, config.data.end_of_turn)
         print(f"== {source.name} ({source.paths})\n{report.format()}")
         failed |= not report.ok()
     return 1 if failed else 0
@@ -37,10 +37,11 @@ def inspect(config, workdir, inspect_examples: int = 3, **_) -> int:
     """The first examples of each source as the model sees them, supervised text marked."""
     run, sources = _sources(config)
     tokenizer = data.load_tokenizer(run.tokenizer_path, run.chat_template)
+    print(data.template_report(tokenizer, config.data.end_of_turn))
     for source in sources:
         print(f"== {source.name} ({source.paths})")
         print(data.inspect(source.paths, tokenizer, inspect_examples, source.format,
-                           config.data.train_on))
+                           config.data.train_on, end_of_turn=config.data.end_of_turn))
     return 0
 
 
@@ -117,9 +118,10 @@ def generate(config, workdir, input=None, output=None, model=None, step=None,  #
     if not rows:
         raise data.DataError(None, f"{input}: no records to generate for")
     cfg, params, tokenizer = _model(config, workdir, model, step)
+    end_of_turn = _end_of_turn(config)
     completions = sampling.generate_tokens(
-        cfg, params, [sampling.prompt_ids(tokenizer, p) for p in prompts],
-        sampling.stop_token_ids(tokenizer), settings, flags["generate_batch_size"])
+        cfg, params, [sampling.prompt_ids(tokenizer, p, end_of_turn) for p in prompts],
+        sampling.stop_token_ids(tokenizer, end_of_turn), settings, flags["generate_batch_size"])
     with open(output, "w") as f:
         for row, completion in zip(rows, completions):
             row["output"] = sampling.completion_text(tokenizer, completion)
@@ -129,6 +131,11 @@ def generate(config, workdir, input=None, output=None, model=None, step=None,  #
     return 0
 
 
+def _end_of_turn(config) -> str:
+    """The run's data.end_of_turn (none without --config)."""
+    return config.data.end_of_turn if config is not None else ""
+
+
 CHAT_HELP = "commands: /reset (new conversation), /exit (or Ctrl-D)"
 
 
@@ -136,7 +143,8 @@ def chat(config, workdir, model=None, step=None, system=None, **flags) -> int:
     """An interactive chat in the terminal; one line per user turn."""
     settings = _sampling(flags)
     cfg, params, tokenizer = _model(config, workdir, model, step)
-    stop_ids = sampling.stop_token_ids(tokenizer)
+    end_of_turn = _end_of_turn(config)
+    stop_ids = sampling.stop_token_ids(tokenizer, end_of_turn)
     opening = [Message("system", system)] if system else []
     history = list(opening)
     interactive = sys.stdin.isatty()
@@ -159,7 +167,7 @@ def chat(config, workdir, model=None, step=None, system=None, **flags) -> int:
         history.append(Message("user", line))
         conversation = Conversation(tuple(history))
         completion = sampling.generate_tokens(
-            cfg, params, [sampling.prompt_ids(tokenizer, conversation)], stop_ids,
+            cfg, params, [sampling.prompt_ids(tokenizer, conversation, end_of_turn)], stop_ids,
             dataclasses.replace(settings, seed=settings.seed + turn))[0]
         turn += 1
         answer = sampling.completion_text(tokenizer, completion)

@@ -174,25 +174,29 @@ def completion_text(tokenizer: Any, completion: Completion) -> str:
     return tokenizer.decode(completion.token_ids, skip_special_tokens=False)
 
 
-def prompt_ids(tokenizer: Any, conversation: Any) -> np.ndarray:
+def prompt_ids(tokenizer: Any, conversation: Any, end_of_turn: str = "") -> np.ndarray:
     """A chat (list of {role, content} messages or a Conversation) through the chat
-    template with its generation prompt; a plain string as raw text (base models)."""
+    template with its generation prompt; a plain string as raw text (base models).
+    `end_of_turn` is the run's `data.end_of_turn`."""
     if isinstance(conversation, str):
         return np.asarray(tokenizer(conversation, add_special_tokens=True)["input_ids"],
                           np.int32)
     if isinstance(conversation, Conversation):
-        return encode_prompt(tokenizer, conversation.template_messages(), conversation.tools)
-    return encode_prompt(tokenizer, list(conversation))
+        return encode_prompt(tokenizer, conversation.template_messages(), conversation.tools,
+                             end_of_turn)
+    return encode_prompt(tokenizer, list(conversation), end_of_turn=end_of_turn)
 
 
 def generate(cfg: ModelConfig, params: Params, tokenizer: Any, conversations: Sequence[Any],
-             batch_size: int = 32, **sampling: Any) -> list[str]:
+             batch_size: int = 32, end_of_turn: str = "", **sampling: Any) -> list[str]:
     """The model's next assistant turn for each conversation, as text.
 
     `sampling`: max_new_tokens, temperature (0 = greedy), top_k, top_p, seed. Generation
-    stops at the chat template's end-of-turn token or EOS, which are not part of the text.
+    stops at the chat template's end-of-turn token (or `end_of_turn`, the run's
+    `data.end_of_turn`) or EOS, which are not part of the text.
     """
     config = SamplingConfig(**sampling)
-    completions = generate_tokens(cfg, params, [prompt_ids(tokenizer, c) for c in conversations],
-                                  stop_token_ids(tokenizer), config, batch_size)
+    completions = generate_tokens(
+        cfg, params, [prompt_ids(tokenizer, c, end_of_turn) for c in conversations],
+        stop_token_ids(tokenizer, end_of_turn), config, batch_size)
     return [completion_text(tokenizer, c) for c in completions]

@@ -22,16 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="auto", choices=("auto", *data.FORMATS))
     parser.add_argument("--max_seq_len", type=int)
     parser.add_argument("--train_on", default="all_assistant")
+    parser.add_argument("--end_of_turn", default="", help="as data.end_of_turn")
     parser.add_argument("--max_errors", type=int, default=0)
     parser.add_argument("--inspect", type=int, default=0, help="also show N encoded examples")
     args = parser.parse_args(argv)
     tokenizer = (data.load_tokenizer(args.tokenizer, args.chat_template_file)
                  if args.tokenizer else None)
-    report = data.lint(args.data, tokenizer, args.format, args.max_seq_len, args.train_on)
+    report = data.lint(args.data, tokenizer, args.format, args.max_seq_len, args.train_on,
+                       args.end_of_turn)
     print(report.format())
     if args.inspect and tokenizer is not None:
+        print(data.template_report(tokenizer, args.end_of_turn))
         print(data.inspect(args.data, tokenizer, args.inspect, args.format, args.train_on,
-                           color=sys.stdout.isatty()))
+                           color=sys.stdout.isatty(), end_of_turn=args.end_of_turn))
     if not report.ok(args.max_errors):
         print(f"lint failed: {report.errors} errors > --max_errors={args.max_errors}",
               file=sys.stderr)

@@ -212,3 +212,171 @@ def test_layout_is_probed_once_per_template(realworld):
     for _ in range(3):
         data.encode_chat(tokenizer, CONVERSATION)
     assert chat_encoding._layout.cache_info().misses == 1
+
+
+# --- Step 11: every published template (the survey is tests/test_template_masks.py) ---
+
+def _more(realworld, name, base="neox"):
+    folder = "templates-more" if "__" in name else "templates"
+    return tokenizer_fixtures.template_tokenizer(
+        os.path.join(realworld, folder, f"{name}.jinja"), base)
+
+
+def test_token_holding_the_contents_first_character_is_supervised(realworld):
+    """`[/INST] The`: byte-level BPE merges the space into ` The`, which the model must emit."""
+    tokenizer = _more(realworld, "mistral-v0.3")
+    encoded = data.encode_chat(tokenizer, CONVERSATION[1:3])
+    ids, mask = encoded["input_ids"], encoded["loss_mask"]
+    first = int(np.flatnonzero(mask)[0])
+    assert tokenizer.decode(ids[first:first + 1].tolist()) == " The"
+    assert tokenizer.decode(ids[first - 1:first].tolist()) == "[/INST]"
+
+
+def test_token_spanning_the_end_and_the_next_header_is_not_supervised(realworld):
+    """TeleChat closes turns with the text `<_end>` and opens the next with `<_user>`; `><`
+    is one token: it spans the end of the turn and the next header, so it is not trained."""
+    tokenizer = _more(realworld, "vllm__template_telechat")
+    encoded = data.encode_chat(tokenizer, CONVERSATION)
+    ids, mask = encoded["input_ids"], encoded["loss_mask"]
+    pieces = [tokenizer.decode([int(i)]) for i in ids]
+    straddling = pieces.index("><")
+    assert not mask[straddling] and mask[straddling - 1] and pieces[straddling - 1] == "end"
+    runs = supervised_runs(tokenizer, encoded)
+    assert runs == [ASSISTANT[0] + "<_end", ASSISTANT[1] + "<_end>"]
+
+
+@pytest.mark.parametrize("name", ["vllm__tool_chat_template_toolace",
+                                  "vllm__tool_chat_template_phi4_mini",
+                                  "sglang__test_xpu_gemma4_chat_template"])
+def test_templates_that_ignore_the_generation_prompt_never_train_the_header(realworld, name):
+    """These write the assistant header whatever add_generation_prompt says (or always), so a
+    probed generation prompt is empty: the header comes from the conversation instead."""
+    tokenizer = _more(realworld, name)
+    layout = data.template_layout(tokenizer)
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, CONVERSATION))
+    assert runs == [a + layout.end_of_turn for a in ASSISTANT]
+    # Generation prompts end with the header, as training saw it before the content.
+    prompt = tokenizer.decode(chat_encoding.encode_prompt(tokenizer, CONVERSATION[:4]).tolist())
+    assert prompt.rstrip(" ").endswith(layout.header.rstrip(" "))
+
+
+def test_one_letter_answers_are_located_exactly(realworld):
+    """Vicuna writes `ASSISTANT: A</s>`: a search for "A" would land in the header."""
+    tokenizer = _more(realworld, "unsloth__vicuna")
+    messages = [{"role": "user", "content": "Pick A or B."}, {"role": "assistant", "content": "A"},
+                {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "B"}]
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, messages))
+    assert [r.strip() for r in runs] == ["A</s>", "B</s>"]
+
+
+def test_reasoning_field_is_supervised_where_the_template_renders_it(realworld):
+    """Qwen3 renders `reasoning_content` of turns after the last user query inside the turn
+    (supervised) and drops it from earlier ones (never in the ids)."""
+    tokenizer = _tokenizer(realworld, "qwen3")
+    messages = [{"role": "user", "content": USER[0]},
+                {"role": "assistant", "content": ASSISTANT[0], "reasoning_content": "recall"},
+                {"role": "user", "content": USER[1]},
+                {"role": "assistant", "content": ASSISTANT[1], "reasoning_content": "felines"}]
+    encoded = data.encode_chat(tokenizer, messages)
+    assert "recall" not in tokenizer.decode(encoded["input_ids"].tolist())
+    assert supervised_runs(tokenizer, encoded) == [
+        ASSISTANT[0] + "<|im_end|>", "<think>\nfelines\n</think>\n\n" + ASSISTANT[1] + "<|im_end|>"]
+
+
+def test_gpt_oss_reasoning_is_a_separate_supervised_segment(realworld):
+    """gpt-oss reads `thinking` and writes it as its own `<|start|>assistant` message in the
+    analysis channel before the final answer: both are trained, the header between is not."""
+    tokenizer = _more(realworld, "unsloth__gptoss")
+    messages = [{"role": "user", "content": USER[0]},
+                {"role": "assistant", "content": ASSISTANT[0], "reasoning_content": "recall"}]
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, messages))
+    assert runs == ["<|channel|>analysis<|message|>recall<|end|>",
+                    "<|channel|>final<|message|>" + ASSISTANT[0] + "<|end|>"]
+
+
+def test_reasoning_keys_in_records(realworld):
+    record = {"messages": [{"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "hello", "thinking": "greet back"}]}
+    conversation = data.normalize(record, "openai")
+    assert conversation.messages[1].reasoning == "greet back"
+    assert conversation.template_messages()[1]["reasoning_content"] == "greet back"
+    record["messages"][1]["reasoning_content"] = "twice"
+    with pytest.raises(data.DataError, match=r"messages\[1\]: reasoning given twice"):
+        data.normalize(record, "openai")
+    user_reasoning = {"messages": [{"role": "user", "content": "hi", "reasoning": "why"},
+                                   {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(data.DataError, match="only assistant messages carry reasoning"):
+        data.normalize(user_reasoning, "openai")
+
+
+def test_end_of_turn_is_appended_where_a_template_writes_none(realworld):
+    tokenizer = _more(realworld, "vllm__template_qwen")  # writes nothing between turns
+    with pytest.raises(data.EncodingError, match=r"set data\.end_of_turn"):
+        data.encode_chat(tokenizer, CONVERSATION)
+    encoded = data.encode_chat(tokenizer, CONVERSATION, end_of_turn="</s>")
+    assert supervised_runs(tokenizer, encoded) == [a + "</s>" for a in ASSISTANT]
+    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    for answer in ASSISTANT:
+        rendered = rendered.replace(answer, answer + "</s>")
+    assert encoded["input_ids"].tolist() == tokenizer(rendered, add_special_tokens=False)[
+        "input_ids"]
+    assert chat_encoding.stop_token_ids(tokenizer, "</s>") == [tokenizer.eos_token_id]
+
+
+def test_last_turn_left_open_by_the_template(realworld):
+    """vLLM's inference ChatML writes `<|im_end|>` after every turn but the last: the ids stay
+    the rendering's; data.end_of_turn appends the closer there."""
+    tokenizer = _more(realworld, "vllm__template_chatml")
+    layout = data.template_layout(tokenizer)
+    assert layout.last_open and "no end-of-turn marker after the last" in layout.describe()
+    assert supervised_runs(tokenizer, data.encode_chat(tokenizer, CONVERSATION)) == [
+        ASSISTANT[0] + "<|im_end|>", ASSISTANT[1]]
+    closed = data.encode_chat(tokenizer, CONVERSATION, end_of_turn="<|im_end|>")
+    assert supervised_runs(tokenizer, closed) == [a + "<|im_end|>" for a in ASSISTANT]
+
+
+def test_end_of_turn_must_agree_with_the_template(realworld):
+    tokenizer = _tokenizer(realworld, "chatml")
+    with pytest.raises(data.EncodingError, match=r"data\.end_of_turn='</s>', but the chat "
+                                                 r"template closes assistant turns with"):
+        data.encode_chat(tokenizer, CONVERSATION, end_of_turn="</s>")
+    split = _more(realworld, "vllm__template_qwen")
+    with pytest.raises(data.EncodingError, match="looks like a control token"):
+        data.encode_chat(split, CONVERSATION, end_of_turn="<|not_a_token|>")
+
+
+def test_template_problems_are_never_skipped_as_bad_records(realworld):
+    tokenizer = _more(realworld, "vllm__template_qwen")
+    example = data.normalize({"messages": CONVERSATION}, "openai", data.Origin("a.jsonl", 1))
+    options = data.EncodeOptions(on_invalid="skip")
+    with pytest.raises(data.EncodingError, match="data.end_of_turn"):
+        list(data.encode_all([example], tokenizer, options))
+    encoded = list(data.encode_all([example], tokenizer,
+                                   data.EncodeOptions(on_invalid="skip", end_of_turn="</s>")))
+    assert len(encoded) == 1
+
+
+def test_template_report_shows_the_layout(realworld):
+    report = data.template_report(_more(realworld, "unsloth__gptoss"))
+    assert "assistant header: '<|start|>assistant' (from the generation prompt)" in report
+    assert "end of turn: '<|end|>' (special token)" in report
+    assert "tool-call turns end with: '<|call|>'" in report
+    refused = data.template_report(_more(realworld, "vllm__template_qwen"))
+    assert refused.startswith("chat template: refused:") and "data.end_of_turn" in refused
+
+
+def test_eos_right_after_the_closer_is_supervised(realworld):
+    """HyperCLOVA X closes turns with `<|im_end|><|endofturn|>`. With `<|endofturn|>` as the
+    tokenizer's EOS (the model's stop token) both are trained; with `<|im_end|>` as EOS the
+    marker after it is not. (Its generation prompt ends at `assistant`: the model writes the
+    newline, or ` -> tool/function_call` for a call.)"""
+    path = os.path.join(realworld, "templates-more",
+                        "vllm__tool_chat_template_hyperclovax_seed_think_14b.jinja")
+    tokenizer = tokenizer_fixtures.template_tokenizer.__wrapped__(path)
+    tokenizer.eos_token = "<|endofturn|>"
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, CONVERSATION))
+    assert runs == ["\n" + a + "<|im_end|><|endofturn|>" for a in ASSISTANT]
+    plain = _more(realworld, "vllm__tool_chat_template_hyperclovax_seed_think_14b")
+    assert plain.eos_token == "<|im_end|>"
+    runs = supervised_runs(plain, data.encode_chat(plain, CONVERSATION))
+    assert runs == ["\n" + a + "<|im_end|>" for a in ASSISTANT]

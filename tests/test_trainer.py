@@ -192,3 +192,19 @@ def test_vocabulary_grows_pads_and_is_cut_back(tmp_path):
     assert back_cfg.vocab_size == 130 and back["lm_head"].shape == (16, 130)
     models.save_hf(back_cfg, back, tmp_path)
     assert transformers.AutoConfig.from_pretrained(tmp_path).vocab_size == 130
+
+
+def test_inspect_mode_shows_the_template_layout_once(tmp_path, realworld, capsys):
+    """`--mode=inspect` prints what the encoder found in the chat template once, however
+    many sources there are; `data.end_of_turn` reaches it."""
+    template = os.path.join(realworld, "templates-more", "vllm__template_qwen.jinja")
+    config = tiny_config(tmp_path, **{"tokenizer.chat_template": template})
+    assert modes.inspect(config, None, inspect_examples=1) == 0
+    shown = capsys.readouterr().out
+    assert shown.count("chat template: refused:") == 1 and "data.end_of_turn" in shown
+    config.data.end_of_turn = "<|im_end|>"
+    assert modes.inspect(config, None, inspect_examples=1) == 0
+    shown = capsys.readouterr().out
+    assert shown.count("chat template layout:") == 1
+    assert "appended: '<|im_end|>' after any assistant turn the template leaves open" in shown
+    assert "<|im_end|>]]" in shown  # the appended marker is trained

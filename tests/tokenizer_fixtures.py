@@ -65,3 +65,43 @@ def bpe_tokenizer(template_file: str, register_specials: bool = True) -> PreTrai
                                    additional_special_tokens=specials)
     fast.chat_template = template
     return fast
+
+
+# Control markers a published template writes literally; a model with that template has each
+# as one special token.
+CONTROL_MARKER = re.compile(
+    r"<\|[^<>|\s]+\|>|<｜[^｜]+｜>|<\|[a-z_]+>|<[a-z_]+\|>|<(?:start|end)_of_turn>"
+    r"|\[/?[A-Z_]+\]|</?s>|<eos>|<bos>")
+# bos, eos by the markers a template writes, first match wins (the issue's set-up).
+_FAMILY_BOS_EOS = (
+    (("<|eot_id|>", "<|start_header_id|>"), "<|begin_of_text|>", "<|eot_id|>"),
+    (("<|im_end|>",), None, "<|im_end|>"),
+    (("<start_of_turn>", "<end_of_turn>", "<|turn>", "<turn|>"), "<bos>", "<eos>"),
+    (("<｜end▁of▁sentence｜>", "<｜Assistant｜>"), "<｜begin▁of▁sentence｜>",
+     "<｜end▁of▁sentence｜>"),
+)
+BASES = {"neox": "gpt-neox-20b", "mistral": "mistral-7b-instruct-v0.3"}
+
+
+def bos_eos_for(template: str) -> tuple[str | None, str]:
+    for markers, bos, eos in _FAMILY_BOS_EOS:
+        if any(m in template for m in markers):
+            return bos, eos
+    return "<s>", "</s>"
+
+
+@functools.lru_cache(maxsize=None)
+def template_tokenizer(template_file: str, base: str = "neox") -> PreTrainedTokenizerFast:
+    """The tokenizer a model with this published template would have: a real BPE (NeoX's
+    byte-level or Mistral's SentencePiece-style vocabulary) whose special tokens are the
+    template's literal control markers, with bos/eos chosen from the markers it writes."""
+    with open(template_file, newline="") as f:
+        template = f.read()
+    bos, eos = bos_eos_for(template)
+    tokenizer_json = os.path.join(TEMPLATES, "..", "tokenizers", BASES[base], "tokenizer.json")
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+    specials = sorted({*CONTROL_MARKER.findall(template), *(t for t in (bos, eos) if t)})
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos,
+                                   additional_special_tokens=specials)
+    fast.chat_template = template
+    return fast

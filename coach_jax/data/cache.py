@@ -30,7 +30,7 @@ from coach_jax.data.formats import detect_format, normalize
 from coach_jax.data.readers import RawRecord, expand_paths
 from coach_jax.data.record_source import RecordSource
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: masks from the probed template layout (step 11)
 _EXAMPLES = "examples.array_record"
 _META = "meta.json"
 _LENGTHS = "lengths.npy"

@@ -1,61 +1,50 @@
-"""Chat-template encoding with exact assistant-only loss masks, for stock templates.
+"""Chat-template encoding with exact assistant-only loss masks, for any published template.
 
-How the mask is found (templates without `{% generation %}` markers):
+How the mask is found (no `{% generation %}` markers needed):
 
-1. Once per tokenizer and template, probe the template's layout: the *assistant header*
-   (what `add_generation_prompt=True` appends, e.g. `<|im_start|>assistant\\n`; empty for
-   Mistral v0.3) and the *end-of-turn marker* (the first special token the template writes
-   after an assistant's content, e.g. `<|im_end|>`, `<|eot_id|>`, `</s>`).
-2. Render the whole conversation once, and tokenize that one string (with character
-   offsets). Ids are never stitched from separately tokenized pieces.
-3. Walk the rendering left to right. Each assistant turn starts right after its header
-   (or, with no header, right after the special token that closes the turn before it), must
-   contain the turn's content as the template rendered it, and ends after the first
-   end-of-turn marker that follows the content. The rendering is searched directly, never
-   diffed against renderings of prefixes, so templates that rewrite earlier turns (Qwen3
-   drops reasoning from history) or move the system prompt (Mistral v0.3) are handled.
-4. Verify: a span never contains another turn's end marker, and each span's last token
-   is exactly the end-of-turn token. Anything else raises `EncodingError`.
+1. Once per template, probe its layout (`template_probe.py`, `template_layout.py`): the assistant header, what
+   closes an assistant turn in each position (a special token, or text where no special
+   token does), and what to append where a template leaves a turn open.
+2. Render the conversation once and tokenize that one string with character offsets; ids
+   are never stitched from separately tokenized pieces.
+3. Find each message's text exactly (`content_spans.py`: a second rendering with marker
+   words in place of the texts), so turns the template writes differently by position
+   (reasoning dropped from history, an empty think block on the last turn only, gpt-oss's
+   `<|return|>`) are supervised as they stand in the final text.
+4. Each assistant turn is supervised from where the generation prompt ends (after its
+   header: an empty think block, rendered reasoning, gpt-oss's channel are the model's to
+   write) through the closer after its content or last tool call, plus the EOS token where
+   the template writes it right after the closer. `data.end_of_turn` is inserted after a
+   turn the template leaves open.
+5. Token boundaries: a token holding the span's first character is supervised (`[/INST]
+   Answer` where BPE merges the space into ` Answer`: the model must emit it); a token
+   spanning the span's end and the text after it (the next header) is not.
 
-Policy: supervised are the assistant's content, whatever the template puts inside the turn
-(Qwen3's empty think block, rendered tool calls) and the end-of-turn marker, so the model
-learns to stop. Not supervised: the header that opens an assistant turn, the text after the
-marker (a newline), and everything of system, user and tool turns. A token that straddles a
-span boundary is supervised: it is one the model must emit to produce the span.
+Never supervised: the header that opens an assistant turn, anything of system, user and
+tool turns. Anything the rules cannot establish raises `EncodingError`, never a wrong mask.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
+import re
 from typing import Any, Literal, Sequence
 
 import numpy as np
 from absl import logging
 
+from coach_jax.data.content_spans import render_conversation, render_located
 from coach_jax.data.conversation import Conversation, Document, Example
-from coach_jax.data.errors import DataError, Origin
+from coach_jax.data.errors import Origin
+from coach_jax.data.template_layout import EncodingError, TemplateLayout, render
+from coach_jax.data.template_probe import _probe, template_layout
 
 TrainOn = Literal["all_assistant", "last_assistant", "all"]
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
-_PROBE_USER = "coach-probe-user-text"
-_PROBE_ASSISTANT = "coach-probe-assistant-text"
-
-
-class EncodingError(DataError):
-    """The template or tokenizer cannot give an exact mask for this conversation."""
-
-    def __init__(self, origin: Origin | None, problem: str, kind: str = "template"):
-        super().__init__(origin, problem, kind=kind)
-
-
-@dataclasses.dataclass(frozen=True)
-class TemplateLayout:
-    header: str  # opens an assistant turn; "" when the template writes none
-    end_of_turn: str  # the special token that closes an assistant turn
-    end_of_turn_id: int
-    special_tokens: tuple[str, ...]  # longest first
+_layout = _probe  # the per-template probe cache
+__all__ = ["EncodingError", "TemplateLayout", "TrainOn", "TRAIN_ON", "assistant_spans",
+           "encode_chat", "encode_example", "encode_prompt", "encode_text", "load_tokenizer",
+           "render", "stop_token_ids", "template_layout"]
 
 
 def load_tokenizer(path: str | os.PathLike, chat_template_file: str | None = None) -> Any:
@@ -70,65 +59,14 @@ def load_tokenizer(path: str | os.PathLike, chat_template_file: str | None = Non
     return tokenizer
 
 
-def _special_tokens(tokenizer: Any) -> tuple[str, ...]:
-    tokens = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    tokens |= set(tokenizer.all_special_tokens)
-    return tuple(sorted((t for t in tokens if t), key=len, reverse=True))
-
-
-def _first_special(text: str, start: int, specials: Sequence[str],
-                   end: int | None = None) -> tuple[int, str] | None:
-    """The leftmost special token in text[start:end] (longest at a tie)."""
-    best = None
-    for token in specials:
-        i = text.find(token, start, end)
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, token)
-    return best
-
-
-def render(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None,
-           add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tools=list(tools) if tools else None,
-                                         tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
-
-
-@functools.lru_cache(maxsize=32)
-def _layout(tokenizer: Any, template: str) -> TemplateLayout:
-    del template  # part of the cache key only
-    specials = _special_tokens(tokenizer)
-    user = [{"role": "user", "content": _PROBE_USER}]
-    plain = render(tokenizer, user)
-    prompted = render(tokenizer, user, add_generation_prompt=True)
-    header = prompted[_token_boundary(prompted, len(os.path.commonprefix([plain, prompted])),
-                                      specials):]
-    full = render(tokenizer, user + [{"role": "assistant", "content": _PROBE_ASSISTANT}])
-    content_at = full.find(_PROBE_ASSISTANT)
-    user_end = full.find(_PROBE_USER) + len(_PROBE_USER)
-    if content_at < 0 or user_end < len(_PROBE_USER):
-        raise EncodingError(None, "the chat template does not render message contents "
-                                  "verbatim; cannot locate assistant turns")
-    header = _header_in(full, header, user_end, content_at, specials)
-    found = _first_special(full, content_at + len(_PROBE_ASSISTANT), specials)
-    if found is None:
-        raise EncodingError(None, "the chat template closes assistant turns with no special "
-                                  f"token (after the content it writes "
-                                  f"{full[content_at + len(_PROBE_ASSISTANT):]!r}); the model "
-                                  "could not learn to stop")
-    end_of_turn = found[1]
-    ids = tokenizer.encode(end_of_turn, add_special_tokens=False)
-    if len(ids) != 1:
-        raise EncodingError(None, f"end-of-turn marker {end_of_turn!r} is not a single token")
-    return TemplateLayout(header, end_of_turn, ids[0], specials)
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """The ids generation stops on: the chat template's end-of-turn token first, then EOS."""
+def stop_token_ids(tokenizer: Any, end_of_turn: str = "") -> list[int]:
+    """The ids generation stops on: the template's end-of-turn tokens (the last turn's
+    first), then EOS."""
     ids = []
     if tokenizer.chat_template:
         try:
-            ids.append(template_layout(tokenizer).end_of_turn_id)
+            for token in template_layout(tokenizer, end_of_turn).stop_tokens:
+                ids += tokenizer.encode(token, add_special_tokens=False)
         except EncodingError as e:
             logging.warning("no end-of-turn token from the chat template: %s", e)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -136,106 +74,124 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def _token_boundary(text: str, cut: int, specials: Sequence[str]) -> int:
-    """Moves `cut` back to the start of a special token it would split (Phi-3's generation
-    prompt `<|assistant|>` shares `<|` with the `<|endoftext|>` it replaces)."""
-    for token in specials:
-        i = text.find(token, max(0, cut - len(token) + 1))
-        if 0 <= i < cut:
-            return i
-    return cut
+def _headers(text: str, lo: int, hi: int, layout: TemplateLayout) -> list[re.Match]:
+    """Every assistant header in text[lo:hi], by the longest pattern that finds one."""
+    for pattern in layout.header_patterns:
+        matches = list(pattern.finditer(text, lo, hi))
+        if matches:
+            return matches
+    return []
 
 
-def _header_in(full: str, header: str, lo: int, hi: int, specials: Sequence[str]) -> str:
-    """The generation prompt as it appears before assistant content in a full rendering.
-
-    Some templates add more at generation time than they write in history (DeepSeek R1's
-    `<think>` after `<｜Assistant｜>`); then the longest prefix of the prompt that is present
-    and ends on a special token is the header.
-    """
-    if not header or full.find(header, lo, hi) >= 0:
-        return header
-    for cut in range(len(header) - 1, 0, -1):
-        prefix = header[:cut]
-        if any(prefix.endswith(t) for t in specials) and full.find(prefix, lo, hi) >= 0:
-            return prefix
-    raise EncodingError(None, f"the generation prompt {header!r} does not appear before "
-                              "assistant turns in the rendered conversation")
+def _after_prompt(text: str, at: int, hi: int, layout: TemplateLayout) -> int | None:
+    """Where the model's own writing starts after a header ending at `at`: past the
+    whitespace the generation prompt ends with too (Qwen's `\n`), not past whitespace only
+    history writes (Mistral's space in `[/INST] The`: the model writes it). None if nothing
+    but that whitespace comes before `hi`."""
+    rest = text[at:hi]
+    space = rest[:len(rest) - len(rest.lstrip())]
+    covered = len(os.path.commonprefix([space, layout.prompt_space]))
+    return None if covered == len(rest) else at + covered
 
 
-def template_layout(tokenizer: Any) -> TemplateLayout:
-    """The probed header and end-of-turn marker of the tokenizer's chat template."""
-    if not tokenizer.chat_template:
-        raise EncodingError(None, "the tokenizer has no chat template (set one from a file "
-                                  "with chat_template_file=)")
-    template = tokenizer.chat_template
-    return _layout(tokenizer, template if isinstance(template, str) else repr(template))
-
-
-def _anchors(message: dict[str, Any]) -> list[str]:
-    """Texts a template may render for this message's content, most faithful first."""
-    content = message.get("content") or ""
-    candidates = [content, content.strip()]
-    if "</think>" in content:
-        candidates.append(content.split("</think>")[-1].strip())
-    for call in message.get("tool_calls") or ():
-        candidates.append(call["function"]["name"])
-    return [c for i, c in enumerate(candidates) if c and c not in candidates[:i]]
-
-
-def _find_anchor(text: str, message: dict[str, Any], start: int, what: str,
-                 origin: Origin | None) -> tuple[int, int]:
-    for anchor in _anchors(message):
-        i = text.find(anchor, start)
-        if i >= 0:
-            return i, i + len(anchor)
-    if message.get("tool_calls") and not (message.get("content") or "").strip():
-        raise EncodingError(origin, f"{what}: its tool calls do not appear in the rendered "
-                                    "conversation; does the chat template support tool calls?")
-    raise EncodingError(origin, f"{what} does not appear in the rendered conversation where "
-                                "expected; the template rewrites it in a way the mask cannot "
-                                "follow")
-
-
-def assistant_spans(text: str, messages: list[dict[str, Any]], layout: TemplateLayout,
-                    origin: Origin | None = None) -> list[tuple[int, int]]:
-    """Character spans [start, end) of each assistant turn's supervised text."""
+def _segments(text: str, headers: list[re.Match], layout: TemplateLayout
+              ) -> list[tuple[int, int, str]]:
+    """Closed segments between successive headers of one turn (gpt-oss writes reasoning as
+    `<|start|>assistant<|channel|>analysis<|message|>...<|end|>` before the final answer)."""
     spans = []
-    cursor = 0
+    for header, following in zip(headers, headers[1:]):
+        start = _after_prompt(text, header.end(), following.start(), layout)
+        ends = [text.rfind(c, start, following.start()) + len(c) for c in layout.closers
+                if start is not None and text.rfind(c, start, following.start()) >= 0]
+        if ends:
+            spans.append((start, max(ends), ""))
+    return spans
+
+
+def _first_closer(text: str, closers: Sequence[str], lo: int, hi: int
+                  ) -> tuple[int, str] | None:
+    best = None
+    for closer in closers:
+        at = text.find(closer, lo, hi)
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, closer)
+    return best
+
+
+def assistant_spans(text: str, messages: list[dict[str, Any]],
+                    located: dict[int, list[tuple[int, int]]], layout: TemplateLayout,
+                    origin: Origin | None = None) -> list[tuple[int, int, int, str]]:
+    """(message index, start, end, appended marker) of each supervised stretch of the
+    assistant turns in `text`: text[start:end] followed by the marker ("" when the template
+    closes the turn itself; else `data.end_of_turn`, to be inserted at `end`)."""
+    slots = sorted((s, e) for spans in located.values() for s, e in spans)
+    spans, cursor = [], 0
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         what = f"assistant turn (message {k})"
-        if layout.header:
-            at = text.find(layout.header, cursor)
-            if at < 0:
-                raise EncodingError(origin, f"{what}: no assistant header "
-                                            f"{layout.header!r} found in the rendering")
-            start = at + len(layout.header)
+        own, calls = located.get(k, []), message.get("tool_calls") or ()
+        if len(own) > 1:
+            raise EncodingError(origin, f"{what}: the chat template writes its text "
+                                        f"{len(own)} times; the mask cannot tell which to train")
+        if own:
+            content_start, own_end = own[0]
+            gap = max([cursor] + [e for _, e in slots if e <= content_start])
+            headers = _headers(text, gap, content_start, layout)
+            spans += [(k, *segment) for segment in _segments(text, headers, layout)]
+            start = (_after_prompt(text, headers[-1].end(), content_start, layout) if headers
+                     else None) or content_start
+        elif calls:
+            earlier = next((located[i] for i in range(k - 1, -1, -1) if located.get(i)), [])
+            gap = max([cursor] + [e for _, e in earlier])
+            hi = next((s for s, _ in slots if s >= gap), len(text))
+            headers = _headers(text, gap, hi, layout)
+            start = _after_prompt(text, headers[0].end(), hi, layout) if headers else None
+            if start is None:
+                raise EncodingError(origin, f"{what}: no assistant header found before its "
+                                            "tool calls; cannot tell where the turn starts")
+            own_end = start
         else:
-            previous = messages[k - 1] if k > 0 else None
-            if previous is None or previous["role"] == "system":
-                raise EncodingError(origin, f"{what} follows no user or tool turn; without an "
-                                            "assistant header its start is unknown")
-            _, prev_end = _find_anchor(text, previous, cursor, f"message {k - 1}", origin)
-            closer = _first_special(text, prev_end, layout.special_tokens)
-            if closer is None:
-                raise EncodingError(origin, f"{what}: the turn before it is not closed by a "
-                                            "special token")
-            start = closer[0] + len(closer[1])
-        _, content_end = _find_anchor(text, message, start, what, origin)
-        marker = text.find(layout.end_of_turn, content_end)
-        if marker < 0:
-            raise EncodingError(origin, f"{what}: no end-of-turn marker "
-                                        f"{layout.end_of_turn!r} after its content")
-        end = marker + len(layout.end_of_turn)
-        if text.find(layout.end_of_turn, start, marker) >= 0:
-            raise EncodingError(origin, f"{what}: its span would cross another turn's "
-                                        f"{layout.end_of_turn!r}; the template does not render "
-                                        "it where expected")
-        spans.append((start, end))
+            raise EncodingError(origin, f"{what}: the chat template does not render it")
+        region_end = next((s for s, _ in slots if s >= own_end), len(text))
+        for call in calls:
+            name = call["function"]["name"]
+            at = text.find(name, own_end, region_end)
+            if at < 0:
+                raise EncodingError(origin, f"{what}: its tool calls do not appear in the "
+                                            "rendered conversation; does the chat template "
+                                            "support tool calls?")
+            own_end = at + len(name)
+        closer = _first_closer(text, (*layout.tool_closers, *layout.closers) if calls
+                               else layout.closers, own_end, region_end)
+        if closer is not None and _headers(text, own_end, closer[0], layout):
+            closer = None  # that closer ends a later assistant turn
+        if closer is not None:
+            end = closer[0] + len(closer[1])
+            if layout.eos and closer[1] != layout.eos and text.startswith(layout.eos, end):
+                end += len(layout.eos)
+            spans.append((k, start, end, ""))
+        elif calls:
+            raise EncodingError(origin, f"{what}: nothing closes its tool calls, so where they "
+                                        "end is unknown")
+        else:  # open: supervised through its content (data.end_of_turn appends a closer)
+            spans.append((k, start, own_end, layout.append))
+            end = own_end
         cursor = end
     return spans
+
+
+def _insert(text: str, spans: list[tuple[int, int, int, str]]
+            ) -> tuple[str, list[tuple[int, int, int]]]:
+    """The text with appended markers in place, and the spans in its coordinates."""
+    pieces, out, shift, at = [], [], 0, 0
+    for k, start, end, marker in spans:
+        if marker:
+            pieces += [text[at:end], marker]
+            at = end
+        out.append((k, start + shift, end + shift + len(marker)))
+        shift += len(marker)
+    return "".join(pieces) + text[at:], out
 
 
 def _tokenize(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -247,48 +203,81 @@ def _tokenize(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray]:
             np.asarray(encoded["offset_mapping"], np.int64).reshape(-1, 2))
 
 
+def _with_reasoning_key(messages: list[dict[str, Any]], template: Any
+                        ) -> list[dict[str, Any]]:
+    """Reasoning under the key the template reads: `reasoning_content` (Qwen3, DeepSeek,
+    GLM) or `thinking` (gpt-oss)."""
+    if not isinstance(template, str) or "reasoning_content" in template or "thinking" not in \
+            template or not any("reasoning_content" in m for m in messages):
+        return messages
+    return [{**{k: v for k, v in m.items() if k != "reasoning_content"},
+             "thinking": m["reasoning_content"]} if "reasoning_content" in m else m
+            for m in messages]
+
+
 def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None,
-                train_on: TrainOn = "all_assistant",
-                origin: Origin | None = None) -> dict[str, np.ndarray]:
+                train_on: TrainOn = "all_assistant", origin: Origin | None = None,
+                end_of_turn: str = "") -> dict[str, np.ndarray]:
     """Renders and tokenizes a conversation; returns `input_ids` int32[L] and `loss_mask`
-    int8[L] (1 where the token is supervised). See the module docstring for the policy."""
+    int8[L] (1 where the token is supervised). See the module docstring for the policy;
+    `end_of_turn` is `data.end_of_turn`."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}; expected one of {', '.join(TRAIN_ON)}")
-    layout = template_layout(tokenizer)
-    try:
-        text = render(tokenizer, messages, tools)
-    except Exception as e:  # jinja2 TemplateError, or raise_exception() inside the template
-        raise EncodingError(origin, f"the chat template rejected the conversation: {e}") from e
+    layout = template_layout(tokenizer, end_of_turn)
+    messages = _with_reasoning_key(messages, tokenizer.chat_template)
+    if train_on == "all":
+        text = render_conversation(tokenizer, layout.for_template(messages), tools, origin)
+        ids, _ = _tokenize(tokenizer, text)
+        _check_bos(tokenizer, ids, origin)
+        return {"input_ids": ids, "loss_mask": np.ones(len(ids), np.int8)}
+    text, located = render_located(tokenizer, messages, tools, origin, layout.for_template)
+    text, char_spans = _insert(text, assistant_spans(text, messages, located, layout, origin))
+    if train_on == "last_assistant" and char_spans:
+        char_spans = [span for span in char_spans if span[0] == char_spans[-1][0]]
     ids, offsets = _tokenize(tokenizer, text)
+    _check_bos(tokenizer, ids, origin)
+    mask = _mask(text, offsets, [(s, e) for _, s, e in char_spans], layout, origin)
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def _mask(text: str, offsets: np.ndarray, spans: list[tuple[int, int]],
+          layout: TemplateLayout, origin: Origin | None) -> np.ndarray:
+    """int8 mask of the tokens in the character spans, by the token-boundary rule."""
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    empty = starts == ends  # whitespace tokens whose offsets were trimmed to their end
+    mask = np.zeros(len(offsets), bool)
+    for start, end in spans:
+        turn = np.where(empty, (starts > start) & (starts <= end),
+                        ((starts <= start) & (ends > start)) | ((starts >= start) & (ends <= end)))
+        closed = any(text.endswith(t, 0, end) for t in layout.closers
+                     if t in layout.special_tokens)
+        if not turn.any() or (closed and ends[np.flatnonzero(turn)[-1]] != end):
+            raise EncodingError(origin, "the tokens of an assistant turn do not end with its "
+                                        "end-of-turn token")
+        mask |= turn
+    return mask.astype(np.int8)
+
+
+def _check_bos(tokenizer: Any, ids: np.ndarray, origin: Origin | None) -> None:
     bos = tokenizer.bos_token_id
     if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
         raise EncodingError(origin, "the rendering starts with two BOS tokens")
-    if train_on == "all":
-        return {"input_ids": ids, "loss_mask": np.ones(len(ids), np.int8)}
-    spans = assistant_spans(text, messages, layout, origin)
-    if train_on == "last_assistant":
-        spans = spans[-1:]
-    starts = offsets[:, 0]
-    ends = np.maximum(offsets[:, 1], starts + 1)
-    mask = np.zeros(len(ids), bool)
-    for start, end in spans:
-        in_span = (ends > start) & (starts < end)
-        last = np.flatnonzero(in_span)[-1] if in_span.any() else None
-        if last is None or ends[last] != end or ids[last] != layout.end_of_turn_id:
-            raise EncodingError(origin, f"the tokens of an assistant turn do not end with the "
-                                        f"end-of-turn token {layout.end_of_turn!r}")
-        mask |= in_span
-    return {"input_ids": ids, "loss_mask": mask.astype(np.int8)}
 
 
-def encode_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None
-                  ) -> np.ndarray:
+def encode_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None,
+                  end_of_turn: str = "") -> np.ndarray:
     """The ids a model continues from to write the next assistant turn: the conversation
-    rendered with the template's generation prompt, tokenized as in training."""
+    rendered with the template's generation prompt (and the header history writes, for
+    templates that ignore the prompt flag), tokenized as in training."""
+    messages = _with_reasoning_key(messages, tokenizer.chat_template)
     try:
-        text = render(tokenizer, messages, tools, add_generation_prompt=True)
-    except Exception as e:  # jinja2 TemplateError, or raise_exception() inside the template
-        raise EncodingError(None, f"the chat template rejected the conversation: {e}") from e
+        layout = template_layout(tokenizer, end_of_turn)
+        suffix, messages = layout.prompt_suffix, layout.for_template(messages)
+    except EncodingError:  # generation needs no mask: a template nothing closes is fine here
+        suffix = ""
+    text = render_conversation(tokenizer, messages, tools, add_generation_prompt=True)
+    if suffix and not text.endswith(suffix):
+        text += suffix
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
 
 
@@ -302,7 +291,7 @@ def encode_text(tokenizer: Any, text: str) -> dict[str, np.ndarray]:
 
 
 def encode_example(tokenizer: Any, example: Example, train_on: TrainOn = "all_assistant",
-                   system_fallback: bool = True) -> dict[str, np.ndarray]:
+                   system_fallback: bool = True, end_of_turn: str = "") -> dict[str, np.ndarray]:
     """Encodes a normalised example. With `system_fallback`, a template that rejects a system
     message gets its text merged into the first user turn instead (documented in README)."""
     if isinstance(example, Document):
@@ -310,13 +299,14 @@ def encode_example(tokenizer: Any, example: Example, train_on: TrainOn = "all_as
     assert isinstance(example, Conversation)
     messages = example.template_messages()
     try:
-        return encode_chat(tokenizer, messages, example.tools, train_on, example.origin)
+        return encode_chat(tokenizer, messages, example.tools, train_on, example.origin,
+                           end_of_turn)
     except EncodingError as e:
         if not (system_fallback and messages[0]["role"] == "system"
                 and "rejected" in e.problem and "system" in e.problem.lower()):
             raise
     return encode_chat(tokenizer, merge_system_into_first_user(messages), example.tools,
-                       train_on, example.origin)
+                       train_on, example.origin, end_of_turn)
 
 
 def merge_system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

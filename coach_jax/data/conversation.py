@@ -17,10 +17,15 @@ class Message:
     tool_calls: tuple[dict[str, Any], ...] = ()  # {"type": "function", "id"?, "function": {...}}
     tool_call_id: str | None = None  # on tool messages: the call they answer
     name: str | None = None  # on tool messages: the function's name
+    reasoning: str | None = None  # on assistant messages: reasoning before the answer
 
     def as_template_dict(self) -> dict[str, Any]:
-        """The message as chat templates expect it (no keys a template might misread)."""
+        """The message as chat templates expect it (no keys a template might misread);
+        reasoning as `reasoning_content` (the encoder renames it for templates that read
+        `thinking`)."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning:
+            out["reasoning_content"] = self.reasoning
         if self.tool_calls:
             out["tool_calls"] = [dict(call) for call in self.tool_calls]
         if self.tool_call_id is not None:
@@ -43,7 +48,9 @@ class Conversation:
 
     def text_for_dedup(self) -> str:
         """Whitespace-normalised text of the whole conversation, for duplicate checks."""
-        parts = [f"{m.role}:{' '.join(m.content.split())}:{m.tool_calls!r}" for m in self.messages]
+        parts = [f"{m.role}:{' '.join(m.content.split())}:{m.tool_calls!r}"
+                 + (f":{' '.join(m.reasoning.split())}" if m.reasoning else "")
+                 for m in self.messages]
         return "\n".join(parts) + f"\ntools:{self.tools!r}"
 
 

@@ -32,6 +32,7 @@ class EncodeOptions:
     train_on: TrainOn = "all_assistant"
     on_invalid: Literal["error", "skip"] = "error"
     system_fallback: bool = True  # merge system text into the first user turn if rejected
+    end_of_turn: str = ""  # data.end_of_turn: closes assistant turns the template leaves open
 
     def __post_init__(self):
         for name, allowed in (("overlong", OVERLONG), ("train_on", TRAIN_ON),
@@ -105,8 +106,11 @@ def encode_one(item: Example | DataError, tokenizer: Any, options: EncodeOptions
     try:
         if isinstance(item, DataError):
             raise item
-        encoded = encode_example(tokenizer, item, options.train_on, options.system_fallback)
+        encoded = encode_example(tokenizer, item, options.train_on, options.system_fallback,
+                                 options.end_of_turn)
     except DataError as e:
+        if e.kind == "chat_template":  # the template, not the record: no policy skips it
+            raise
         if e.kind == "nothing_to_learn":
             return Skip("nothing_to_learn", str(e))
         if options.on_invalid == "error":

@@ -171,8 +171,27 @@ def _parse_messages(raw: Any, origin: Origin | None, key: str) -> tuple[Message,
         if role == "assistant" and not content.strip() and not calls:
             raise DataError(origin, "empty assistant turn", field=f"{field}.content",
                             kind="empty_assistant")
-        messages.append(Message(role, content, calls, m.get("tool_call_id"), m.get("name")))
+        messages.append(Message(role, content, calls, m.get("tool_call_id"), m.get("name"),
+                                _reasoning(m, origin, field)))
     return tuple(messages)
+
+
+# Where records keep an assistant's reasoning: DeepSeek / Qwen3 / vLLM, OpenRouter, gpt-oss.
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _reasoning(message: dict[str, Any], origin: Origin | None, field: str) -> str | None:
+    """The message's reasoning text, from the one key that holds it."""
+    present = [k for k in REASONING_KEYS if _carries_content(message.get(k))]
+    if not present:
+        return None
+    if len(present) > 1:
+        raise DataError(origin, f"reasoning given twice ({', '.join(present)}); keep one",
+                        field=field)
+    if message.get("role") != "assistant":
+        raise DataError(origin, "only assistant messages carry reasoning",
+                        field=f"{field}.{present[0]}")
+    return _string(message[present[0]], origin, f"{field}.{present[0]}")
 
 
 def _openai(record: dict[str, Any], origin: Origin | None) -> Conversation:

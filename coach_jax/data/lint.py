@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coach_jax.data.chat_encoding import TrainOn, encode_example
+from coach_jax.data.chat_encoding import TrainOn, encode_example, template_layout
 from coach_jax.data.conversation import Conversation, Document, Example
 from coach_jax.data.errors import DataError
 from coach_jax.data.formats import role_order_problems
@@ -69,11 +69,13 @@ def histogram(values: Sequence[int]) -> str:
 def _texts(example: Example) -> list[str]:
     if isinstance(example, Document):
         return [example.text]
-    return [m.content for m in example.messages] + [repr(example.tools)]
+    return ([m.content for m in example.messages] + [m.reasoning for m in example.messages
+                                                     if m.reasoning] + [repr(example.tools)])
 
 
 def lint(paths: str | Sequence[str], tokenizer: Any = None, format: str = "auto",
-         max_seq_len: int | None = None, train_on: TrainOn = "all_assistant") -> LintReport:
+         max_seq_len: int | None = None, train_on: TrainOn = "all_assistant",
+         end_of_turn: str = "") -> LintReport:
     """Reads every record and reports problems; with a tokenizer also encodes each one."""
     report = LintReport()
     seen: dict[str, str] = {}
@@ -106,7 +108,7 @@ def lint(paths: str | Sequence[str], tokenizer: Any = None, format: str = "auto"
         if tokenizer is None:
             continue
         try:
-            encoded = encode_example(tokenizer, item, train_on)
+            encoded = encode_example(tokenizer, item, train_on, end_of_turn=end_of_turn)
         except DataError as e:
             add(e.kind, e.problem)
             continue
@@ -121,7 +123,8 @@ def lint(paths: str | Sequence[str], tokenizer: Any = None, format: str = "auto"
 
 
 def inspect(paths: str | Sequence[str], tokenizer: Any, n: int = 3, format: str = "auto",
-            train_on: TrainOn = "all_assistant", color: bool = False) -> str:
+            train_on: TrainOn = "all_assistant", color: bool = False,
+            end_of_turn: str = "") -> str:
     """The first `n` examples as the model sees them; supervised text in [[...]] (or green)."""
     open_mark, close_mark = ("\033[32m", "\033[0m") if color else ("[[", "]]")
     blocks = []
@@ -132,7 +135,7 @@ def inspect(paths: str | Sequence[str], tokenizer: Any, n: int = 3, format: str 
             blocks.append(f"--- {item}")
             continue
         try:
-            encoded = encode_example(tokenizer, item, train_on)
+            encoded = encode_example(tokenizer, item, train_on, end_of_turn=end_of_turn)
         except DataError as e:
             blocks.append(f"--- {e}")
             continue
@@ -147,3 +150,15 @@ def inspect(paths: str | Sequence[str], tokenizer: Any, n: int = 3, format: str 
         blocks.append(f"--- {item.origin}: {len(ids)} tokens, {int(mask.sum())} supervised\n"
                       + "".join(pieces))
     return "\n".join(blocks)
+
+
+def template_report(tokenizer: Any, end_of_turn: str = "") -> str:
+    """The chat template's layout as the encoder found it, or why it is refused."""
+    if not tokenizer.chat_template:
+        return "chat template: none (plain text sources only)"
+    try:
+        layout = template_layout(tokenizer, end_of_turn)
+    except DataError as e:
+        return f"chat template: refused: {e}"
+    return "chat template layout:\n" + "\n".join(f"  {line}"
+                                                  for line in layout.describe().splitlines())

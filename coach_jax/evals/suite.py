@@ -32,7 +32,8 @@ class EvalSuite:
                  tokenizer: Any, eval_step: Callable, held_out: dict[str, Batches],
                  prompt_sources: tuple[SourceConfig, ...] = (),
                  reference: Batches | None = None, base_params: Params | None = None,
-                 chunk_tokens: int = 256, mesh: jax.sharding.Mesh | None = None):
+                 chunk_tokens: int = 256, mesh: jax.sharding.Mesh | None = None,
+                 end_of_turn: str = ""):
         e = eval_config
         self.model_cfg, self.tokenizer, self.eval_step = model_cfg, tokenizer, eval_step
         self.held_out = held_out
@@ -48,9 +49,9 @@ class EvalSuite:
                                                 temperature=e.temperature, seed=seed)
         self.batch_size, self.mesh = e.generate_batch_size, mesh
         # Encoded once: the same prompts are generated for at every eval.
-        self.prompts = {name: [sampling.prompt_ids(tokenizer, c.prompt) for c in cases]
-                        for name, cases in self.cases.items()}
-        self.stop_ids = sampling.stop_token_ids(tokenizer)
+        self.prompts = {name: [sampling.prompt_ids(tokenizer, c.prompt, end_of_turn)
+                               for c in cases] for name, cases in self.cases.items()}
+        self.stop_ids = sampling.stop_token_ids(tokenizer, end_of_turn)
         self.fact_fields = tuple(e.fact_fields)
         self.forgetting = None
         if reference is not None:

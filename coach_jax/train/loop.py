@@ -111,7 +111,7 @@ class Trainer:
                      if run.reference_source is not None else None)
         return EvalSuite(config.eval, config.train.seed, self.model_cfg, self.tokenizer,
                          self.eval_step, held_out, run.prompt_sources, reference, base_params,
-                         config.train.chunk_tokens, self.mesh)
+                         config.train.chunk_tokens, self.mesh, run.encode.end_of_turn)
 
     def check_memory(self, abstract_state: Any) -> None:
         """Stops before compiling when the run will not fit a device."""
@@ -194,7 +194,7 @@ class Trainer:
             return None
         out = os.path.join(self.workdir, "export")
         return export_hf(out, self.model_cfg, params, self.tokenizer,
-                         self.config.export.dtype or None)
+                         self.config.export.dtype or None, self.config.data.end_of_turn)
 
 
 class PreemptionWatch:

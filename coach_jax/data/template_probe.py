@@ -1,0 +1,334 @@
+"""Finding a chat template's layout (what it writes around an assistant turn), once per
+template.
+
+A template is rendered on small probe conversations whose contents are unique marker words,
+and the layout is read off the text between them:
+
+- **header**: what opens an assistant turn. Taken from the generation prompt
+  (`add_generation_prompt=True`) where the template honours it and history writes it too;
+  otherwise from the conversation itself (the text between a user turn and the assistant
+  content, less the closer of the user turn). It is matched with whitespace ignored, as a
+  sequence of pieces (special tokens and words), so indentation a template writes around
+  turns does not matter.
+- **closers**: what closes an assistant turn: the first special token the template writes
+  after the content, after earlier turns and after the last one (they may differ: gpt-oss
+  writes `<|end|>` and `<|return|>`), and after a tool call (`<|call|>`, `<tool_call|>`).
+  Where no special token closes a turn, the text every assistant turn ends with (the common
+  start of what follows an earlier and the last turn, e.g. `<_end>` or `\\n\\n`) closes it.
+  Where the last turn is followed by nothing, the blank line that ends earlier turns does.
+
+The token ids trained on are exactly those of the real rendering, unless `data.end_of_turn`
+names a marker to insert where a template writes none (vLLM's inference ChatML writes
+`<|im_end|>` after every turn but the last). A template whose turns nothing closes is
+refused with that config key.
+"""
+
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any, Sequence
+
+from absl import logging
+
+from coach_jax.data.template_layout import (CONTROL_SHAPED, END_OF_TURN_KEY, EncodingError,
+                                            TemplateLayout, as_content_parts, render)
+
+_USER = ("coachprobeuserone", "coachprobeusertwo")
+_ANSWER = ("coachprobeanswerone", "coachprobeanswertwo")
+_SYSTEM = "coachprobesystem"
+_TOOL_NAME, _TOOL_ARG, _TOOL_RESULT = "coach_probe_lookup", "coachprobeargument", "coachproberesult"
+_PROBE_TOOLS = ({"type": "function", "function": {
+    "name": _TOOL_NAME, "description": "probe", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string"}}}}},)
+
+
+def _refused(problem: str) -> EncodingError:
+    return EncodingError(None, problem, kind="chat_template")
+
+
+def special_tokens(tokenizer: Any) -> tuple[str, ...]:
+    tokens = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    tokens |= set(tokenizer.all_special_tokens)
+    return tuple(sorted((t for t in tokens if t), key=len, reverse=True))
+
+
+def _specials_regex(specials: Sequence[str]) -> re.Pattern | None:
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def _first_special(text: str, specials: re.Pattern | None) -> tuple[int, str] | None:
+    found = specials.search(text) if specials else None
+    return (found.start(), found.group()) if found else None
+
+
+def _pieces(text: str, specials: re.Pattern | None) -> list[str]:
+    """Special tokens and whitespace-separated words, in order."""
+    pieces, at = [], 0
+    for found in (specials.finditer(text) if specials else ()):
+        pieces += text[at:found.start()].split() + [found.group()]
+        at = found.end()
+    return pieces + text[at:].split()
+
+
+def _pattern(pieces: Sequence[str]) -> re.Pattern:
+    return re.compile(r"\s*".join(map(re.escape, pieces)))
+
+
+def _token_boundary(text: str, cut: int, specials: Sequence[str]) -> int:
+    """Moves `cut` back to the start of a special token it would split (Phi-3's generation
+    prompt `<|assistant|>` shares `<|` with the `<|endoftext|>` it replaces)."""
+    for token in specials:
+        i = text.find(token, max(0, cut - len(token) + 1))
+        if 0 <= i < cut:
+            return i
+    return cut
+
+
+def _try_render(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None,
+                add_generation_prompt: bool = False, parts: bool = False) -> str | None:
+    """The rendering, or None; a template that needs tools (Hermes 2 Pro) gets the probe's."""
+    messages = as_content_parts(messages) if parts else messages
+    for offered in ((tools,) if tools else (None, _PROBE_TOOLS)):
+        try:
+            return render(tokenizer, messages, offered, add_generation_prompt)
+        except Exception:  # noqa: BLE001 - a template may raise anything; None = cannot render
+            continue
+    return None
+
+
+def _conversation(with_system: bool, turns: int) -> list[dict[str, Any]]:
+    messages = [{"role": "system", "content": _SYSTEM}] if with_system else []
+    for k in range(turns):
+        messages += [{"role": "user", "content": _USER[k]},
+                     {"role": "assistant", "content": _ANSWER[k]}]
+    return messages
+
+
+def _after(text: str, marker: str) -> int:
+    return text.index(marker) + len(marker)
+
+
+def _closers(full: str, specials: re.Pattern | None, special_list: Sequence[str]
+             ) -> tuple[list[str], bool, str]:
+    """(special closers, whether the last turn is left open, the text closer) from a
+    two-round rendering."""
+    mid = full[_after(full, _ANSWER[0]):full.index(_USER[1])]
+    last = full[_after(full, _ANSWER[1]):]
+    user_to_answer = full[_after(full, _USER[1]):full.index(_ANSWER[1])]
+    before_user = full[_after(full, _SYSTEM) if _SYSTEM in full else 0:full.index(_USER[0])]
+    first_mid, first_last = _first_special(mid, specials), _first_special(last, specials)
+    closes_both = _first_special(os.path.commonprefix([mid, user_to_answer]), specials)
+    # The first special token after an earlier turn closes it when it also closes user turns
+    # (`<|im_end|>`), ends the last turn too, or comes before the user header that opens
+    # the conversation (Apertus' `<|assistant_end|>`); otherwise it opens the next header
+    # (GLM's `<|user|>`).
+    mid_closer = first_mid[1] if first_mid and (
+        (closes_both and closes_both[1] == first_mid[1])
+        or (first_last and first_last[1] == first_mid[1])
+        or not before_user.endswith(mid[first_mid[0]:])) else None
+    last_closer = None
+    if first_last and (first_last[1] in mid or (mid_closer and first_last[1] not in
+                                                user_to_answer)):
+        last_closer = first_last[1]
+    closers = list(dict.fromkeys(c for c in (last_closer, mid_closer) if c))
+    if closers:
+        return closers, last_closer is None, ""
+    text = os.path.commonprefix([mid, last])
+    for token in special_list:  # never end inside a special token
+        for side in (mid, last):
+            i = side.find(token, max(0, len(text) - len(token) + 1))
+            if 0 <= i < len(text) < i + len(token):
+                text = text[:i]
+    if text:
+        return [], False, text.strip() or text
+    if not last.strip():  # nothing after the last turn: the blank that ends earlier ones
+        return [], True, mid[:len(mid) - len(mid.lstrip())]
+    return [], True, ""
+
+
+def _tool_closers(tokenizer: Any, base: list[dict[str, Any]], specials: re.Pattern | None,
+                  closers: Sequence[str], eos: str | None, parts: bool) -> list[str]:
+    """What closes a turn that ends with a tool call, where the template renders calls."""
+    call = {"type": "function", "id": "call0probe", "function": {
+        "name": _TOOL_NAME, "arguments": {"query": _TOOL_ARG}}}
+    tools = _PROBE_TOOLS
+    calling = base + [{"role": "user", "content": _USER[0]},
+                      {"role": "assistant", "content": "", "tool_calls": [call]}]
+    answered = calling + [{"role": "tool", "content": _TOOL_RESULT, "tool_call_id": "call0probe",
+                           "name": _TOOL_NAME}]
+    short = _try_render(tokenizer, calling, tools, parts=parts)
+    long = _try_render(tokenizer, answered, tools, parts=parts)
+    if not short or not long or _TOOL_ARG not in short or _TOOL_RESULT not in long:
+        return []
+    shared = os.path.commonprefix([short[_after(short, _TOOL_ARG):],
+                                   long[_after(long, _TOOL_ARG):long.index(_TOOL_RESULT)]])
+    # The run of special tokens that ends the call (`<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+    # <｜end▁of▁sentence｜>`, `<tool_call|><|tool_response>`): a turn closer or EOS in it, else
+    # its first token (what follows opens the tool's turn).
+    run: list[str] = []
+    for found in (specials.finditer(shared) if specials else ()):
+        if run and shared[run[-1][1]:found.start()].strip():
+            run = []
+        run.append((found.group(), found.end()))
+    tokens = [token for token, _ in run]
+    return [next((t for t in tokens if t in closers or t == eos), tokens[0])] if tokens else []
+
+
+def _probe_conversation(tokenizer: Any) -> tuple[str, list[dict[str, Any]], bool]:
+    """(two-round rendering, the system message it needed if any, whether contents go as
+    text parts): the first form that renders every text, else the first that renders."""
+    forms = [(parts, system) for parts in (False, True) for system in (False, True)]
+    rendered = {f: _try_render(tokenizer, _conversation(f[1], 2), parts=f[0]) for f in forms}
+    parts, system = next((f for f in forms if rendered[f] and all(
+        m in rendered[f] for m in _USER + _ANSWER)),
+        next((f for f in forms if rendered[f]), forms[0]))
+    full = rendered[parts, system]
+    if full is None:
+        raise _refused("the chat template cannot render a plain user/assistant conversation; "
+                       "set tokenizer.chat_template to a .jinja file that can")
+    if not all(m in full for m in _USER + _ANSWER):
+        raise _refused("the chat template does not render the messages' text, so assistant "
+                       "turns cannot be located; set tokenizer.chat_template to a .jinja file "
+                       "that does")
+    return full, _conversation(system, 0), parts
+
+
+def _resolved_closers(tokenizer: Any, full: str, specials: re.Pattern | None,
+                      special_list: Sequence[str], end_of_turn: str) -> tuple[list[str], bool]:
+    """(closers, whether the last turn stays open), `data.end_of_turn` applied."""
+    closers, last_open, text_closer = _closers(full, specials, special_list)
+    if end_of_turn:
+        _check_configured(tokenizer, end_of_turn, closers)
+        return closers or [end_of_turn], False
+    if CONTROL_SHAPED.search(text_closer):
+        raise _refused(f"the chat template closes assistant turns with no special token: "
+                       f"{text_closer!r} looks like a control token but this tokenizer splits "
+                       "it into pieces; set tokenizer.path to the model's own tokenizer")
+    if text_closer:
+        closers = [text_closer]
+    if not closers:
+        written = full[_after(full, _ANSWER[1]):]
+        raise _refused(f"the chat template closes assistant turns with no special token and "
+                       f"writes nothing that ends them (after the last content it writes "
+                       f"{written!r}); the model could not learn to stop: set "
+                       f"{END_OF_TURN_KEY} to the marker it should end its turns with (e.g. "
+                       f"{tokenizer.eos_token or '</s>'!r})")
+    if last_open:
+        fix = closers[0] if closers[0] in special_list else tokenizer.eos_token or "</s>"
+        logging.warning("the chat template writes no end-of-turn marker after the last "
+                        "assistant turn, so the model learns to stop only from earlier turns; "
+                        "set %s=%r to append it", END_OF_TURN_KEY, fix)
+    return closers, last_open
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(tokenizer: Any, template: str, end_of_turn: str) -> TemplateLayout:
+    del template  # part of the cache key only
+    special_list = special_tokens(tokenizer)
+    specials = _specials_regex(special_list)
+    eos = tokenizer.eos_token if tokenizer.eos_token in special_list else None
+    full, base, parts = _probe_conversation(tokenizer)
+    closers, last_open = _resolved_closers(tokenizer, full, specials, special_list, end_of_turn)
+    one_round = _try_render(tokenizer, base + _conversation(False, 1), parts=parts) or full
+    user_only = base + [{"role": "user", "content": _USER[0]}]
+    prompted = _try_render(tokenizer, user_only, add_generation_prompt=True, parts=parts)
+    plain = _try_render(tokenizer, user_only, parts=parts)
+    history_gap = one_round[_after(one_round, _USER[0]):one_round.index(_ANSWER[0])]
+    header, source, patterns, suffix, prompt = _header(history_gap, prompted, plain,
+                                                       specials, special_list, closers)
+    suffix = _unmerged(tokenizer, one_round, suffix)
+    prompt += suffix
+    prompt_space = prompt[len(prompt.rstrip()):]
+    ids = tokenizer.encode(closers[0], add_special_tokens=False)
+    return TemplateLayout(
+        header, source, patterns, closers[0],
+        ids[0] if len(ids) == 1 and closers[0] in special_list else None, tuple(closers),
+        tuple(_tool_closers(tokenizer, base, specials, closers, eos, parts)), end_of_turn,
+        last_open, suffix, prompt_space, eos, parts, special_list)
+
+
+def _header(history_gap: str, prompted: str | None, plain: str | None,
+            specials: re.Pattern | None, special_list: Sequence[str], closers: Sequence[str]
+            ) -> tuple[str, str, tuple[re.Pattern, ...], str, str]:
+    """(header, where it came from, patterns, generation-prompt suffix, the prompt's end)."""
+    tail_prompted = ""
+    if prompted is not None and _USER[0] in prompted:
+        tail_prompted = prompted[_after(prompted, _USER[0]):]
+    gap_pieces = _pieces(history_gap, specials)
+    if tail_prompted and plain is not None and _USER[0] in plain:
+        tail_plain = plain[_after(plain, _USER[0]):]
+        cut = _token_boundary(tail_prompted, len(os.path.commonprefix([tail_plain,
+                                                                       tail_prompted])),
+                              special_list)
+        prompt_pieces = _pieces(tail_prompted[cut:], specials)
+        while prompt_pieces and prompt_pieces[0] in closers:  # the user turn's closer
+            prompt_pieces = prompt_pieces[1:]
+        # The longest start of the generation prompt that history writes too (DeepSeek R1's
+        # prompt adds `<think>` that history lacks).
+        for n in range(len(prompt_pieces), 0, -1):
+            found = _pattern(prompt_pieces[:n]).search(history_gap)
+            if found:
+                # Shorter starts too (a prompt's `<think>` is in the last turn only), never
+                # shorter than its first word: `<|turn>` alone could open any role.
+                words = [i for i, piece in enumerate(prompt_pieces)
+                         if not (specials and specials.fullmatch(piece))]
+                shortest = min(n, words[0] + 1 if words else len(prompt_pieces))
+                patterns = tuple(_pattern(prompt_pieces[:k]) for k in range(len(prompt_pieces),
+                                                                            shortest - 1, -1))
+                return (_with_space(history_gap, found), "generation prompt", patterns, "",
+                        tail_prompted)
+        if history_gap.startswith(tail_prompted):
+            suffix = history_gap[len(tail_prompted):]
+        else:
+            suffix = ""
+    else:
+        suffix = ""
+    while gap_pieces and gap_pieces[0] in closers:  # the user turn's closer
+        gap_pieces = gap_pieces[1:]
+    if not gap_pieces:
+        return "", "none", (), suffix, tail_prompted
+    found = _pattern(gap_pieces).search(history_gap)
+    return (_with_space(history_gap, found), "conversation", (_pattern(gap_pieces),), suffix,
+            tail_prompted)
+
+
+def _unmerged(tokenizer: Any, one_round: str, suffix: str) -> str:
+    """The prompt suffix less the trailing characters the tokenizer merges into the answer's
+    first token (Mistral's `[/INST] The` is `[/INST]`, ` The`): the model writes those."""
+    answer_at = one_round.index(_ANSWER[0])
+    full = tokenizer.encode(one_round, add_special_tokens=False)
+    for cut in range(answer_at, answer_at - len(suffix) - 1, -1):
+        head = tokenizer.encode(one_round[:cut], add_special_tokens=False)
+        if full[:len(head)] == head:
+            return suffix[:len(suffix) - (answer_at - cut)]
+    return ""
+
+
+def _with_space(text: str, found: re.Match) -> str:
+    """The matched header and the whitespace after it (`<|im_start|>assistant\n`)."""
+    rest = text[found.end():]
+    return found.group() + rest[:len(rest) - len(rest.lstrip())]
+
+
+def _check_configured(tokenizer: Any, marker: str, closers: Sequence[str]) -> None:
+    if closers and marker not in closers:
+        raise _refused(f"{END_OF_TURN_KEY}={marker!r}, but the chat template closes assistant "
+                       f"turns with the special token {closers[0]!r}; leave "
+                       f"{END_OF_TURN_KEY} empty")
+    if CONTROL_SHAPED.fullmatch(marker) and len(tokenizer.encode(
+            marker, add_special_tokens=False)) != 1:
+        raise _refused(f"{END_OF_TURN_KEY}={marker!r} looks like a control token but this "
+                       "tokenizer splits it into pieces; name one of its special tokens")
+
+
+def template_layout(tokenizer: Any, end_of_turn: str = "") -> TemplateLayout:
+    """The probed layout of the tokenizer's chat template (cached per template)."""
+    if not tokenizer.chat_template:
+        raise _refused("the tokenizer has no chat template; set tokenizer.chat_template to a "
+                       ".jinja file")
+    template = tokenizer.chat_template
+    return _probe(tokenizer, template if isinstance(template, str) else repr(template),
+                  end_of_turn)
