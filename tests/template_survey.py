@@ -1,6 +1,7 @@
 """Every real chat template through `encode_chat`, checked against rules that do not come
 from the encoder: the survey behind tests/test_template_masks.py and the table in
-docs/data.md.
+docs/data.md. Beyond those rules, the text the last turn's generation prompt shares with the
+training rendering is never trained (training and generation agree).
 
 Set-up (as in the step-11 trial): per template, the tokenizer a model with that template
 would have (tokenizer_fixtures.template_tokenizer); a conversation of system, user,
@@ -27,7 +28,8 @@ import tokenizer_fixtures
 from coach_jax import data
 from coach_jax.data.template_layout import as_content_parts
 
-REALWORLD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realworld")
+REALWORLD = os.environ.get("COACH_JAX_REALWORLD") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "realworld")
 EXPECTED = os.path.join(os.path.dirname(__file__), "data", "template_masks.json")
 SYSTEM = "Answer like a pirate captain."
 USERS = ("What is the capital of France?", "Tell me a joke about cats.")
@@ -102,6 +104,24 @@ def _generation_prompt(tokenizer, messages) -> str | None:
     return None
 
 
+def _prompt_is_trained(tokenizer, encoded, messages, rendered: str) -> list[str]:
+    """Training and generation agree: what the last turn's generation prompt shares with the
+    training rendering after the previous message is context, never trained (a token that
+    also holds the first character after it may be)."""
+    k = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = _generation_prompt(tokenizer, messages[:k])
+    previous = messages[k - 1]["content"]
+    if prompt is None or not previous or previous not in rendered:
+        return []
+    lo, hi = rendered.rindex(previous) + len(previous), len(os.path.commonprefix([prompt,
+                                                                                   rendered]))
+    offsets = tokenizer(rendered, add_special_tokens=False,
+                        return_offsets_mapping=True)["offset_mapping"]
+    trained = [rendered[a:b] or "(space)" for (a, b), on in zip(offsets, encoded["loss_mask"])
+               if on and lo <= a and (b <= hi if b > a else lo < b <= hi)]
+    return [f"the generation prompt is trained: {trained!r}"] if trained else []
+
+
 def violations(tokenizer, encoded, messages, rendered: str, inserted: list[str],
                ends: list[str]) -> list[str]:
     """What is wrong with a mask, by rules independent of the encoder."""
@@ -134,6 +154,7 @@ def violations(tokenizer, encoded, messages, rendered: str, inserted: list[str],
                 and len(context) < len(os.path.commonprefix([junction, space]))):
             problems.append("whitespace of the generation prompt is supervised: "
                             f"{tokenizer.decode(ids[a:a + 3].tolist())!r}")
+    problems += _prompt_is_trained(tokenizer, encoded, messages, rendered)
     others = [m["content"] for m in messages if m["role"] != "assistant" and m["content"]]
     for (run, run_plus_one), turn in zip(runs, turns):
         if any(text in run for text in others):

@@ -380,3 +380,120 @@ def test_eos_right_after_the_closer_is_supervised(realworld):
     assert plain.eos_token == "<|im_end|>"
     runs = supervised_runs(plain, data.encode_chat(plain, CONVERSATION))
     assert runs == ["\n" + a + "<|im_end|>" for a in ASSISTANT]
+
+
+# --- Tool-call turns in agent trajectories (found in review) ---
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+SEARCH = {"type": "function", "function": {
+    "name": "search", "description": "Web search",
+    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+
+
+def _call(name, arguments, call_id="call00001"):
+    return {"type": "function", "id": call_id, "function": {"name": name, "arguments": arguments}}
+
+
+ASK = {"role": "user", "content": "How is the weather?"}
+
+
+def test_a_call_whose_name_is_in_an_earlier_calls_arguments(realworld):
+    """Gemma 4 closes each call with `<tool_call|>`: the second call must not be looked for
+    inside the first one's arguments."""
+    tokenizer = _more(realworld, "vllm__tool_chat_template_gemma4")
+    messages = [ASK, {"role": "assistant", "content": "", "tool_calls": [
+        _call("get_weather", {"city": "search"}), _call("search", {"q": "rain"}, "call00002")]}]
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, messages, [WEATHER, SEARCH]))
+    assert len(runs) == 1 and "call:search{q:" in runs[0] and runs[0].endswith("<tool_call|>")
+
+
+@pytest.mark.parametrize("name", ["unsloth__gptoss",
+                                  "vllm__tool_chat_template_hyperclovax_seed_think_14b"])
+def test_content_and_call_written_as_two_messages_keep_the_header_out(realworld, name):
+    tokenizer = _more(realworld, name)
+    messages = [ASK, {"role": "assistant", "content": "Let me check.",
+                      "tool_calls": [_call("get_weather", {"city": "Lyon"})]},
+                {"role": "tool", "content": "Rain.", "tool_call_id": "call00001"}]
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, messages, [WEATHER]))
+    assert len(runs) == 2 and "Let me check." in runs[0] and "Lyon" in runs[1]
+    assert not any("assistant" in run for run in runs), runs
+
+
+def test_whitespace_the_prompt_writes_after_a_shorter_header_is_context(realworld):
+    """Gemma 4's generation prompt `<|turn>model\\n<|channel>thought\\n<channel|>` is longer
+    than the header history writes (`<|turn>model\\n`): the newline is still the prompt's."""
+    tokenizer = _more(realworld, "vllm__tool_chat_template_gemma4")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert supervised_runs(tokenizer, data.encode_chat(tokenizer, messages)) == ["Hello<turn|>"]
+
+
+@pytest.mark.parametrize("name", ["sglang__tool_chat_template_deepseekv3",
+                                  "vllm__tool_chat_template_gemma4"])
+def test_a_second_call_straight_after_a_tool_result(realworld, name):
+    """Multi-step tool use: these templates write the next call right after the tool output,
+    with no assistant header; the call's own opening syntax is trained."""
+    tokenizer = _more(realworld, name)
+    messages = [ASK, {"role": "assistant", "content": "",
+                      "tool_calls": [_call("get_weather", {"city": "Lyon"})]},
+                {"role": "tool", "content": "Rain.", "tool_call_id": "call00001"},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [_call("get_weather", {"city": "Paris"}, "call00002")]},
+                {"role": "tool", "content": "Sun.", "tool_call_id": "call00002"},
+                {"role": "assistant", "content": "Rain in Lyon, sun in Paris."}]
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, messages, [WEATHER]))
+    opener = data.template_layout(tokenizer).call_opener[0]
+    assert len(runs) == 3 and runs[1].startswith(opener) and "Paris" in runs[1]
+    assert not any(text in "".join(runs) for text in ("Rain.", "Sun.", ASK["content"]))
+
+
+def test_end_of_turn_closes_tool_calls_of_templates_without_closers(realworld):
+    """GLM ends a call with `</tool_call>` and no token; with data.end_of_turn the marker
+    follows it."""
+    tokenizer = _more(realworld, "sglang__tool_and_thinking_chat_template_glm4.5")
+    messages = [ASK, {"role": "assistant", "content": "",
+                      "tool_calls": [_call("get_weather", {"city": "Lyon"})]},
+                {"role": "tool", "content": "Rain.", "tool_call_id": "call00001"},
+                {"role": "assistant", "content": "It rains."}]
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, messages, [WEATHER],
+                                                       end_of_turn="</s>"))
+    assert runs[0].endswith("</tool_call></s>") and runs[1].endswith("It rains.</s>")
+    assert "Rain." not in "".join(runs) and "<|observation|>" not in "".join(runs)
+
+
+def test_calls_written_before_the_content(realworld):
+    tokenizer = _more(realworld, "vllm__tool_chat_template_minicpm3")
+    messages = [ASK, {"role": "assistant", "content": "Let me check.",
+                      "tool_calls": [_call("get_weather", {"city": "Lyon"})]},
+                {"role": "tool", "content": "Rain.", "tool_call_id": "call00001"},
+                {"role": "assistant", "content": "It rains."}]
+    runs = supervised_runs(tokenizer, data.encode_chat(tokenizer, messages, [WEATHER]))
+    assert runs[0].startswith("<|tool_call_start|>") and runs[0].endswith(
+        "Let me check.<|im_end|>")
+
+
+def test_split_special_markers_are_refused(realworld):
+    """A Gemma template with a tokenizer that splits `<end_of_turn>` would train it as text
+    and never stop; likewise data.end_of_turn='</s>' on a tokenizer without `</s>`."""
+    split = tokenizer_fixtures.bpe_tokenizer(
+        os.path.join(realworld, "templates", "gemma3.jinja"), register_specials=False)
+    with pytest.raises(data.EncodingError, match="'<end_of_turn>' looks like a control token"):
+        data.encode_chat(split, CONVERSATION[1:])
+    glm = _more(realworld, "sglang__tool_and_thinking_chat_template_glm4.5")
+    with pytest.raises(data.EncodingError, match="splits it into pieces"):
+        data.encode_chat(glm, CONVERSATION, end_of_turn="</s>" if "</s>" not in
+                         glm.all_special_tokens else "<eos>")
+
+
+def test_a_dropped_system_message_is_merged_into_the_first_user_turn(realworld):
+    """Mistral v0.3 keeps the system prompt only when the conversation ends with a user turn,
+    so for training data it would vanish; the system fallback keeps its text."""
+    tokenizer = data.load_tokenizer(os.path.join(realworld, "tokenizers",
+                                                 "mistral-7b-instruct-v0.3"))
+    conversation = data.normalize({"messages": CONVERSATION}, "openai")
+    assert SYSTEM not in tokenizer.decode(data.encode_chat(tokenizer, CONVERSATION)["input_ids"])
+    encoded = data.encode_example(tokenizer, conversation)
+    assert f"{SYSTEM}\n\n{USER[0]}" in tokenizer.decode(encoded["input_ids"].tolist())
+    with pytest.raises(data.EncodingError, match="drops the system message"):
+        data.encode_example(tokenizer, conversation, system_fallback=False)

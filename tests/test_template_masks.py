@@ -93,3 +93,19 @@ def test_the_rules_catch_a_supervised_header(realworld):
         tokenizer, {"input_ids": ids, "loss_mask": mask}, result["messages"],
         result["rendered"], EXPECTED[name]["inserted"], EXPECTED[name]["ends"])
     assert any("supervised before the content" in p for p in problems), problems
+
+
+def test_the_rules_catch_a_trained_prompt_newline(realworld):
+    """Negative control: Gemma 4's generation prompt ends `<|turn>model\\n...`; training the
+    newline after `model` breaks the rules (the mask the encoder gave before review)."""
+    name = "vllm__tool_chat_template_gemma4"
+    result = template_survey.survey_one(_path(realworld, name), "neox", template_survey.PLAIN)
+    tokenizer, ids = result["tokenizer"], result["encoded"]["input_ids"]
+    mask = result["encoded"]["loss_mask"].copy()
+    starts = [i for i in range(1, len(mask)) if mask[i] and not mask[i - 1]]
+    assert tokenizer.decode(ids[starts[-1] - 1:starts[-1]].tolist()) == "\n"
+    mask[starts[-1] - 1] = 1
+    problems = template_survey.violations(
+        tokenizer, {"input_ids": ids, "loss_mask": mask}, result["messages"],
+        result["rendered"], EXPECTED[name]["inserted"], EXPECTED[name]["ends"])
+    assert any("generation prompt is trained" in p for p in problems), problems

@@ -98,7 +98,8 @@ def template_tokenizer(template_file: str, base: str = "neox") -> PreTrainedToke
     with open(template_file, newline="") as f:
         template = f.read()
     bos, eos = bos_eos_for(template)
-    tokenizer_json = os.path.join(TEMPLATES, "..", "tokenizers", BASES[base], "tokenizer.json")
+    realworld = os.path.dirname(os.path.dirname(os.path.abspath(template_file)))
+    tokenizer_json = os.path.join(realworld, "tokenizers", BASES[base], "tokenizer.json")
     tokenizer = Tokenizer.from_file(tokenizer_json)
     specials = sorted({*CONTROL_MARKER.findall(template), *(t for t in (bos, eos) if t)})
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos,

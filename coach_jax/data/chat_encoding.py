@@ -36,7 +36,7 @@ from absl import logging
 from coach_jax.data.content_spans import render_conversation, render_located
 from coach_jax.data.conversation import Conversation, Document, Example
 from coach_jax.data.errors import Origin
-from coach_jax.data.template_layout import EncodingError, TemplateLayout, render
+from coach_jax.data.template_layout import END_OF_TURN_KEY, EncodingError, TemplateLayout, render
 from coach_jax.data.template_probe import _probe, template_layout
 
 TrainOn = Literal["all_assistant", "last_assistant", "all"]
@@ -74,37 +74,43 @@ def stop_token_ids(tokenizer: Any, end_of_turn: str = "") -> list[int]:
     return ids
 
 
-def _headers(text: str, lo: int, hi: int, layout: TemplateLayout) -> list[re.Match]:
-    """Every assistant header in text[lo:hi], by the longest pattern that finds one."""
-    for pattern in layout.header_patterns:
+def _headers(text: str, lo: int, hi: int, layout: TemplateLayout
+             ) -> tuple[list[re.Match], str]:
+    """Every assistant header in text[lo:hi] by the longest pattern that finds one, and the
+    whitespace the generation prompt writes after that much of it."""
+    for pattern, space in layout.header_patterns:
         matches = list(pattern.finditer(text, lo, hi))
         if matches:
-            return matches
-    return []
+            return matches, space
+    return [], ""
 
 
-def _after_prompt(text: str, at: int, hi: int, layout: TemplateLayout) -> int | None:
+def _after_prompt(text: str, at: int, hi: int, space: str) -> int | None:
     """Where the model's own writing starts after a header ending at `at`: past the
-    whitespace the generation prompt ends with too (Qwen's `\n`), not past whitespace only
-    history writes (Mistral's space in `[/INST] The`: the model writes it). None if nothing
-    but that whitespace comes before `hi`."""
+    whitespace the generation prompt writes there too (Qwen's `\n`), not past whitespace
+    only history writes (Mistral's space in `[/INST] The`: the model writes it). None if
+    nothing but that whitespace comes before `hi`."""
     rest = text[at:hi]
-    space = rest[:len(rest) - len(rest.lstrip())]
-    covered = len(os.path.commonprefix([space, layout.prompt_space]))
+    covered = len(os.path.commonprefix([rest[:len(rest) - len(rest.lstrip())], space]))
     return None if covered == len(rest) else at + covered
 
 
-def _segments(text: str, headers: list[re.Match], layout: TemplateLayout
-              ) -> list[tuple[int, int, str]]:
-    """Closed segments between successive headers of one turn (gpt-oss writes reasoning as
+def _last_closer_end(text: str, lo: int, hi: int, closers: Sequence[str]) -> int | None:
+    ends = [text.rfind(c, lo, hi) + len(c) for c in closers if text.rfind(c, lo, hi) >= 0]
+    return max(ends) if ends else None
+
+
+def _segments(text: str, headers: list[re.Match], space: str, layout: TemplateLayout
+              ) -> list[tuple[int, int]]:
+    """Closed stretches between successive headers of one turn (gpt-oss writes reasoning as
     `<|start|>assistant<|channel|>analysis<|message|>...<|end|>` before the final answer)."""
     spans = []
     for header, following in zip(headers, headers[1:]):
-        start = _after_prompt(text, header.end(), following.start(), layout)
-        ends = [text.rfind(c, start, following.start()) + len(c) for c in layout.closers
-                if start is not None and text.rfind(c, start, following.start()) >= 0]
-        if ends:
-            spans.append((start, max(ends), ""))
+        start = _after_prompt(text, header.end(), following.start(), space)
+        end = start is not None and _last_closer_end(text, start, following.start(),
+                                                     layout.closers)
+        if end:
+            spans.append((start, end))
     return spans
 
 
@@ -118,6 +124,38 @@ def _first_closer(text: str, closers: Sequence[str], lo: int, hi: int
     return best
 
 
+def _leaves(value: Any) -> list[str]:
+    """An argument's values as a template writes them, in order."""
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [] if value is None or isinstance(value, bool) else [str(value)]
+
+
+def _locate_calls(text: str, calls: Sequence[dict[str, Any]], lo: int, hi: int,
+                  layout: TemplateLayout) -> tuple[int, int] | None:
+    """(where the first call's syntax starts, where the last call's arguments end) in
+    text[lo:hi], or None. Each call is found after the previous one's arguments, so a name
+    inside an earlier call's arguments is not taken for the next call."""
+    first, at = None, lo
+    for call in calls:
+        name = call["function"]["name"]
+        opener = re.compile(r"\s*".join(map(re.escape, (*layout.call_opener, name))))
+        found = opener.search(text, at, hi)
+        name_at = text.find(name, found.start() if found else at, hi)
+        if name_at < 0:
+            return None
+        first = first if first is not None else (found.start() if found else name_at)
+        at = name_at + len(name)
+        bound = (_first_closer(text, (*layout.tool_closers, *layout.closers), at, hi)
+                 or (hi,))[0]
+        for leaf in _leaves(call["function"].get("arguments")):
+            leaf_at = text.find(leaf, at, bound)
+            at = leaf_at + len(leaf) if leaf_at >= 0 else at
+    return first, at
+
+
 def assistant_spans(text: str, messages: list[dict[str, Any]],
                     located: dict[int, list[tuple[int, int]]], layout: TemplateLayout,
                     origin: Origin | None = None) -> list[tuple[int, int, int, str]]:
@@ -127,58 +165,71 @@ def assistant_spans(text: str, messages: list[dict[str, Any]],
     slots = sorted((s, e) for spans in located.values() for s, e in spans)
     spans, cursor = [], 0
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        what = f"assistant turn (message {k})"
-        own, calls = located.get(k, []), message.get("tool_calls") or ()
-        if len(own) > 1:
-            raise EncodingError(origin, f"{what}: the chat template writes its text "
-                                        f"{len(own)} times; the mask cannot tell which to train")
-        if own:
-            content_start, own_end = own[0]
-            gap = max([cursor] + [e for _, e in slots if e <= content_start])
-            headers = _headers(text, gap, content_start, layout)
-            spans += [(k, *segment) for segment in _segments(text, headers, layout)]
-            start = (_after_prompt(text, headers[-1].end(), content_start, layout) if headers
-                     else None) or content_start
-        elif calls:
-            earlier = next((located[i] for i in range(k - 1, -1, -1) if located.get(i)), [])
-            gap = max([cursor] + [e for _, e in earlier])
-            hi = next((s for s, _ in slots if s >= gap), len(text))
-            headers = _headers(text, gap, hi, layout)
-            start = _after_prompt(text, headers[0].end(), hi, layout) if headers else None
-            if start is None:
-                raise EncodingError(origin, f"{what}: no assistant header found before its "
-                                            "tool calls; cannot tell where the turn starts")
-            own_end = start
-        else:
-            raise EncodingError(origin, f"{what}: the chat template does not render it")
-        region_end = next((s for s, _ in slots if s >= own_end), len(text))
-        for call in calls:
-            name = call["function"]["name"]
-            at = text.find(name, own_end, region_end)
-            if at < 0:
-                raise EncodingError(origin, f"{what}: its tool calls do not appear in the "
-                                            "rendered conversation; does the chat template "
-                                            "support tool calls?")
-            own_end = at + len(name)
-        closer = _first_closer(text, (*layout.tool_closers, *layout.closers) if calls
-                               else layout.closers, own_end, region_end)
-        if closer is not None and _headers(text, own_end, closer[0], layout):
-            closer = None  # that closer ends a later assistant turn
-        if closer is not None:
-            end = closer[0] + len(closer[1])
-            if layout.eos and closer[1] != layout.eos and text.startswith(layout.eos, end):
-                end += len(layout.eos)
-            spans.append((k, start, end, ""))
-        elif calls:
-            raise EncodingError(origin, f"{what}: nothing closes its tool calls, so where they "
-                                        "end is unknown")
-        else:  # open: supervised through its content (data.end_of_turn appends a closer)
-            spans.append((k, start, own_end, layout.append))
-            end = own_end
-        cursor = end
+        if message["role"] == "assistant":
+            turn = _turn_spans(text, k, message, located, slots, cursor, layout, origin)
+            spans += turn
+            cursor = turn[-1][2]
     return spans
+
+
+def _turn_spans(text: str, k: int, message: dict[str, Any],
+                located: dict[int, list[tuple[int, int]]], slots: list[tuple[int, int]],
+                cursor: int, layout: TemplateLayout, origin: Origin | None
+                ) -> list[tuple[int, int, int, str]]:
+    """The supervised stretches of assistant turn `k` (see `assistant_spans`)."""
+    what = f"assistant turn (message {k})"
+    own, calls = located.get(k, []), message.get("tool_calls") or ()
+    if len(own) > 1:
+        raise EncodingError(origin, f"{what}: the chat template writes its text {len(own)} "
+                                    "times; the mask cannot tell which to train")
+    if own:
+        gap = max([cursor] + [e for _, e in slots if e <= own[0][0]])
+    elif calls:
+        earlier = next((located[i] for i in range(k - 1, -1, -1) if located.get(i)), [])
+        gap = max([cursor] + [e for _, e in earlier])
+    else:
+        raise EncodingError(origin, f"{what}: the chat template does not render it")
+    hi = next((s for s, _ in slots if s >= (own[0][1] if own else gap)), len(text))
+    found_calls = None
+    if calls:
+        found_calls = ((own and _locate_calls(text, calls, own[0][1], hi, layout))
+                       or _locate_calls(text, calls, gap, hi, layout))
+        if found_calls is None:
+            raise EncodingError(origin, f"{what}: its tool calls do not appear in the "
+                                        "rendered conversation; does the chat template "
+                                        "support tool calls?")
+    # Where the assistant's own writing is first and last known to be.
+    anchors = own[:1] + ([found_calls] if found_calls else [])
+    first, own_end = min(a for a, _ in anchors), max(b for _, b in anchors)
+    headers, space = _headers(text, gap, first, layout)
+    spans = [(k, s, e, "") for s, e in _segments(text, headers, space, layout)]
+    start = (_after_prompt(text, headers[-1].end(), first, space) if headers else None) or first
+    if own and found_calls and found_calls[0] > own[0][1]:
+        # Content and calls written as two assistant messages (gpt-oss, HyperCLOVA X).
+        inner, inner_space = _headers(text, own[0][1], found_calls[0], layout)
+        if inner:
+            end = _last_closer_end(text, start, inner[0].start(), layout.closers) or own[0][1]
+            spans.append((k, start, end, ""))
+            spans += [(k, s, e, "") for s, e in _segments(text, inner, inner_space, layout)]
+            start = (_after_prompt(text, inner[-1].end(), found_calls[0], inner_space)
+                     or found_calls[0])
+    closer = _first_closer(text, (*layout.tool_closers, *layout.closers) if calls
+                           else layout.closers, own_end, hi)
+    if closer is not None and _headers(text, own_end, closer[0], layout)[0]:
+        closer = None  # that closer ends a later assistant turn
+    if closer is not None:
+        end = closer[0] + len(closer[1])
+        if layout.eos and closer[1] != layout.eos and text.startswith(layout.eos, end):
+            end += len(layout.eos)
+        return spans + [(k, start, end, "")]
+    if calls:  # the call's own closing text, then data.end_of_turn (GLM: `</tool_call>`)
+        at = text.find(layout.call_end, own_end, hi) if layout.call_end else -1
+        if at < 0 or not layout.append:
+            raise EncodingError(origin, f"{what}: nothing closes its tool calls, so where they "
+                                        f"end is unknown; set {END_OF_TURN_KEY}")
+        own_end = at + len(layout.call_end)
+    # Open: supervised through its own text; data.end_of_turn, if set, is appended.
+    return spans + [(k, start, own_end, layout.append)]
 
 
 def _insert(text: str, spans: list[tuple[int, int, int, str]]
@@ -221,6 +272,14 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = Non
     """Renders and tokenizes a conversation; returns `input_ids` int32[L] and `loss_mask`
     int8[L] (1 where the token is supervised). See the module docstring for the policy;
     `end_of_turn` is `data.end_of_turn`."""
+    return _encode_chat(tokenizer, messages, tools, train_on, origin, end_of_turn)[0]
+
+
+def _encode_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Any,
+                 train_on: TrainOn, origin: Origin | None, end_of_turn: str
+                 ) -> tuple[dict[str, np.ndarray], set[int]]:
+    """`encode_chat`'s result, and the messages whose text the rendering holds (None when
+    not looked for: train_on="all")."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}; expected one of {', '.join(TRAIN_ON)}")
     layout = template_layout(tokenizer, end_of_turn)
@@ -229,7 +288,7 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = Non
         text = render_conversation(tokenizer, layout.for_template(messages), tools, origin)
         ids, _ = _tokenize(tokenizer, text)
         _check_bos(tokenizer, ids, origin)
-        return {"input_ids": ids, "loss_mask": np.ones(len(ids), np.int8)}
+        return {"input_ids": ids, "loss_mask": np.ones(len(ids), np.int8)}, None
     text, located = render_located(tokenizer, messages, tools, origin, layout.for_template)
     text, char_spans = _insert(text, assistant_spans(text, messages, located, layout, origin))
     if train_on == "last_assistant" and char_spans:
@@ -237,7 +296,7 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = Non
     ids, offsets = _tokenize(tokenizer, text)
     _check_bos(tokenizer, ids, origin)
     mask = _mask(text, offsets, [(s, e) for _, s, e in char_spans], layout, origin)
-    return {"input_ids": ids, "loss_mask": mask}
+    return {"input_ids": ids, "loss_mask": mask}, set(located)
 
 
 def _mask(text: str, offsets: np.ndarray, spans: list[tuple[int, int]],
@@ -293,18 +352,27 @@ def encode_text(tokenizer: Any, text: str) -> dict[str, np.ndarray]:
 def encode_example(tokenizer: Any, example: Example, train_on: TrainOn = "all_assistant",
                    system_fallback: bool = True, end_of_turn: str = "") -> dict[str, np.ndarray]:
     """Encodes a normalised example. With `system_fallback`, a template that rejects a system
-    message gets its text merged into the first user turn instead (documented in README)."""
+    message (Gemma 2), or drops its text (Mistral v0.3 keeps it only when the conversation
+    ends with a user turn), gets the text merged into the first user turn instead."""
     if isinstance(example, Document):
         return encode_text(tokenizer, example.text)
     assert isinstance(example, Conversation)
     messages = example.template_messages()
+    system = messages[0]["role"] == "system"
     try:
-        return encode_chat(tokenizer, messages, example.tools, train_on, example.origin,
-                           end_of_turn)
+        encoded, rendered = _encode_chat(tokenizer, messages, example.tools, train_on,
+                                         example.origin, end_of_turn)
     except EncodingError as e:
-        if not (system_fallback and messages[0]["role"] == "system"
-                and "rejected" in e.problem and "system" in e.problem.lower()):
+        if not (system_fallback and system and "rejected" in e.problem
+                and "system" in e.problem.lower()):
             raise
+    else:
+        if not system or rendered is None or 0 in rendered:
+            return encoded
+        if not system_fallback:
+            raise EncodingError(example.origin, "the chat template drops the system message's "
+                                                "text (system_fallback merges it into the "
+                                                "first user turn)")
     return encode_chat(tokenizer, merge_system_into_first_user(messages), example.tools,
                        train_on, example.origin, end_of_turn)
 

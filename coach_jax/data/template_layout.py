@@ -14,7 +14,8 @@ from coach_jax.data.errors import DataError, Origin
 
 # Markers shaped like control tokens: a tokenizer that splits one into pieces is broken for
 # this template (the model's own tokenizer has it as one special token).
-CONTROL_SHAPED = re.compile(r"<\|[^<>\s]*\|>|<｜[^<>]*｜>|<\|[^<>\s|]+>|<[^<>\s|]+\|>")
+CONTROL_SHAPED = re.compile(r"<\|[^<>\s]*\|>|<｜[^<>]*｜>|<\|[^<>\s|]+>|<[^<>\s|]+\|>"
+                            r"|</?s>|<eos>|<bos>|<(?:start|end)_of_turn>")
 END_OF_TURN_KEY = "data.end_of_turn"
 
 
@@ -30,15 +31,18 @@ class EncodingError(DataError):
 class TemplateLayout:
     header: str  # the assistant header as history writes it; "" when none is found
     header_source: str  # "generation prompt" | "conversation" | "none"
-    header_patterns: tuple[re.Pattern, ...]  # whitespace-tolerant matches, longest first
+    # Whitespace-tolerant matches, longest first, each with the whitespace the generation
+    # prompt writes after that much of the header (context, never trained).
+    header_patterns: tuple[tuple[re.Pattern, str], ...]
     end_of_turn: str  # what closes the last assistant turn (special token or text)
     end_of_turn_id: int | None  # its id when it is one token
     closers: tuple[str, ...]  # what closes an assistant turn in any position
     tool_closers: tuple[str, ...]  # what closes a turn that ends with a tool call
+    call_opener: tuple[str, ...]  # pieces written before a call's name (`<tool_call>`, `{"name":`)
+    call_end: str  # text that ends a call where no token closes it (GLM's `</tool_call>`)
     append: str  # data.end_of_turn: inserted after a turn the template leaves open
     last_open: bool  # nothing closes the last assistant turn (and nothing is appended)
     prompt_suffix: str  # added to generation prompts of templates that ignore the flag
-    prompt_space: str  # the whitespace generation prompts end with (context, not trained)
     eos: str | None  # supervised when the template writes it right after a closer
     content_parts: bool  # the template reads contents as lists of text parts
     special_tokens: tuple[str, ...]  # longest first

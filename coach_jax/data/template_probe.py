@@ -26,6 +26,7 @@ refused with that config key.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -149,32 +150,49 @@ def _closers(full: str, specials: re.Pattern | None, special_list: Sequence[str]
     return [], True, ""
 
 
-def _tool_closers(tokenizer: Any, base: list[dict[str, Any]], specials: re.Pattern | None,
-                  closers: Sequence[str], eos: str | None, parts: bool) -> list[str]:
-    """What closes a turn that ends with a tool call, where the template renders calls."""
+@dataclasses.dataclass(frozen=True)
+class _Calls:
+    closers: tuple[str, ...] = ()
+    opener: tuple[str, ...] = ()
+    end: str = ""
+
+
+def _tool_calls(tokenizer: Any, base: list[dict[str, Any]], specials: re.Pattern | None,
+                closers: Sequence[str], eos: str | None, parts: bool,
+                header: tuple[tuple[re.Pattern, str], ...]) -> _Calls:
+    """How the template writes a turn that ends with a tool call, where it renders calls:
+    what closes it, what comes before the call's name, the text that ends the call."""
     call = {"type": "function", "id": "call0probe", "function": {
         "name": _TOOL_NAME, "arguments": {"query": _TOOL_ARG}}}
-    tools = _PROBE_TOOLS
     calling = base + [{"role": "user", "content": _USER[0]},
                       {"role": "assistant", "content": "", "tool_calls": [call]}]
     answered = calling + [{"role": "tool", "content": _TOOL_RESULT, "tool_call_id": "call0probe",
                            "name": _TOOL_NAME}]
-    short = _try_render(tokenizer, calling, tools, parts=parts)
-    long = _try_render(tokenizer, answered, tools, parts=parts)
-    if not short or not long or _TOOL_ARG not in short or _TOOL_RESULT not in long:
-        return []
+    short = _try_render(tokenizer, calling, _PROBE_TOOLS, parts=parts)
+    long = _try_render(tokenizer, answered, _PROBE_TOOLS, parts=parts)
+    if (not short or not long or _TOOL_ARG not in short or _TOOL_RESULT not in long
+            or _TOOL_NAME not in short[_after(short, _USER[0]):]):
+        return _Calls()
     shared = os.path.commonprefix([short[_after(short, _TOOL_ARG):],
                                    long[_after(long, _TOOL_ARG):long.index(_TOOL_RESULT)]])
     # The run of special tokens that ends the call (`<｜tool▁call▁end｜><｜tool▁calls▁end｜>
     # <｜end▁of▁sentence｜>`, `<tool_call|><|tool_response>`): a turn closer or EOS in it, else
     # its first token (what follows opens the tool's turn).
-    run: list[str] = []
+    run: list[tuple[str, int]] = []
     for found in (specials.finditer(shared) if specials else ()):
         if run and shared[run[-1][1]:found.start()].strip():
             run = []
         run.append((found.group(), found.end()))
     tokens = [token for token, _ in run]
-    return [next((t for t in tokens if t in closers or t == eos), tokens[0])] if tokens else []
+    tool_closers = (next((t for t in tokens if t in closers or t == eos), tokens[0]),) \
+        if tokens else ()
+    first_special = _first_special(shared, specials)
+    call_end = "" if tokens else shared[:first_special[0] if first_special else None].rstrip()
+    # Before the name: what the template writes after the header (for calls with no header
+    # before them: a second call straight after a tool result).
+    gap = short[_after(short, _USER[0]):short.index(_TOOL_NAME, _after(short, _USER[0]))]
+    after = next((m[-1].end() for m in (list(p.finditer(gap)) for p, _ in header) if m), 0)
+    return _Calls(tool_closers, tuple(_pieces(gap[after:], specials)), call_end)
 
 
 def _probe_conversation(tokenizer: Any) -> tuple[str, list[dict[str, Any]], bool]:
@@ -234,65 +252,76 @@ def _probe(tokenizer: Any, template: str, end_of_turn: str) -> TemplateLayout:
     closers, last_open = _resolved_closers(tokenizer, full, specials, special_list, end_of_turn)
     one_round = _try_render(tokenizer, base + _conversation(False, 1), parts=parts) or full
     user_only = base + [{"role": "user", "content": _USER[0]}]
-    prompted = _try_render(tokenizer, user_only, add_generation_prompt=True, parts=parts)
-    plain = _try_render(tokenizer, user_only, parts=parts)
-    history_gap = one_round[_after(one_round, _USER[0]):one_round.index(_ANSWER[0])]
-    header, source, patterns, suffix, prompt = _header(history_gap, prompted, plain,
-                                                       specials, special_list, closers)
-    suffix = _unmerged(tokenizer, one_round, suffix)
-    prompt += suffix
-    prompt_space = prompt[len(prompt.rstrip()):]
+    header = _header(tokenizer, one_round,
+                     _try_render(tokenizer, user_only, add_generation_prompt=True, parts=parts),
+                     _try_render(tokenizer, user_only, parts=parts), specials, special_list,
+                     closers)
+    calls = _tool_calls(tokenizer, base, specials, closers, eos, parts, header.patterns)
     ids = tokenizer.encode(closers[0], add_special_tokens=False)
     return TemplateLayout(
-        header, source, patterns, closers[0],
+        header.text, header.source, header.patterns, closers[0],
         ids[0] if len(ids) == 1 and closers[0] in special_list else None, tuple(closers),
-        tuple(_tool_closers(tokenizer, base, specials, closers, eos, parts)), end_of_turn,
-        last_open, suffix, prompt_space, eos, parts, special_list)
+        calls.closers, calls.opener, calls.end, end_of_turn, last_open, header.suffix, eos,
+        parts, special_list)
 
 
-def _header(history_gap: str, prompted: str | None, plain: str | None,
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    text: str  # as history writes it, with the whitespace after it
+    source: str  # "generation prompt" | "conversation" | "none"
+    patterns: tuple[tuple[re.Pattern, str], ...]  # (pattern, the prompt's whitespace after)
+    suffix: str  # what generation prompts lack of it (templates that ignore the flag)
+
+
+def _header(tokenizer: Any, one_round: str, prompted: str | None, plain: str | None,
             specials: re.Pattern | None, special_list: Sequence[str], closers: Sequence[str]
-            ) -> tuple[str, str, tuple[re.Pattern, ...], str, str]:
-    """(header, where it came from, patterns, generation-prompt suffix, the prompt's end)."""
-    tail_prompted = ""
-    if prompted is not None and _USER[0] in prompted:
-        tail_prompted = prompted[_after(prompted, _USER[0]):]
-    gap_pieces = _pieces(history_gap, specials)
+            ) -> _Header:
+    """The assistant header: from the generation prompt where history writes it too, else
+    from the conversation."""
+    history_gap = one_round[_after(one_round, _USER[0]):one_round.index(_ANSWER[0])]
+    tail_prompted = (prompted[_after(prompted, _USER[0]):]
+                     if prompted is not None and _USER[0] in prompted else "")
+    suffix = ""
     if tail_prompted and plain is not None and _USER[0] in plain:
         tail_plain = plain[_after(plain, _USER[0]):]
         cut = _token_boundary(tail_prompted, len(os.path.commonprefix([tail_plain,
                                                                        tail_prompted])),
                               special_list)
-        prompt_pieces = _pieces(tail_prompted[cut:], specials)
-        while prompt_pieces and prompt_pieces[0] in closers:  # the user turn's closer
-            prompt_pieces = prompt_pieces[1:]
+        prompt = tail_prompted[cut:]
+        pieces = _pieces(prompt, specials)
+        while pieces and pieces[0] in closers:  # the user turn's closer
+            pieces = pieces[1:]
         # The longest start of the generation prompt that history writes too (DeepSeek R1's
-        # prompt adds `<think>` that history lacks).
-        for n in range(len(prompt_pieces), 0, -1):
-            found = _pattern(prompt_pieces[:n]).search(history_gap)
+        # prompt adds `<think>` that history lacks); shorter starts too (a prompt's
+        # `<think>` may be in the last turn only), never shorter than its first word:
+        # `<|turn>` alone could open any role.
+        for n in range(len(pieces), 0, -1):
+            found = _pattern(pieces[:n]).search(history_gap)
             if found:
-                # Shorter starts too (a prompt's `<think>` is in the last turn only), never
-                # shorter than its first word: `<|turn>` alone could open any role.
-                words = [i for i, piece in enumerate(prompt_pieces)
+                words = [i for i, piece in enumerate(pieces)
                          if not (specials and specials.fullmatch(piece))]
-                shortest = min(n, words[0] + 1 if words else len(prompt_pieces))
-                patterns = tuple(_pattern(prompt_pieces[:k]) for k in range(len(prompt_pieces),
-                                                                            shortest - 1, -1))
-                return (_with_space(history_gap, found), "generation prompt", patterns, "",
-                        tail_prompted)
+                shortest = min(n, words[0] + 1 if words else len(pieces))
+                patterns = tuple((_pattern(pieces[:k]), _space_after(prompt, pieces[:k]))
+                                 for k in range(len(pieces), shortest - 1, -1))
+                return _Header(_with_space(history_gap, found), "generation prompt", patterns,
+                               "")
         if history_gap.startswith(tail_prompted):
-            suffix = history_gap[len(tail_prompted):]
-        else:
-            suffix = ""
-    else:
-        suffix = ""
-    while gap_pieces and gap_pieces[0] in closers:  # the user turn's closer
-        gap_pieces = gap_pieces[1:]
-    if not gap_pieces:
-        return "", "none", (), suffix, tail_prompted
-    found = _pattern(gap_pieces).search(history_gap)
-    return (_with_space(history_gap, found), "conversation", (_pattern(gap_pieces),), suffix,
-            tail_prompted)
+            suffix = _unmerged(tokenizer, one_round, history_gap[len(tail_prompted):])
+    pieces = _pieces(history_gap, specials)
+    while pieces and pieces[0] in closers:  # the user turn's closer
+        pieces = pieces[1:]
+    if not pieces:
+        return _Header("", "none", (), suffix)
+    found = _pattern(pieces).search(history_gap)
+    prompt = tail_prompted + suffix
+    return _Header(_with_space(history_gap, found), "conversation",
+                   ((_pattern(pieces), prompt[len(prompt.rstrip()):]),), suffix)
+
+
+def _space_after(prompt: str, pieces: Sequence[str]) -> str:
+    """The whitespace the prompt writes right after these pieces of it."""
+    rest = prompt[_pattern(pieces).search(prompt).end():]
+    return rest[:len(rest) - len(rest.lstrip())]
 
 
 def _unmerged(tokenizer: Any, one_round: str, suffix: str) -> str:
