@@ -34,6 +34,7 @@ class IncompatibleCheckpointError(ValueError):
 class Checkpointer:
     def __init__(self, directory: str, every_steps: int, keep: int):
         self.every_steps = every_steps
+        self.closed = False
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "data", "meta"),
@@ -113,8 +114,11 @@ class Checkpointer:
             return None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for asynchronous saves to land, then closes; safe to call twice."""
+        if not self.closed:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.closed = True
 
 
 def check_compatible(saved: dict[str, Any], now: dict[str, Any], allow_change: bool,

@@ -24,9 +24,11 @@ from coach_jax.data.formats import FORMATS
 from coach_jax.data.pipeline import PACKING, SourceConfig
 from coach_jax.data.readers import expand_paths
 from coach_jax.evals.forgetting import ON_BUDGET
+from coach_jax.evals.suite import EvalConfig
+from coach_jax.models.builder import ModelSpec
 from coach_jax.models.config import ATTENTION, REMAT_POLICIES
 from coach_jax.train import optimizers
-from coach_jax.train.loss import NORMALIZATIONS, LossConfig
+from coach_jax.train.loss import CHUNK_TOKENS, NORMALIZATIONS, LossConfig
 from coach_jax.train.optimizers import OptimizerConfig
 from coach_jax.train.param_groups import FROZEN, ParamGroups
 from coach_jax.train.schedules import SCHEDULES, ScheduleConfig
@@ -93,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.loss_normalization = "tokens"  # tokens | examples
     c.train.z_loss = 0.0
     c.train.label_smoothing = 0.0
-    c.train.chunk_tokens = 256  # LM head + cross-entropy chunk (0 = unchunked)
+    c.train.chunk_tokens = CHUNK_TOKENS  # LM head + cross-entropy chunk (0 = unchunked)
     c.train.freeze = ()  # regexes of parameter paths to freeze, e.g. ("embed_tokens",)
     c.train.lr_multipliers = ()  # ("regex=multiplier", ...), e.g. ("lm_head=0.5",)
     c.train.trainable_last_layers = -1  # -1 = all layers train
@@ -162,22 +164,77 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-    """A validated run: typed settings for every part."""
+class DataSettings:
+    """The data section: what the pipelines read and how they encode and pack it."""
 
-    model: Any  # the config.model section (read by models.builder)
-    tokenizer_path: str
-    chat_template: str | None
     train_sources: tuple[SourceConfig, ...]
     eval_sources: tuple[SourceConfig, ...]
     encode: EncodeOptions
-    optimizer: OptimizerConfig
-    groups: ParamGroups
-    loss: LossConfig
-    mesh_shape: tuple[int, int, int]
+    packing: str
+    num_packing_bins: int
+    max_drop_fraction: float
+    epochs: int
+    seed: int
+    workers: int
     cache_dir: str
-    prompt_sources: tuple[SourceConfig, ...] = ()  # behaviour evals
-    reference_source: SourceConfig | None = None  # forgetting monitor
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.encode.max_seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The train section: length, batch, loss, parameter groups and logging cadence."""
+
+    steps: int  # 0 = data.epochs passes over the data
+    global_batch_size: int
+    micro_batches: int
+    log_every: int
+    eval_every: int
+    seed: int
+    loss: LossConfig
+    groups: ParamGroups
+    profile_steps: tuple[int, int] | None  # first and last step of a profiler trace
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySettings:
+    check: bool  # refuse a run whose estimate does not fit a device
+    device_bytes: int  # 0: ask the device
+    headroom: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    every_steps: int
+    keep: int
+    init_from: str  # another run's checkpoints folder: start from its params; "" = none
+    allow_config_change: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    hf: bool  # write DIR/export in Hugging Face format at the end
+    dtype: str | None  # None = the parameter dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A validated run, one typed section per part; below this module nothing reads the
+    ml_collections config."""
+
+    model: ModelSpec
+    tokenizer_path: str
+    chat_template: str | None
+    data: DataSettings
+    train: TrainSettings
+    optimizer: OptimizerConfig
+    mesh_shape: tuple[int, int, int]
+    memory: MemorySettings
+    checkpoint: CheckpointSettings
+    eval: EvalConfig
+    export: ExportSettings
 
 
 def parse_sources(spec: Any, field: str, format: str) -> tuple[SourceConfig, ...]:
@@ -228,7 +285,8 @@ def optimizer_hparams(c: ml_collections.ConfigDict) -> dict[str, Any]:
     return hparams
 
 
-def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> Run:
+def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int = 1
+            ) -> Settings:
     """Validates the whole config; raises ConfigError with a one-line explanation."""
     if not c.model.hf_path and not c.model.init.vocab_size:
         raise ConfigError("set model.hf_path (a local HF folder) or model.init")
@@ -262,7 +320,7 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
         raise ConfigError("a mixture of several training sources needs train.steps")
     if c.data.max_seq_len < 2:
         raise ConfigError(f"data.max_seq_len={c.data.max_seq_len} is too small")
-    prompt_sources, reference_source = _eval_sources(c, eval_sources)
+    eval_config = _eval_config(c, eval_sources)
 
     mesh_shape = mesh_dims(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, device_count)
     data_shards = mesh_shape[0] * mesh_shape[1]
@@ -278,16 +336,6 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
         raise ConfigError(f"train.global_batch_size={batch} is not divisible by the "
                           f"{process_count} processes")
 
-    try:
-        optimizers.resolve_factory(c.optimizer.name)
-    except optimizers.OptimizerConfigError as e:
-        raise ConfigError(f"optimizer.name: {e}") from None
-    hparams = optimizer_hparams(c)
-    accepted = optimizers.accepted_hparams(optimizers.resolve_factory(c.optimizer.name))
-    unknown = sorted(set(hparams) - set(accepted))
-    if unknown:
-        raise ConfigError(f"optimizer {c.optimizer.name!r} does not accept "
-                          f"{', '.join(unknown)}; it accepts: {', '.join(accepted)}")
     warmup_ratio = None  # warmup_steps wins when both are set
     if not c.schedule.warmup_steps and c.schedule.warmup_ratio:
         warmup_ratio = c.schedule.warmup_ratio
@@ -302,24 +350,45 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
                              else c.train.trainable_last_layers)
         loss = LossConfig(c.train.loss_normalization, c.train.z_loss, c.train.label_smoothing,
                           c.train.chunk_tokens)
+        optimizer = OptimizerConfig(c.optimizer.name, c.optimizer.learning_rate,
+                                    optimizer_hparams(c), c.optimizer.grad_clip_norm or None,
+                                    schedule, c.optimizer.decay_norms_and_biases)
+    except optimizers.UnknownHparamsError as e:
+        raise ConfigError(f"optimizer {e.name!r} does not accept {', '.join(e.unknown)}; "
+                          f"it accepts: {', '.join(e.accepted)}") from None
+    except optimizers.OptimizerConfigError as e:
+        raise ConfigError(f"optimizer.name: {e}") from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    optimizer = OptimizerConfig(c.optimizer.name, c.optimizer.learning_rate, hparams,
-                                c.optimizer.grad_clip_norm or None, schedule,
-                                c.optimizer.decay_norms_and_biases)
     encode = EncodeOptions(c.data.max_seq_len, c.data.truncation, c.data.train_on,
                            c.data.on_invalid, end_of_turn=c.data.end_of_turn)
     cache_dir = c.data.cache_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "coach_jax",
         "encoded")
-    return Run(c.model, tokenizer_path, c.tokenizer.chat_template or None, train_sources,
-               eval_sources, encode, optimizer, groups, loss, mesh_shape, cache_dir,
-               prompt_sources, reference_source)
+    profile = tuple(int(x) for x in c.train.profile_steps.split(",")) if (
+        c.train.profile_steps) else None
+    return Settings(
+        model=ModelSpec(c.model.hf_path, tuple(sorted(c.model.init.items())), c.model.dtype,
+                        c.model.param_dtype, c.model.remat, c.model.attention,
+                        c.model.scan_layers, c.model.vocab_multiple),
+        tokenizer_path=tokenizer_path, chat_template=c.tokenizer.chat_template or None,
+        data=DataSettings(train_sources, eval_sources, encode, c.data.packing,
+                          c.data.num_packing_bins, c.data.max_drop_fraction, c.data.epochs,
+                          c.data.seed, c.data.workers, cache_dir),
+        train=TrainSettings(c.train.steps, batch, micro, c.train.log_every, c.train.eval_every,
+                            c.train.seed, loss, groups, profile),
+        optimizer=optimizer, mesh_shape=mesh_shape,
+        memory=MemorySettings(c.memory.check, c.memory.device_bytes, c.memory.headroom),
+        checkpoint=CheckpointSettings(c.checkpoint.every_steps, c.checkpoint.keep,
+                                      c.checkpoint.init_from,
+                                      c.checkpoint.allow_config_change),
+        eval=eval_config,
+        export=ExportSettings(c.export.hf, c.export.dtype or None))
 
 
-def _eval_sources(c: ml_collections.ConfigDict, eval_sources: tuple[SourceConfig, ...]
-                  ) -> tuple[tuple[SourceConfig, ...], SourceConfig | None]:
-    """Checks the eval section; returns the behaviour sources and the reference source."""
+def _eval_config(c: ml_collections.ConfigDict, eval_sources: tuple[SourceConfig, ...]
+                 ) -> EvalConfig:
+    """Checks the eval section; the behaviour sources default to data.eval."""
     e = c.eval
     _choice(e.on_forgetting_budget, ON_BUDGET, "eval.on_forgetting_budget")
     prompt_sources = ()
@@ -345,7 +414,15 @@ def _eval_sources(c: ml_collections.ConfigDict, eval_sources: tuple[SourceConfig
     if e.forgetting_budget and reference is None:
         raise ConfigError("eval.forgetting_budget needs eval.reference (the set forgetting "
                           "is measured on)")
-    return prompt_sources, reference
+    return EvalConfig(
+        max_batches=e.max_batches, at_start=e.at_start, prompt_sources=prompt_sources,
+        generate_examples=e.generate_examples, max_new_tokens=e.max_new_tokens,
+        temperature=e.temperature, generate_batch_size=e.generate_batch_size,
+        json_schema=e.json_schema, fact_fields=tuple(e.fact_fields), reference=reference,
+        reference_max_batches=e.reference_max_batches,
+        forgetting_budget=e.forgetting_budget, on_forgetting_budget=e.on_forgetting_budget,
+        seed=c.train.seed, chunk_tokens=c.train.chunk_tokens,
+        end_of_turn=c.data.end_of_turn)
 
 
 def mesh_dims(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:

@@ -10,24 +10,25 @@ from typing import Any
 import jax
 
 from coach_jax import data, models, sampling
-from coach_jax.config import ConfigError, resolve
+from coach_jax.config import ConfigError, Settings, resolve
 from coach_jax.data.conversation import Conversation, Document, Message
 
 
-def _sources(config) -> tuple:
-    """The validated run and every data source it names (train, then eval)."""
-    run = resolve(config, jax.device_count(), jax.process_count())
-    return run, list(run.train_sources + run.eval_sources)
+def _sources(config) -> tuple[Settings, list]:
+    """The validated settings and every data source they name (train, then eval)."""
+    settings = resolve(config, jax.device_count(), jax.process_count())
+    return settings, list(settings.data.train_sources + settings.data.eval_sources)
 
 
 def lint(config, workdir, **_) -> int:
     """Every record of data.train and data.eval checked; exit 1 on errors."""
-    run, sources = _sources(config)
-    tokenizer = data.load_tokenizer(run.tokenizer_path, run.chat_template)
+    settings, sources = _sources(config)
+    tokenizer = data.load_tokenizer(settings.tokenizer_path, settings.chat_template)
+    encode = settings.data.encode
     failed = False
     for source in sources:
-        report = data.lint(source.paths, tokenizer, source.format, config.data.max_seq_len,
-                           config.data.train_on, config.data.end_of_turn)
+        report = data.lint(source.paths, tokenizer, source.format, encode.max_seq_len,
+                           encode.train_on, encode.end_of_turn)
         print(f"== {source.name} ({source.paths})\n{report.format()}")
         failed |= not report.ok()
     return 1 if failed else 0
@@ -35,13 +36,14 @@ def lint(config, workdir, **_) -> int:
 
 def inspect(config, workdir, inspect_examples: int = 3, **_) -> int:
     """The first examples of each source as the model sees them, supervised text marked."""
-    run, sources = _sources(config)
-    tokenizer = data.load_tokenizer(run.tokenizer_path, run.chat_template)
-    print(data.template_report(tokenizer, config.data.end_of_turn))
+    settings, sources = _sources(config)
+    tokenizer = data.load_tokenizer(settings.tokenizer_path, settings.chat_template)
+    encode = settings.data.encode
+    print(data.template_report(tokenizer, encode.end_of_turn))
     for source in sources:
         print(f"== {source.name} ({source.paths})")
         print(data.inspect(source.paths, tokenizer, inspect_examples, source.format,
-                           config.data.train_on, end_of_turn=config.data.end_of_turn))
+                           encode.train_on, end_of_turn=encode.end_of_turn))
     return 0
 
 
@@ -69,18 +71,23 @@ def export(config, workdir, step=None, **_) -> int:
     return 0
 
 
-def _model(config, workdir, model_path, step):
-    """(model config, params, tokenizer) from an HF folder (`--model`), or from the
-    workdir's latest checkpoint (or `--step`) of the run `--config` describes."""
+def _model(config, workdir, model_path, step) -> tuple[models.ModelConfig, Any, Any, str]:
+    """(model config, params, tokenizer, data.end_of_turn) from an HF folder (`--model`,
+    with the compute dtype and end-of-turn of `--config` when given), or from the workdir's
+    latest checkpoint (or `--step`) of the run `--config` describes."""
     if model_path:
-        dtype = config.model.dtype if config is not None else "float32"
-        cfg, params = models.load_hf(model_path, compute_dtype=dtype)
-        return cfg, params, data.load_tokenizer(model_path)
+        settings = (resolve(config, jax.device_count(), jax.process_count())
+                    if config is not None else None)
+        cfg, params = models.load_hf(model_path, compute_dtype=settings.model.dtype
+                                     if settings else "float32")
+        end_of_turn = settings.data.encode.end_of_turn if settings else ""
+        return cfg, params, data.load_tokenizer(model_path), end_of_turn
     if config is None or not workdir:
         raise ConfigError("name a model: --model=<HF folder>, or --config and --workdir of a "
                           "run with checkpoints")
     trainer, _ = _restored_trainer(config, workdir, step)
-    return trainer.model_cfg, trainer.eval_params(), trainer.tokenizer
+    return (trainer.model_cfg, trainer.eval_params(), trainer.tokenizer,
+            trainer.settings.data.encode.end_of_turn)
 
 
 def _sampling(flags: dict[str, Any]) -> sampling.SamplingConfig:
@@ -117,8 +124,7 @@ def generate(config, workdir, input=None, output=None, model=None, step=None,  #
         rows.append(row)
     if not rows:
         raise data.DataError(None, f"{input}: no records to generate for")
-    cfg, params, tokenizer = _model(config, workdir, model, step)
-    end_of_turn = _end_of_turn(config)
+    cfg, params, tokenizer, end_of_turn = _model(config, workdir, model, step)
     completions = sampling.generate_tokens(
         cfg, params, [sampling.prompt_ids(tokenizer, p, end_of_turn) for p in prompts],
         sampling.stop_token_ids(tokenizer, end_of_turn), settings, flags["generate_batch_size"])
@@ -131,19 +137,13 @@ def generate(config, workdir, input=None, output=None, model=None, step=None,  #
     return 0
 
 
-def _end_of_turn(config) -> str:
-    """The run's data.end_of_turn (none without --config)."""
-    return config.data.end_of_turn if config is not None else ""
-
-
 CHAT_HELP = "commands: /reset (new conversation), /exit (or Ctrl-D)"
 
 
 def chat(config, workdir, model=None, step=None, system=None, **flags) -> int:
     """An interactive chat in the terminal; one line per user turn."""
     settings = _sampling(flags)
-    cfg, params, tokenizer = _model(config, workdir, model, step)
-    end_of_turn = _end_of_turn(config)
+    cfg, params, tokenizer, end_of_turn = _model(config, workdir, model, step)
     stop_ids = sampling.stop_token_ids(tokenizer, end_of_turn)
     opening = [Message("system", system)] if system else []
     history = list(opening)

@@ -14,6 +14,7 @@ import math
 import os
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
@@ -77,24 +78,33 @@ def tree_shardings(params: Params, cfg: ModelConfig, mesh: jax.sharding.Mesh) ->
     return jax.tree_util.tree_map_with_path(lambda p, _: table[path_str(p)], params)
 
 
-def state_shardings(abstract_state: Any, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Any:
-    """Shardings for a whole train state: every leaf that mirrors a parameter (the params
-    themselves, Adam's moments, momentum...) shards like that parameter; the rest (step
-    counts, factored statistics, the RNG) is replicated."""
-    table = param_shardings(cfg, mesh)
-    shapes = {path: s.shape for path, s in
-              ((path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
-                  abstract_state.params)[0])}
+def state_shardings(create: Callable[[Params], Any], params: Params, cfg: ModelConfig,
+                    mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+    """(abstract state, shardings) of `create(params)`, allocating nothing.
 
-    def choose(key_path, leaf):
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in key_path]
-        for start in range(len(names)):
-            candidate = "/".join(names[start:])
-            if candidate in table and shapes.get(candidate) == leaf.shape:
-                return table[candidate]
-        return replicated(mesh)
+    The creation is traced (`jax.eval_shape`) on parameters boxed with their logical axes,
+    so every leaf the optimizer makes from a parameter (Adam's moments, momentum,
+    schedule-free's average) carries that parameter's axes and shards like it. A leaf of
+    another rank (factored statistics) or without axes (step counts, the RNG) is
+    replicated."""
+    is_spec = lambda x: isinstance(x, P)
+    boxed = jax.tree.map(
+        lambda spec, x: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                tuple(spec)),
+        logical_axes(cfg), params, is_leaf=is_spec)
+    abstract = jax.eval_shape(create, boxed)
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
 
-    return jax.tree_util.tree_map_with_path(choose, abstract_state)
+    def place(leaf: Any) -> Any:
+        if not is_box(leaf):
+            return replicated(mesh)
+        if not hasattr(leaf.value, "ndim"):  # a placeholder (optax's MaskedNode)
+            return jax.tree.map(lambda _: replicated(mesh), leaf.value)
+        if len(leaf.names) != leaf.value.ndim:
+            return replicated(mesh)
+        return NamedSharding(mesh, spec_for(leaf.names, leaf.value.shape, mesh))
+
+    return nn.unbox(abstract), jax.tree.map(place, abstract, is_leaf=is_box)
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

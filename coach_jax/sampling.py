@@ -92,14 +92,11 @@ def _generate(params: Params, tokens_BxP: jax.Array, lengths_B: jax.Array,
     slot = jnp.arange(prompt_len)[None, :]
     segment_ids_BxP = (slot >= pad_B[:, None]).astype(jnp.int32)
     positions_BxP = jnp.maximum(slot - pad_B[:, None], 0).astype(jnp.int32)
-    decoder = models.decoder.Decoder(cfg)
 
     def forward(tokens_BxT, positions_BxT, segment_ids_BxT, cache):
-        hidden, cache = decoder.apply({"params": params}, tokens_BxT, positions_BxT,
-                                      segment_ids_BxT, cache, method=decoder.decode)
-        logits = decoder.apply({"params": params}, hidden[:, -1:],
-                               method=decoder.logits_from_hidden)
-        return logits[:, 0], cache
+        hidden, cache = models.decode(cfg, params, tokens_BxT, positions_BxT, segment_ids_BxT,
+                                      cache)
+        return models.logits_from_hidden(cfg, params, hidden[:, -1:])[:, 0], cache
 
     cache = models.init_cache(cfg, batch, prompt_len + steps)
     logits_BxV, cache = forward(tokens_BxP, positions_BxP, segment_ids_BxP, cache)

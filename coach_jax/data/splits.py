@@ -1,4 +1,7 @@
-"""Carving a seeded eval split from a source, and checking train/eval overlap."""
+"""Carving a seeded eval split from a source, and checking train/eval overlap.
+
+Not yet reached from the config: step 13 wires it (an eval split carved from data.train,
+and an overlap warning); until then it is library API, tested in tests/test_encoded.py."""
 
 from __future__ import annotations
 

@@ -24,44 +24,28 @@ from coach_jax import models
 from coach_jax.data.errors import DataError
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
+from coach_jax.train.loss import CHUNK_TOKENS, LossConfig, batch_sums
 
 ON_BUDGET = ("warn", "stop")
 
 
 def reference_sums(base_params: Params, params: Params, batch: dict[str, jax.Array], *,
                    cfg: ModelConfig, chunk_tokens: int) -> dict[str, jax.Array]:
-    """One pass over a reference batch: the current model's NLL summed over supervised
-    tokens (and their count), and KL(base || current) summed over non-padding positions
-    (and their count). The LM head runs `chunk_tokens` positions at a time, so [B, T, V]
-    logits never exist."""
-    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
-    hidden_base = models.hidden_states(cfg, base_params, *args)
-    hidden = models.hidden_states(cfg, params, *args)
-    batch_size, length, width = hidden.shape
-    total = batch_size * length
-    chunk = min(chunk_tokens or total, total)
-    pad = -total % chunk
+    """One pass over a reference batch: the current model's loss sums (`nll` over supervised
+    tokens, their count `tokens`) and KL(base || current) summed over the non-padding
+    positions (their count `positions`), from the shared forward-and-loss pass."""
+    base_hidden = models.hidden_states(cfg, base_params, batch["inputs"], batch["positions"],
+                                       batch["segment_ids"])
 
-    def rows(x):
-        x = x.reshape(total, -1)
-        return jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, x.shape[-1])
+    def kl(logits: jax.Array, part: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        log_p = jax.nn.log_softmax(models.logits_from_hidden(
+            cfg, base_params, part["base_hidden"]).astype(jnp.float32))
+        log_q = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return {"kl": jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)}
 
-    def one_chunk(parts):
-        h_base, h, targets = parts
-        log_p = jax.nn.log_softmax(
-            models.logits_from_hidden(cfg, base_params, h_base[None])[0].astype(jnp.float32))
-        log_q = jax.nn.log_softmax(
-            models.logits_from_hidden(cfg, params, h[None])[0].astype(jnp.float32))
-        nll = -jnp.take_along_axis(log_q, targets, axis=-1)[:, 0]
-        return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), nll
-
-    kl, nll = jax.lax.map(one_chunk, (rows(hidden_base), rows(hidden),
-                                      rows(batch["targets"])))
-    kl, nll = kl.reshape(-1)[:total], nll.reshape(-1)[:total]
-    real = (batch["segment_ids"] > 0).reshape(-1)
-    supervised = batch["loss_mask"].reshape(-1) > 0
-    return {"kl": jnp.sum(jnp.where(real, kl, 0.0)), "positions": jnp.sum(real),
-            "nll": jnp.sum(jnp.where(supervised, nll, 0.0)), "tokens": jnp.sum(supervised)}
+    sums = batch_sums(cfg, params, batch, LossConfig(chunk_tokens=chunk_tokens), extra=kl,
+                      extra_inputs={"base_hidden": base_hidden})
+    return {k: sums[k] for k in ("kl", "positions", "nll", "tokens")}
 
 
 def compute_dtype_copy(params: Params, dtype: str) -> Params:
@@ -78,7 +62,7 @@ class ForgettingMonitor:
     cfg: ModelConfig
     base_params: Params
     batches: Callable[[], Iterable[dict[str, jax.Array]]]  # the reference set, global arrays
-    chunk_tokens: int = 256
+    chunk_tokens: int = CHUNK_TOKENS
     budget: float = 0.0  # allowed rise of the reference loss (nats); 0 = no budget
     base_loss: float | None = None
 

@@ -1,17 +1,17 @@
 """Every eval a run asks for, on given parameters: held-out loss (token-exact, per source),
 behaviour on held-out prompts, and forgetting against the base model.
 
-Built once by the Trainer; `run(params)` returns the metrics for metrics.jsonl and the
+Built once by the Trainer; `measure(params)` returns the metrics for metrics.jsonl and the
 generations, which the Trainer writes to DIR/generations/step_<N>.jsonl for the report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Callable, Iterable
 
 import jax
-import ml_collections
 
 from coach_jax import parallel, sampling
 from coach_jax.data.errors import DataError
@@ -21,42 +21,63 @@ from coach_jax.evals.forgetting import ForgettingMonitor
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
 from coach_jax.train.evaluation import eval_totals, summarize
+from coach_jax.train.loss import CHUNK_TOKENS
 
 Batches = Callable[[], Iterable[dict[str, jax.Array]]]
 
 
-class EvalSuite:
-    """The evals of one run; see the module docstring."""
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The eval section of a run (see config.base_config for each key)."""
 
-    def __init__(self, eval_config: ml_collections.ConfigDict, seed: int, model_cfg: ModelConfig,
-                 tokenizer: Any, eval_step: Callable, held_out: dict[str, Batches],
-                 prompt_sources: tuple[SourceConfig, ...] = (),
+    max_batches: int = 0  # held-out batches per source per eval; 0 = all
+    at_start: bool = True
+    prompt_sources: tuple[SourceConfig, ...] = ()  # behaviour: conversations to answer
+    generate_examples: int = 0
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    generate_batch_size: int = 32
+    json_schema: str = ""
+    fact_fields: tuple[str, ...] = ()
+    reference: SourceConfig | None = None  # forgetting: the general reference set
+    reference_max_batches: int = 0
+    forgetting_budget: float = 0.0
+    on_forgetting_budget: str = "warn"
+    seed: int = 0  # sampling seed
+    chunk_tokens: int = CHUNK_TOKENS  # the forgetting monitor's LM head chunk
+    end_of_turn: str = ""  # the run's data.end_of_turn
+
+
+class EvalSuite:
+    """The evals of one run; see the module docstring. `held_out` and `reference` give a
+    fresh pass over their batches (global arrays) each time they are called."""
+
+    def __init__(self, config: EvalConfig, model_cfg: ModelConfig, tokenizer: Any,
+                 eval_step: Callable, held_out: dict[str, Batches],
                  reference: Batches | None = None, base_params: Params | None = None,
-                 chunk_tokens: int = 256, mesh: jax.sharding.Mesh | None = None,
-                 end_of_turn: str = ""):
-        e = eval_config
+                 mesh: jax.sharding.Mesh | None = None):
+        self.config = config
         self.model_cfg, self.tokenizer, self.eval_step = model_cfg, tokenizer, eval_step
         self.held_out = held_out
         self.cases = {}
-        for source in prompt_sources:
-            cases = behaviour.load_cases(source.paths, source.format, e.generate_examples)
+        for source in config.prompt_sources:
+            cases = behaviour.load_cases(source.paths, source.format, config.generate_examples)
             if not cases:
                 raise DataError(None, f"eval prompts {source.paths}: no conversation ends with "
                                       "an assistant turn to compare generations with")
             self.cases[source.name] = cases
-        self.validator = behaviour.load_schema(e.json_schema) if e.json_schema else None
-        self.sampling = sampling.SamplingConfig(max_new_tokens=e.max_new_tokens,
-                                                temperature=e.temperature, seed=seed)
-        self.batch_size, self.mesh = e.generate_batch_size, mesh
+        self.validator = behaviour.load_schema(config.json_schema) if config.json_schema else None
+        self.sampling = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens,
+                                                temperature=config.temperature, seed=config.seed)
+        self.mesh = mesh
         # Encoded once: the same prompts are generated for at every eval.
-        self.prompts = {name: [sampling.prompt_ids(tokenizer, c.prompt, end_of_turn)
+        self.prompts = {name: [sampling.prompt_ids(tokenizer, c.prompt, config.end_of_turn)
                                for c in cases] for name, cases in self.cases.items()}
-        self.stop_ids = sampling.stop_token_ids(tokenizer, end_of_turn)
-        self.fact_fields = tuple(e.fact_fields)
+        self.stop_ids = sampling.stop_token_ids(tokenizer, config.end_of_turn)
         self.forgetting = None
         if reference is not None:
             self.forgetting = ForgettingMonitor(model_cfg, base_params, reference,
-                                                chunk_tokens, e.forgetting_budget)
+                                                config.chunk_tokens, config.forgetting_budget)
 
     @property
     def enabled(self) -> bool:
@@ -73,10 +94,10 @@ class EvalSuite:
         for name, cases in self.cases.items():
             completions = sampling.generate_tokens(self.model_cfg, params, self.prompts[name],
                                                    self.stop_ids, self.sampling,
-                                                   self.batch_size, self.mesh)
+                                                   self.config.generate_batch_size, self.mesh)
             outputs = [sampling.completion_text(self.tokenizer, c) for c in completions]
             scores = behaviour.score(outputs, [c.reference for c in cases], self.validator,
-                                     self.fact_fields)
+                                     self.config.fact_fields)
             metrics.update({f"behaviour/{name}/{k}": v for k, v in scores.items()})
             for case, output, completion in zip(cases, outputs, completions):
                 generations.append({"source": name, "origin": case.origin,
@@ -85,7 +106,7 @@ class EvalSuite:
                                     "finish_reason": completion.finish_reason})
         return metrics, generations
 
-    def run(self, params: Params) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def measure(self, params: Params) -> tuple[dict[str, float], list[dict[str, Any]]]:
         metrics = self.held_out_loss(params)
         generations = []
         if self.cases:

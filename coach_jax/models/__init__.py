@@ -1,4 +1,4 @@
-"""The decoder (Llama / Mistral / Qwen2 / Qwen3 by configuration) and its HF interop."""
+"""The decoder (each family of families.py, by configuration) and its HF interop."""
 
 from coach_jax.models.config import Llama3RopeScaling, ModelConfig, UnsupportedModelError
 from coach_jax.models.decoder import (Params, ShardingFn, apply, count_params, decode,

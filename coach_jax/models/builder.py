@@ -3,8 +3,8 @@ directly with the shardings a mesh gives it."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
 
 import jax
 
@@ -15,12 +15,26 @@ from coach_jax.models.hf_checkpoint import load_hf
 from coach_jax.models.vocab import fit_vocab
 
 
-def build_model(model_config: Any, tokenizer_size: int, seed: int,
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model section of a run: a local HF folder, or an HF-style config to initialise
+    from scratch (`init`, config.json names and values), and the runtime switches."""
+
+    hf_path: str
+    init: tuple[tuple[str, int | float | str | bool], ...]
+    dtype: str  # compute dtype
+    param_dtype: str
+    remat: str
+    attention: str
+    scan_layers: bool
+    vocab_multiple: int
+
+
+def build_model(model_config: ModelSpec, tokenizer_size: int, seed: int,
                 mesh: jax.sharding.Mesh | None = None) -> tuple[ModelConfig, Params]:
-    """`model_config` is the `config.model` section: `hf_path` loads that folder, otherwise
-    `init` (HF config.json names) is initialised from `seed`. With a mesh, every parameter
-    is created or read straight into its shards. See models/vocab.py for how the
-    vocabulary is grown and padded (also to a multiple of the tensor axis)."""
+    """`hf_path` loads that folder, otherwise `init` is initialised from `seed`. With a
+    mesh, every parameter is created or read straight into its shards. See models/vocab.py
+    for how the vocabulary is grown and padded (also to a multiple of the tensor axis)."""
     runtime = dict(compute_dtype=model_config.dtype, scan_layers=model_config.scan_layers,
                    remat=model_config.remat, attention=model_config.attention,
                    param_dtype=model_config.param_dtype)
@@ -31,10 +45,9 @@ def build_model(model_config: Any, tokenizer_size: int, seed: int,
         spec["vocab_size"] = max(spec["vocab_size"], tokenizer_size)
         cfg = ModelConfig.from_hf_dict(spec, **runtime)
     sharding = parallel.sharding_fn(cfg, mesh) if mesh is not None else None
-    if model_config.hf_path:
-        runtime.pop("param_dtype")
+    if model_config.hf_path:  # config.json parsed once, above
         cfg, params = load_hf(model_config.hf_path, dtype=model_config.param_dtype,
-                              sharding=sharding, **runtime)
+                              sharding=sharding, cfg=cfg)
     else:
         params = init(cfg, seed, sharding=sharding)
     multiple = model_config.vocab_multiple

@@ -2,6 +2,8 @@
 
 Model code never sees raw HF dictionaries: every architectural switch it needs is a typed
 field here, parsed once, with a clear error for anything the decoder cannot compute exactly.
+What differs between families (which keys switch which feature) is their entry in
+families.py.
 """
 
 from __future__ import annotations
@@ -11,21 +13,13 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from coach_jax.models import families, projection
+from coach_jax.models.families import UnsupportedModelError
+
+SUPPORTED_MODEL_TYPES = families.FAMILIES.keys()  # a live view: registered families count
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 ATTENTION = ("auto", "xla", "cudnn", "splash")
-
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-
-
-class UnsupportedModelError(ValueError):
-    """The HF config asks for something this decoder does not compute."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +65,8 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"  # one of REMAT_POLICIES: what the backward pass recomputes
     attention: str = "auto"  # one of ATTENTION; auto picks the fastest for the backend
+    # How projections hold and apply their weights: a name in projection.STRATEGIES.
+    projection: str = "dense"
     # With a vocabulary padded (for sharding) beyond the tokenizer's, the real size: logits
     # of the padding ids are masked and export cuts them off. None: vocab_size is real.
     real_vocab_size: int | None = None
@@ -78,10 +74,7 @@ class ModelConfig:
     hf_source: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {self.model_type!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        families.family(self.model_type)
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -92,6 +85,9 @@ class ModelConfig:
         if self.attention not in ATTENTION:
             raise UnsupportedModelError(f"attention={self.attention!r}; expected one of "
                                         f"{', '.join(ATTENTION)}")
+        if self.projection not in projection.STRATEGIES:
+            raise UnsupportedModelError(f"projection={self.projection!r}; expected one of "
+                                        f"{', '.join(projection.STRATEGIES)}")
         if self.real_vocab_size is not None and not 0 < self.real_vocab_size <= self.vocab_size:
             raise UnsupportedModelError(f"real_vocab_size={self.real_vocab_size} must be in "
                                         f"(0, vocab_size={self.vocab_size}]")
@@ -105,14 +101,20 @@ class ModelConfig:
     def has_sliding_window(self) -> bool:
         return any(self.layer_windows)
 
+    @property
+    def rope_type(self) -> str:
+        return "default" if self.rope_scaling is None else "llama3"
+
+    def projection_group(self, module: str) -> str | None:
+        """The group ("qkv") of a projection ("self_attn/q_proj") that the checkpoint
+        stores fused with others, so strategies can share parameters across it; None when
+        it is stored alone. Derived from the family's tensor layout, not a free switch."""
+        return families.family(self.model_type).tensors.groups().get(module)
+
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> "ModelConfig":
         """Parses a HF `config.json` dict; `overrides` set runtime fields (dtypes, scan)."""
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        family = families.family(hf.get("model_type"))
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only 'silu')")
@@ -123,9 +125,8 @@ class ModelConfig:
         num_layers = hf["num_hidden_layers"]
         num_heads = hf["num_attention_heads"]
         rope_theta, rope_scaling = _parse_rope(hf)
-        attention_bias = bool(hf.get("attention_bias", False))
         fields: dict[str, Any] = dict(
-            model_type=model_type,
+            model_type=family.model_type,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -138,17 +139,10 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            layer_windows=_parse_layer_windows(hf, model_type, num_layers),
             initializer_range=hf.get("initializer_range", 0.02),
             hf_source=json.dumps(hf, sort_keys=True),
         )
-        if model_type == "llama":
-            fields.update(qkv_bias=attention_bias, o_bias=attention_bias,
-                          mlp_bias=bool(hf.get("mlp_bias", False)))
-        elif model_type == "qwen2":
-            fields.update(qkv_bias=True)
-        elif model_type == "qwen3":
-            fields.update(qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=True)
+        fields.update(family.features(hf, num_layers))
         fields.update(overrides)
         return cls(**fields)
 
@@ -169,6 +163,7 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` transformers needs to rebuild this architecture."""
+        family = families.family(self.model_type)
         hf = json.loads(self.hf_source) if self.hf_source else {}
         for legacy in ("rope_scaling", "torch_dtype", "transformers_version"):
             hf.pop(legacy, None)
@@ -180,7 +175,7 @@ class ModelConfig:
             raise UnsupportedModelError("cut the padded vocabulary back before export "
                                         "(models.unpad_vocab)")
         hf.update(
-            architectures=[_ARCHITECTURES[self.model_type]],
+            architectures=[family.architecture],
             model_type=self.model_type,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -198,45 +193,12 @@ class ModelConfig:
             initializer_range=self.initializer_range,
             dtype=self.param_dtype,
         )
-        self._check_exportable()
-        if self.model_type == "llama":
-            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        if self.model_type == "qwen3":
-            hf.update(attention_bias=self.qkv_bias)
-        windows = sorted(set(self.layer_windows) - {0})
-        if self.model_type == "mistral":
-            hf.update(sliding_window=windows[0] if windows else None)
-        if self.model_type in ("qwen2", "qwen3"):
-            hf.update(
-                use_sliding_window=bool(windows),
-                sliding_window=windows[0] if windows else None,
-                layer_types=["sliding_attention" if w else "full_attention"
-                             for w in self.layer_windows])
-            hf.pop("max_window_layers", None)
-        return hf
-
-    def _check_exportable(self) -> None:
-        """Rejects switch combinations the HF class of this model_type cannot express."""
-        problems = []
-        qwen3 = self.model_type == "qwen3"
-        if self.qk_norm != qwen3:
-            problems.append(f"qk_norm={self.qk_norm}")
-        expected_bias = {"llama": (self.qkv_bias, self.qkv_bias), "mistral": (False, False),
-                         "qwen2": (True, False), "qwen3": (self.qkv_bias, self.qkv_bias)}
-        if (self.qkv_bias, self.o_bias) != expected_bias[self.model_type]:
-            problems.append(f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
-        if self.mlp_bias and self.model_type != "llama":
-            problems.append("mlp_bias=True")
-        if self.rope_scaling is not None and self.model_type != "llama":
-            problems.append("llama3 rope scaling")
-        windows = set(self.layer_windows) - {0}
-        if len(windows) > 1 or (windows and self.model_type == "llama"):
-            problems.append(f"layer_windows={self.layer_windows}")
-        if windows and self.model_type == "mistral" and 0 in self.layer_windows:
-            problems.append("a sliding window on only some layers")
+        problems = family.problems(self)
         if problems:
             raise UnsupportedModelError(
                 f"a {self.model_type} checkpoint cannot express {', '.join(problems)}")
+        family.export(self, hf)
+        return hf
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
@@ -262,21 +224,3 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     except KeyError as e:
         raise UnsupportedModelError(f"llama3 rope scaling lacks {e.args[0]!r}") from e
     return float(theta), scaling
-
-
-def _parse_layer_windows(hf: dict[str, Any], model_type: str, num_layers: int) -> tuple[int, ...]:
-    """Per-layer sliding windows, following each HF class's own rule."""
-    window = hf.get("sliding_window")
-    if model_type == "mistral":
-        return (int(window),) * num_layers if window else (0,) * num_layers
-    if model_type in ("qwen2", "qwen3"):
-        if not hf.get("use_sliding_window", False) or not window:
-            return (0,) * num_layers
-        layer_types = hf.get("layer_types") or [
-            "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else
-            "full_attention" for i in range(num_layers)]
-        unknown = set(layer_types) - {"sliding_attention", "full_attention"}
-        if unknown or len(layer_types) != num_layers:
-            raise UnsupportedModelError(f"layer_types {layer_types!r} are not supported")
-        return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
-    return (0,) * num_layers

@@ -125,42 +125,42 @@ def _defaults(tokens_BxT: jax.Array, positions_BxT: jax.Array | None,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def hidden_states(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array,
-                  positions_BxT: jax.Array | None = None,
-                  segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array,
+                  positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None) -> jax.Array:
     """Final hidden states [B, T, D]: the input of the LM head (and of chunked losses)."""
-    positions_BxT, segment_ids_BxT = _defaults(tokens_BxT, positions_BxT, segment_ids_BxT)
-    return Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
+    return Decoder(cfg).apply({"params": params}, tokens,
+                              *_defaults(tokens, positions, segment_ids),
                               method=Decoder.hidden_states)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def logits_from_hidden(cfg: ModelConfig, params: Params, hidden_BxTxD: jax.Array) -> jax.Array:
-    """Applies the (tied or untied) LM head to hidden states."""
-    return Decoder(cfg).apply({"params": params}, hidden_BxTxD,
-                              method=Decoder.logits_from_hidden)
+def logits_from_hidden(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """Applies the (tied or untied) LM head to hidden states [B, T, D]."""
+    return Decoder(cfg).apply({"params": params}, hidden, method=Decoder.logits_from_hidden)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def apply(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array,
-          positions_BxT: jax.Array | None = None,
-          segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+def apply(cfg: ModelConfig, params: Params, tokens: jax.Array,
+          positions: jax.Array | None = None,
+          segment_ids: jax.Array | None = None) -> jax.Array:
     """The pure forward pass: token ids [B, T] -> logits [B, T, V].
 
-    `positions` restart at 0 for each packed example; `segment_ids` tell packed examples
-    apart (0 = padding). Attention never crosses segments.
+    `positions` [B, T] restart at 0 for each packed example; `segment_ids` [B, T] tell
+    packed examples apart (0 = padding). Attention never crosses segments.
     """
-    positions_BxT, segment_ids_BxT = _defaults(tokens_BxT, positions_BxT, segment_ids_BxT)
-    return Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT)
+    return Decoder(cfg).apply({"params": params}, tokens,
+                              *_defaults(tokens, positions, segment_ids))
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=5)
-def decode(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-           segment_ids_BxT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+def decode(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array,
+           segment_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Hidden states [B, T, D] of T new tokens attending to the cache, and the cache with
-    them written in (donated: updated in place)."""
-    return Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
-                              cache, method=Decoder.decode)
+    them written in (donated: updated in place; inside another jit, donation is that
+    jit's business)."""
+    return Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids, cache,
+                              method=Decoder.decode)
 
 
 def _boxed_init(cfg: ModelConfig, rng: jax.Array) -> Params:

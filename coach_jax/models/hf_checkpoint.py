@@ -1,9 +1,10 @@
 """Hugging Face safetensors checkpoints in and out: `load_hf` and `save_hf`.
 
-One table, derived from the parameter tree itself, says which HF tensor feeds which
-parameter and how (HF Linear weights are [out, in]; ours are [in..., out...]). Loading reads
-tensor by tensor and places each parameter as soon as it is assembled, so peak host memory
-is about the parameters once. Safetensors only: never pickle, never `torch.load`.
+One plan, derived from the parameter tree and the family's tensor names, says which HF
+tensor feeds which parameter and how (HF Linear weights are [out, in]; ours are
+[in..., out...]; a fused tensor stacks several of ours along its output rows). Loading
+reads tensor by tensor and places each parameter as soon as it is assembled, so peak host
+memory is about the parameters once. Safetensors only: never pickle, never `torch.load`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from coach_jax.models import families
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import (Params, ShardingFn, kernel_input_dims, param_shapes,
                                       path_str)
@@ -38,19 +40,20 @@ class CheckpointError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class _TensorMap:
-    """One HF tensor and the slice of one of our parameters it becomes."""
+class _Piece:
+    """One of our parameters (one layer of it when stacked) inside an HF tensor."""
 
-    hf_name: str
+    path: str
     layer: int | None  # index into the stacked `layers` axis, None when unstacked
     shape: tuple[int, ...]  # ours, per layer
     in_dims: int  # >0 for Linear weights: how many leading dims of ours are HF's "in"
+    flat: bool  # a bias: one dim in HF
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
         if self.in_dims:
             return (math.prod(self.shape[self.in_dims:]), math.prod(self.shape[:self.in_dims]))
-        if self.hf_name.endswith(".bias"):
+        if self.flat:
             return (math.prod(self.shape),)
         return self.shape
 
@@ -63,39 +66,90 @@ class _TensorMap:
         return ours.reshape(self.hf_shape)
 
 
-def _hf_suffix(path: list[str]) -> tuple[str, int]:
-    """Our path inside a layer (or at the top) -> HF name suffix and Linear in-dims."""
-    leaf = path[-1]
-    module = ".".join(path[:-1])
-    if leaf == "kernel":
-        return f"{module}.weight", kernel_input_dims("/".join(path))
-    if leaf == "scale":
-        return f"{module}.weight", 0
-    return f"{module}.{leaf}", 0
+@dataclasses.dataclass(frozen=True)
+class _HfTensor:
+    """One HF tensor: our pieces stacked along its first (output) dim, in order."""
+
+    name: str
+    pieces: tuple[_Piece, ...]
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        shapes = [p.hf_shape for p in self.pieces]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def split(self, hf_tensor: np.ndarray) -> list[np.ndarray]:
+        """Our pieces of the HF tensor."""
+        bounds = np.cumsum([p.hf_shape[0] for p in self.pieces])[:-1]
+        return [p.to_ours(rows) for p, rows in
+                zip(self.pieces, np.split(hf_tensor, bounds, axis=0))]
+
+    def join(self, ours: list[np.ndarray]) -> np.ndarray:
+        """The HF tensor from our pieces."""
+        parts = [p.to_hf(x) for p, x in zip(self.pieces, ours)]
+        return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
 
-def _tensor_plan(cfg: ModelConfig) -> dict[str, list[_TensorMap]]:
-    """For every parameter path, the HF tensors that make it up, in layer order."""
-    plan: dict[str, list[_TensorMap]] = {}
+@dataclasses.dataclass
+class _Unit:
+    """Parameters that make up a set of HF tensors together: one parameter, or the parts of
+    a fused tensor. Loading and saving go unit by unit."""
+
+    shapes: dict[str, tuple[int, ...]]  # our path -> full shape
+    tensors: list[_HfTensor]
+
+
+def _piece(path: str, layer: int | None, shape: tuple[int, ...]) -> _Piece:
+    leaf = path.rsplit("/", 1)[-1]
+    in_dims = kernel_input_dims(path) if leaf == "kernel" else int(path == "lm_head")
+    return _Piece(path, layer, shape, in_dims, flat=leaf == "bias")
+
+
+def _hf_leaf(leaf: str) -> str:
+    """Kernels and norm scales are HF's `weight`; other leaves (bias) keep their name."""
+    return "weight" if leaf in ("kernel", "scale") else leaf
+
+
+def _tensor_plan(cfg: ModelConfig) -> list[_Unit]:
+    """Every parameter's HF tensors, grouped into units, in parameter order."""
+    names = families.family(cfg.model_type).tensors
+    tensors: dict[str, dict[int, _Piece]] = {}  # HF name -> {position among parts: piece}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def add(name: str, position: int, piece: _Piece) -> None:
+        slot = tensors.setdefault(name, {})
+        if position in slot:
+            raise ValueError(f"{piece.path} and {slot[position].path} both map to {name}")
+        slot[position] = piece
+
+    def add_in_layer(layer: int, piece: _Piece) -> None:
+        *module, leaf = piece.path.split("/")[1:]
+        hf_module, position = names.in_layer(layer, "/".join(module))
+        add(f"{hf_module}.{_hf_leaf(leaf)}", position, piece)
+
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]:
         path = path_str(key_path)
-        parts = path.split("/")
-        if parts == ["embed_tokens"]:
-            plan[path] = [_TensorMap("model.embed_tokens.weight", None, leaf.shape, 0)]
-        elif parts == ["lm_head"]:
-            plan[path] = [_TensorMap("lm_head.weight", None, leaf.shape, 1)]
-        elif parts[0] == "layers":
-            suffix, in_dims = _hf_suffix(parts[1:])
-            plan[path] = [_TensorMap(f"model.layers.{i}.{suffix}", i, leaf.shape[1:], in_dims)
-                          for i in range(leaf.shape[0])]
-        elif parts[0].startswith("layers_"):
-            suffix, in_dims = _hf_suffix(parts[1:])
-            i = int(parts[0].removeprefix("layers_"))
-            plan[path] = [_TensorMap(f"model.layers.{i}.{suffix}", None, leaf.shape, in_dims)]
-        else:
-            suffix, in_dims = _hf_suffix(parts)
-            plan[path] = [_TensorMap(f"model.{suffix}", None, leaf.shape, in_dims)]
-    return plan
+        shapes[path] = leaf.shape
+        first, *rest = path.split("/")
+        if first == "layers":  # scanned: one HF tensor per layer
+            for i in range(leaf.shape[0]):
+                add_in_layer(i, _piece(path, i, leaf.shape[1:]))
+        elif first.startswith("layers_"):
+            add_in_layer(int(first.removeprefix("layers_")), _piece(path, None, leaf.shape))
+        elif not rest:  # a bare parameter: embed_tokens, lm_head
+            add(f"{names.top(first)}.weight", 0, _piece(path, None, leaf.shape))
+        else:  # a top-level module: the final norm
+            module = ".".join([first, *rest[:-1]])
+            add(f"{names.top(module)}.{_hf_leaf(rest[-1])}", 0, _piece(path, None, leaf.shape))
+    units: dict[tuple[str, ...], _Unit] = {}
+    for name, by_position in tensors.items():
+        if sorted(by_position) != list(range(len(by_position))):
+            raise ValueError(f"{name}: fused parts {sorted(by_position)} are not all present")
+        pieces = tuple(by_position[i] for i in range(len(by_position)))
+        paths = tuple(dict.fromkeys(p.path for p in pieces))
+        unit = units.setdefault(paths, _Unit({p: shapes[p] for p in paths}, []))
+        unit.tensors.append(_HfTensor(name, pieces))
+    return list(units.values())
 
 
 def _weight_files(folder: str) -> dict[str, str]:
@@ -131,15 +185,17 @@ def _open(file: str) -> Iterator[Any]:
         yield handle
 
 
-def _check_tensors(plan: dict[str, list[_TensorMap]], files: dict[str, str],
-                   handles: dict[str, Any], cfg: ModelConfig, folder: str) -> None:
+def _check_tensors(plan: list[_Unit], files: dict[str, str], handles: dict[str, Any],
+                   cfg: ModelConfig, folder: str) -> None:
     """Raises one error listing every missing, unexpected or wrongly shaped tensor."""
-    expected = {m.hf_name: m.hf_shape for maps in plan.values() for m in maps}
+    expected = {t.name: t.hf_shape for unit in plan for t in unit.tensors}
+    # A tied checkpoint may still carry the LM head (a copy of the embeddings).
+    redundant = {f"{families.family(cfg.model_type).tensors.top('lm_head')}.weight"
+                 } if cfg.tie_word_embeddings else set()
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(
-        name for name in set(files) - set(expected)
-        if not name.endswith(_IGNORED_SUFFIXES)
-        and not (name == "lm_head.weight" and cfg.tie_word_embeddings))
+        name for name in set(files) - set(expected) - redundant
+        if not name.endswith(_IGNORED_SUFFIXES))
     wrong_shape = []
     for name in sorted(set(expected) & set(files)):
         handle = handles[files[name]]
@@ -167,35 +223,43 @@ def _place(array: np.ndarray, path: str, sharding: ShardingFn | None) -> jax.Arr
     return jax.make_array_from_callback(array.shape, sharding(path), lambda index: array[index])
 
 
-def _read_param(maps: list[_TensorMap], files: dict[str, str], dtype: np.dtype) -> np.ndarray:
-    """Assembles one parameter on the host from its HF tensors.
+def _read_unit(unit: _Unit, files: dict[str, str], dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Assembles a unit's parameters on the host from their HF tensors.
 
-    Files are opened per parameter: safetensors memory-maps them, and mapped pages that
-    were read count as resident until unmapped, which would otherwise double peak memory.
+    Files are opened per unit: safetensors memory-maps them, and mapped pages that were
+    read count as resident until unmapped, which would otherwise double peak memory.
     """
+    host: dict[str, np.ndarray] = {}
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(_open(f)) for f in {files[m.hf_name] for m in maps}}
-        read = lambda m: m.to_ours(handles[files[m.hf_name]].get_tensor(m.hf_name))
-        if maps[0].layer is None:
-            return read(maps[0]).astype(dtype, copy=False)
-        host = np.empty((len(maps), *maps[0].shape), dtype)
-        for m in maps:
-            host[m.layer] = read(m)
-        return host
+        handles = {f: stack.enter_context(_open(f))
+                   for f in {files[t.name] for t in unit.tensors}}
+        for tensor in unit.tensors:
+            ours = tensor.split(handles[files[tensor.name]].get_tensor(tensor.name))
+            for piece, array in zip(tensor.pieces, ours):
+                if piece.layer is None:
+                    host[piece.path] = array.astype(dtype, copy=False)
+                else:
+                    if piece.path not in host:
+                        host[piece.path] = np.empty(unit.shapes[piece.path], dtype)
+                    host[piece.path][piece.layer] = array
+    return host
 
 
 def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
-            sharding: ShardingFn | None = None, **config_overrides: Any
-            ) -> tuple[ModelConfig, Params]:
+            sharding: ShardingFn | None = None, cfg: ModelConfig | None = None,
+            **config_overrides: Any) -> tuple[ModelConfig, Params]:
     """Loads a local HF folder (config.json + model.safetensors or a sharded index).
 
     `dtype` is the parameter dtype. `sharding(path)` places each parameter as it is read.
-    `config_overrides` set runtime fields of the `ModelConfig` (compute_dtype, scan_layers).
+    `config_overrides` set runtime fields of the `ModelConfig` (compute_dtype, scan_layers);
+    a caller that has already parsed the folder's config.json passes it as `cfg` instead.
     """
     folder = os.fspath(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such model folder")
-    cfg = ModelConfig.from_hf_dir(folder, param_dtype=jnp.dtype(dtype).name, **config_overrides)
+    if cfg is None:
+        cfg = ModelConfig.from_hf_dir(folder, param_dtype=jnp.dtype(dtype).name,
+                                      **config_overrides)
     plan = _tensor_plan(cfg)
     files = _weight_files(folder)
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -203,8 +267,9 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
         handles = {f: stack.enter_context(_open(f)) for f in sorted(set(files.values()))}
         _check_tensors(plan, files, handles, cfg, folder)
     leaves = {}
-    for our_path, maps in plan.items():
-        leaves[our_path] = _place(_read_param(maps, files, np_dtype), our_path, sharding)
+    for unit in plan:
+        for our_path, host in _read_unit(unit, files, np_dtype).items():
+            leaves[our_path] = _place(host, our_path, sharding)
     params = jax.tree_util.tree_map_with_path(lambda p, _: leaves[path_str(p)],
                                               param_shapes(cfg))
     return cfg, params
@@ -246,16 +311,19 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike, dtype:
         shard, shard_bytes = {}, 0
 
     out_dtype = None
-    for our_path, maps in _tensor_plan(cfg).items():
-        host = np.asarray(jax.device_get(flat[our_path]))
-        if dtype is not None:
-            host = host.astype(np.dtype(jnp.dtype(dtype)))
-        out_dtype = out_dtype or host.dtype
-        for m in maps:
-            tensor = np.ascontiguousarray(m.to_hf(host if m.layer is None else host[m.layer]))
+    for unit in _tensor_plan(cfg):
+        host = {}
+        for our_path in unit.shapes:
+            host[our_path] = np.asarray(jax.device_get(flat[our_path]))
+            if dtype is not None:
+                host[our_path] = host[our_path].astype(np.dtype(jnp.dtype(dtype)))
+            out_dtype = out_dtype or host[our_path].dtype
+        for hf_tensor in unit.tensors:
+            tensor = hf_tensor.join([host[p.path] if p.layer is None else host[p.path][p.layer]
+                                     for p in hf_tensor.pieces])
             if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
                 flush()
-            shard[m.hf_name] = tensor
+            shard[hf_tensor.name] = tensor
             shard_bytes += tensor.nbytes
     flush()
 

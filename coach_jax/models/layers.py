@@ -8,14 +8,14 @@ without touching this file.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from coach_jax.models import attention, kv_cache, rope
+from coach_jax.models import attention, kv_cache, projection, rope
 from coach_jax.models.config import ModelConfig
 
 # While decoding: (positions [B, S], segment ids [B, S], write index) shared by all layers,
@@ -49,31 +49,63 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-    """A linear map contracting the last `len(in_axes)` dims, with named kernel axes."""
+    """A linear map contracting the last `len(in_axes)` dims, with named kernel axes.
+
+    The one place a weight is read, so parameter transformations plug in here: the
+    `projection.Strategy` that `cfg.projection` names declares the kernel (dense: one
+    `kernel` parameter) and may add parameters that change the output (LoRA) or hold the
+    weight in another representation (quantized). `group` names the projections the
+    checkpoint fuses into one tensor ("qkv", "gate_up"); `shared` is the strategy's module
+    of parameters shared by that group, living on the parent module.
+    """
 
     cfg: ModelConfig
     in_axes: tuple[str, ...]
     out_axes: tuple[str, ...]
     out_shape: tuple[int, ...]
     use_bias: bool = False
+    group: str | None = None
+    shared: nn.Module | None = None
+
+    def declare(self, name: str, init, shape: Sequence[int], axes: tuple[str, ...]
+                ) -> jax.Array:
+        """A parameter of this projection in the param dtype, with logical axis names."""
+        return _param(self, name, init, shape, axes, self.cfg)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
+        strategy = projection.STRATEGIES[cfg.projection]
         n_in = len(self.in_axes)
         in_shape = x.shape[-n_in:]
-        kernel = _param(self, "kernel", nn.initializers.normal(cfg.initializer_range),
-                        (*in_shape, *self.out_shape), (*self.in_axes, *self.out_axes), cfg)
+        kernel = strategy.kernel(self, in_shape)
         dtype = jnp.dtype(cfg.compute_dtype)
         # One 2-D matmul over flattened rows: XLA's backward pass for a kernel contracted
         # over several batch dims is much slower on CPU than for a plain [rows, in] input.
         rows = x.reshape(-1, math.prod(in_shape)).astype(dtype)
         flat_kernel = kernel.reshape(math.prod(in_shape), -1).astype(dtype)
-        y = (rows @ flat_kernel).reshape(*x.shape[:-n_in], *self.out_shape)
+        y = strategy.adapt(self, rows, rows @ flat_kernel)
+        y = y.reshape(*x.shape[:-n_in], *self.out_shape)
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes, cfg)
             y = y + bias.astype(dtype)
         return y
+
+
+def _projections(cfg: ModelConfig, parent: str) -> Callable[..., Projection]:
+    """Makes the projections of module `parent` (call it in the parent's `__call__`): each
+    gets its group, and the members of a group one shared module from the strategy."""
+    strategy = projection.STRATEGIES[cfg.projection]
+    shared: dict[str, nn.Module | None] = {}
+
+    def make(name: str, in_axes: tuple[str, ...], out_axes: tuple[str, ...],
+             out_shape: tuple[int, ...], use_bias: bool) -> Projection:
+        group = cfg.projection_group(f"{parent}/{name}")
+        if group is not None and group not in shared:
+            shared[group] = strategy.shared(cfg, group)
+        return Projection(cfg, in_axes, out_axes, out_shape, use_bias, group,
+                          shared.get(group), name=name)
+    return make
 
 
 class Attention(nn.Module):
@@ -91,9 +123,10 @@ class Attention(nn.Module):
                  slots: CacheSlots = None, kv: KV = None, layer: jax.Array | int = 0
                  ) -> tuple[jax.Array, KV]:
         cfg = self.cfg
+        make = _projections(cfg, self.name)
         def proj(name, heads_axis, n_heads):
-            return Projection(cfg, ("embed",), (heads_axis, "head_dim"), (n_heads, cfg.head_dim),
-                              use_bias=cfg.qkv_bias, name=name)
+            return make(name, ("embed",), (heads_axis, "head_dim"), (n_heads, cfg.head_dim),
+                        cfg.qkv_bias)
         q_BxTxNxH = proj("q_proj", "heads", cfg.num_heads)(x_BxTxD)
         k_BxTxKxH = proj("k_proj", "kv_heads", cfg.num_kv_heads)(x_BxTxD)
         v_BxTxKxH = proj("v_proj", "kv_heads", cfg.num_kv_heads)(x_BxTxD)
@@ -121,8 +154,8 @@ class Attention(nn.Module):
                 static_window=windows.pop() if len(windows) == 1 and cfg.has_sliding_window
                 else None)
         out_BxTxNxH = checkpoint_name(out_BxTxNxH, "attention_out")
-        return Projection(cfg, ("heads", "head_dim"), ("embed",), (cfg.hidden_size,),
-                          use_bias=cfg.o_bias, name="o_proj")(out_BxTxNxH), kv
+        return make("o_proj", ("heads", "head_dim"), ("embed",), (cfg.hidden_size,),
+                    cfg.o_bias)(out_BxTxNxH), kv
 
 
 class Mlp(nn.Module):
@@ -133,9 +166,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         cfg = self.cfg
+        make = _projections(cfg, self.name)
         def proj(name, in_axis, out_axis, size):
-            return Projection(cfg, (in_axis,), (out_axis,), (size,), use_bias=cfg.mlp_bias,
-                              name=name)
+            return make(name, (in_axis,), (out_axis,), (size,), cfg.mlp_bias)
         gate = proj("gate_proj", "embed", "mlp", cfg.intermediate_size)(x_BxTxD)
         up = proj("up_proj", "embed", "mlp", cfg.intermediate_size)(x_BxTxD)
         return proj("down_proj", "mlp", "embed", cfg.hidden_size)(nn.silu(gate) * up)

@@ -9,25 +9,16 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 
-from coach_jax import models
 from coach_jax.models.decoder import Params
-from coach_jax.train.loss import chunked_token_losses, loss_sums
+from coach_jax.train.loss import batch_sums
 from coach_jax.train.step import StepConfig
-
-
-def eval_sums(params: Params, batch: dict[str, jax.Array], *, config: StepConfig
-              ) -> dict[str, jax.Array]:
-    hidden = models.hidden_states(config.model, params, batch["inputs"], batch["positions"],
-                                  batch["segment_ids"])
-    per_token = chunked_token_losses(
-        hidden, batch["targets"], lambda h: models.logits_from_hidden(config.model, params, h),
-        config.loss)
-    return loss_sums(per_token, batch, config.loss, config.num_sources)
 
 
 def compile_eval_step(config: StepConfig, params_sharding: Any = None,
                       batch_sharding: Any = None):
-    fn = functools.partial(eval_sums, config=config)
+    """`batch_sums` of a batch under given parameters, jitted once."""
+    fn = functools.partial(batch_sums, config.model, config=config.loss,
+                           num_sources=config.num_sources)
     if params_sharding is None and batch_sharding is None:
         return jax.jit(fn)
     return jax.jit(fn, in_shardings=(params_sharding, batch_sharding))

@@ -1,19 +1,23 @@
 """The training loop: `train_and_evaluate(config, workdir)`, meant to be read top to bottom.
 
-Build the mesh, the tokenizer, the model and the data; create the train state (or restore
-it from this workdir's latest checkpoint); then iterate: dispatch step N, read step N-1's
-metrics while N runs, log, evaluate, checkpoint; at the end export to Hugging Face format.
+`Trainer` builds what a run needs, each part by a function of its own name: the data
+pipeline, the model's parameters, the train state with its shardings, the evals. The loop
+then iterates: dispatch step N, read step N-1's metrics while N runs, log, evaluate,
+checkpoint; at the end export to Hugging Face format. Whatever ends the loop (the last
+step, a preemption, a non-finite loss, any exception), `run_resources` restores the signal
+handlers and closes the metrics writer and the checkpoint manager.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
-import signal
 import os
+import signal
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -23,206 +27,62 @@ from jax.experimental import multihost_utils
 
 from coach_jax import data, memory, parallel, train
 from coach_jax.checkpoint import Checkpointer, abstract
+from coach_jax.config import Settings, resolve
 from coach_jax.data.cache import tokenizer_fingerprint
-from coach_jax.config import Run, resolve
-from coach_jax.data.pipeline import Pipeline, PipelineConfig
+from coach_jax.data.pipeline import Pipeline, PipelineConfig, SourceConfig
 from coach_jax.evals.forgetting import compute_dtype_copy
 from coach_jax.evals.report import write_report
 from coach_jax.evals.suite import EvalSuite, global_batches
 from coach_jax.export import export_hf
 from coach_jax.models.builder import build_model
+from coach_jax.models.config import ModelConfig
+from coach_jax.models.decoder import Params
 from coach_jax.train import param_groups
 from coach_jax.train.evaluation import compile_eval_step
 from coach_jax.train.reporting import MetricsWriter, progress_line
 
 
-def pipeline_config(config: ml_collections.ConfigDict, run: Run, sources, *, steps, epochs
-                    ) -> PipelineConfig:
+# ---- building a run, part by part --------------------------------------------------------
+
+
+def pipeline_config(settings: Settings, sources: tuple[SourceConfig, ...], *,
+                    steps: int | None, epochs: int) -> PipelineConfig:
+    """This process's share of a pipeline over `sources`."""
+    d = settings.data
     return PipelineConfig(
-        sources=sources, max_seq_len=config.data.max_seq_len,
-        batch_size=config.train.global_batch_size // jax.process_count(),
-        cache_dir=run.cache_dir, seed=config.data.seed, packing=config.data.packing,
-        num_packing_bins=config.data.num_packing_bins, epochs=epochs, steps=steps,
-        workers=config.data.workers, process_index=jax.process_index(),
-        process_count=jax.process_count(), encode=run.encode,
-        max_drop_fraction=config.data.max_drop_fraction)
+        sources=sources, max_seq_len=d.max_seq_len,
+        batch_size=settings.train.global_batch_size // jax.process_count(),
+        cache_dir=d.cache_dir, seed=d.seed, packing=d.packing,
+        num_packing_bins=d.num_packing_bins, epochs=epochs, steps=steps, workers=d.workers,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        encode=d.encode, max_drop_fraction=d.max_drop_fraction)
 
 
-class Trainer:
-    """Everything a run builds before its first step; also used by --mode=eval/export."""
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, with_data: bool = True):
-        self.config, self.workdir = config, workdir
-        self.run = run = resolve(config, jax.device_count(), jax.process_count())
-        self.is_main = jax.process_index() == 0
-        self.mesh = parallel.make_mesh(run.mesh_shape)
-        self.tokenizer = data.load_tokenizer(run.tokenizer_path, run.chat_template)
-        self.model_cfg, params = build_model(run.model, len(self.tokenizer), config.train.seed,
-                                             self.mesh)
-        self.source_names = tuple(s.name for s in run.train_sources)
-
-        self.pipeline = None
-        total_steps = config.train.steps
-        if with_data:
-            self.pipeline = Pipeline(pipeline_config(
-                config, run, run.train_sources, steps=config.train.steps or None,
-                epochs=config.data.epochs), tokenizer=self.tokenizer)
-            if not total_steps:
-                # Each host packs its own share: all stop at the smallest count.
-                counts = multihost_utils.process_allgather(
-                    np.asarray(self.pipeline.count_batches()))
-                total_steps = int(np.min(counts))
-        self.total_steps = max(total_steps, 1)
-        base_params = None  # the forgetting monitor's reference point, before any step
-        if run.reference_source is not None:
-            if config.checkpoint.init_from:
-                params = init_params_from(config.checkpoint.init_from, params)
-            base_params = compute_dtype_copy(params, self.model_cfg.compute_dtype)
-
-        step_config, self.parts = train.prepare(
-            self.model_cfg, params, run.optimizer, run.groups, self.total_steps, loss=run.loss,
-            micro_batches=config.train.micro_batches, num_sources=len(run.train_sources))
-        create = functools.partial(train.create_state, parts=self.parts, seed=config.train.seed)
-        abstract_state = jax.eval_shape(create, params)
-        self.state_sharding = parallel.state_shardings(abstract_state, self.model_cfg, self.mesh)
-        self.batch_sharding = parallel.batch_sharding(self.mesh)
-        self.check_memory(abstract_state)
-        # Created straight into its shards: never whole on one device.
-        self.state = jax.jit(create, out_shardings=self.state_sharding, donate_argnums=0)(params)
-        self.train_step = train.compile_train_step(step_config, self.parts, self.state_sharding,
-                                                   self.batch_sharding)
-        eval_config = train.StepConfig(self.model_cfg, run.loss, 1, 1)
-        self.eval_step = compile_eval_step(eval_config, self.state_sharding.params,
-                                           self.batch_sharding)
-        self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                        config.checkpoint.every_steps, config.checkpoint.keep)
-        self.evals = self._eval_suite(base_params)
-
-    def _eval_suite(self, base_params: Any) -> EvalSuite:
-        """One pass over each held-out source per eval (reported together and per source),
-        generations for behaviour, the forgetting monitor."""
-        config, run = self.config, self.run
-        def batches(source, limit):
-            pipeline = Pipeline(pipeline_config(config, run, (source,), steps=None, epochs=1),
-                                self.tokenizer)
-            return global_batches(pipeline, self.batch_sharding, limit)
-        held_out = {s.name: batches(s, config.eval.max_batches) for s in run.eval_sources}
-        reference = (batches(run.reference_source, config.eval.reference_max_batches)
-                     if run.reference_source is not None else None)
-        return EvalSuite(config.eval, config.train.seed, self.model_cfg, self.tokenizer,
-                         self.eval_step, held_out, run.prompt_sources, reference, base_params,
-                         config.train.chunk_tokens, self.mesh, run.encode.end_of_turn)
-
-    def check_memory(self, abstract_state: Any) -> None:
-        """Stops before compiling when the run will not fit a device."""
-        config = self.config
-        trainable, _ = param_groups.split(abstract_state.params, self.parts.label_tree)
-        rows = config.train.global_batch_size // (
-            config.train.micro_batches * self.mesh.shape["data"] * self.mesh.shape["fsdp"])
-        self.memory = memory.estimate(abstract_state, self.state_sharding, trainable,
-                                      self.model_cfg, max(rows, 1), config.data.max_seq_len,
-                                      config.train.chunk_tokens)
-        budget = config.memory.device_bytes or memory.device_bytes()
-        logging.info("memory estimate: %s (device: %s)", self.memory.describe(),
-                     memory.human(budget) if budget else "unknown")
-        if config.memory.check:
-            memory.check(self.memory, budget, config.memory.headroom, self.run.mesh_shape,
-                         config.train.micro_batches, config.model.remat)
-
-    @functools.cached_property
-    def _identity(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed: architecture, tokenizer, data.
-        Computed once: fingerprinting a large tokenizer is not free."""
-        model = {k: v for k, v in dataclasses.asdict(self.model_cfg).items()
-                 if k not in ("hf_source", "compute_dtype", "scan_layers", "remat", "attention")}
-        model["rope_scaling"] = str(model["rope_scaling"])
-        model["layer_windows"] = list(model["layer_windows"])
-        data_ids = ([s.fingerprint for s in self.pipeline.sources] if self.pipeline else None)
-        return {"model": model, "tokenizer": tokenizer_fingerprint(self.tokenizer),
-                "data": data_ids}
-
-    def meta(self) -> dict[str, Any]:
-        return dict(self._identity)
-
-    def save(self, step: int, iterator: Any) -> None:
-        """Saves this step unless it is already saved (a periodic save just before)."""
-        if self.checkpoints.latest_step() != step:
-            self.checkpoints.save(step, self.state, iterator.get_state(), self.meta())
-
-    def restore(self, iterator: Any = None, step: int | None = None) -> int:
-        """Resume order: this workdir's newest valid checkpoint (or `step`), else
-        checkpoint.init_from's parameters, else the weights built in __init__. Returns the
-        step the state is at."""
-        meta = self.meta()
-        if iterator is None:
-            meta["data"] = None  # eval/export: the data need not match
-        found = self.checkpoints.restore_newest_valid(
-            abstract(self.state), meta, self.config.checkpoint.allow_config_change, step)
-        if found is not None:
-            step, self.state, data_state = found
-            if iterator is not None:
-                iterator.set_state(data_state)
-            logging.info("restored step %d from %s", step, self.checkpoints.directory)
-            return step
-        if self.config.checkpoint.init_from:
-            self.state = self.state.replace(params=init_params_from(
-                self.config.checkpoint.init_from, self.state.params))
-        return 0
+def build_pipeline(settings: Settings, tokenizer: Any) -> tuple[Pipeline, int]:
+    """The training pipeline and the run's length in steps (train.steps, or what
+    data.epochs passes over the data give: each host packs its own share, so all stop at
+    the smallest count)."""
+    steps = settings.train.steps
+    pipeline = Pipeline(pipeline_config(settings, settings.data.train_sources,
+                                        steps=steps or None, epochs=settings.data.epochs),
+                        tokenizer=tokenizer)
+    if not steps:
+        counts = multihost_utils.process_allgather(np.asarray(pipeline.count_batches()))
+        steps = int(np.min(counts))
+    return pipeline, max(steps, 1)
 
 
-    def eval_params(self) -> Any:
-        """What to evaluate and export (schedule-free optimizers keep an average)."""
-        trainable, frozen = param_groups.split(self.state.params, self.parts.label_tree)
-        averaged = train.eval_params(self.run.optimizer, self.state.opt_state, trainable)
-        return param_groups.merge(averaged, frozen)
-
-    def evaluate(self, step: int | None = None) -> dict[str, float]:
-        """Every eval the config asks for; with `step`, the generations are written to
-        DIR/generations/step_<step>.jsonl."""
-        metrics, generations = self.evals.run(self.eval_params())
-        if generations and step is not None and self.is_main:
-            folder = os.path.join(self.workdir, "generations")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, f"step_{step:06d}.jsonl"), "w") as f:
-                f.writelines(json.dumps(g) + "\n" for g in generations)
-        return metrics
-
-    def export(self) -> str | None:
-        """Every process takes part in gathering the parameters; process 0 writes."""
-        params = multihost_utils.process_allgather(self.eval_params(), tiled=True)
-        if not self.is_main:
-            return None
-        out = os.path.join(self.workdir, "export")
-        return export_hf(out, self.model_cfg, params, self.tokenizer,
-                         self.config.export.dtype or None, self.config.data.end_of_turn)
+def build_params(settings: Settings, tokenizer: Any, mesh: jax.sharding.Mesh
+                 ) -> tuple[ModelConfig, Params]:
+    """The starting parameters, created straight into their shards: checkpoint.init_from's
+    when set (read once), else the HF folder's or fresh ones (models.builder)."""
+    model_cfg, params = build_model(settings.model, len(tokenizer), settings.train.seed, mesh)
+    if settings.checkpoint.init_from:
+        params = init_params_from(settings.checkpoint.init_from, params)
+    return model_cfg, params
 
 
-class PreemptionWatch:
-    """SIGTERM or Ctrl-C asks the loop to finish its step, save and exit 0. With several
-    hosts, JAX's preemption sync point makes them all stop at the same step."""
-
-    def __init__(self):
-        self.flag = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.flag and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.flag = True
-
-    def requested(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step) or self.flag
-        return self.flag
-
-    def restore_handlers(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def init_params_from(directory: str, like: Any) -> Any:
+def init_params_from(directory: str, like: Params) -> Params:
     """Parameters from another run's latest checkpoint, placed like `like`."""
     import orbax.checkpoint as ocp
     manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state",))
@@ -239,6 +99,191 @@ def init_params_from(directory: str, like: Any) -> Any:
     return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), params, like)
 
 
+def build_evals(settings: Settings, model_cfg: ModelConfig, tokenizer: Any, eval_step: Any,
+                batch_sharding: Any, base_params: Params | None,
+                mesh: jax.sharding.Mesh) -> EvalSuite:
+    """One pass over each held-out source per eval (reported together and per source),
+    generations for behaviour, the forgetting monitor on the reference set."""
+    def batches(source: SourceConfig, limit: int):
+        pipeline = Pipeline(pipeline_config(settings, (source,), steps=None, epochs=1),
+                            tokenizer)
+        return global_batches(pipeline, batch_sharding, limit)
+
+    e = settings.eval
+    held_out = {s.name: batches(s, e.max_batches) for s in settings.data.eval_sources}
+    reference = (batches(e.reference, e.reference_max_batches)
+                 if e.reference is not None else None)
+    return EvalSuite(e, model_cfg, tokenizer, eval_step, held_out, reference, base_params, mesh)
+
+
+class Trainer:
+    """Everything a run builds before its first step; also used by --mode=eval/export."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, with_data: bool = True):
+        self.workdir = workdir
+        self.settings = s = resolve(config, jax.device_count(), jax.process_count())
+        self.is_main = jax.process_index() == 0
+        self.mesh = parallel.make_mesh(s.mesh_shape)
+        self.tokenizer = data.load_tokenizer(s.tokenizer_path, s.chat_template)
+        self.source_names = tuple(source.name for source in s.data.train_sources)
+        self.pipeline, self.total_steps = None, max(s.train.steps, 1)
+        if with_data:
+            self.pipeline, self.total_steps = build_pipeline(s, self.tokenizer)
+        self.model_cfg, params = build_params(s, self.tokenizer, self.mesh)
+        # The forgetting monitor's reference point: the parameters before any step.
+        base_params = (compute_dtype_copy(params, self.model_cfg.compute_dtype)
+                       if s.eval.reference is not None else None)
+
+        step_config, self.parts = train.prepare(
+            self.model_cfg, params, s.optimizer, s.train.groups, self.total_steps,
+            loss=s.train.loss, micro_batches=s.train.micro_batches,
+            num_sources=len(s.data.train_sources))
+        create = functools.partial(train.create_state, parts=self.parts, seed=s.train.seed)
+        abstract_state, self.state_sharding = parallel.state_shardings(
+            create, params, self.model_cfg, self.mesh)
+        self.batch_sharding = parallel.batch_sharding(self.mesh)
+        self.check_memory(abstract_state)
+        # Created straight into its shards: never whole on one device.
+        self.state = jax.jit(create, out_shardings=self.state_sharding, donate_argnums=0)(params)
+        self.train_step = train.compile_train_step(step_config, self.parts, self.state_sharding,
+                                                   self.batch_sharding)
+        eval_step = compile_eval_step(train.StepConfig(self.model_cfg, s.train.loss),
+                                      self.state_sharding.params, self.batch_sharding)
+        self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                        s.checkpoint.every_steps, s.checkpoint.keep)
+        self.evals = build_evals(s, self.model_cfg, self.tokenizer, eval_step,
+                                 self.batch_sharding, base_params, self.mesh)
+
+    def check_memory(self, abstract_state: Any) -> None:
+        """Stops before compiling when the run will not fit a device."""
+        s = self.settings
+        trainable, _ = param_groups.split(abstract_state.params, self.parts.label_tree)
+        rows = s.train.global_batch_size // (
+            s.train.micro_batches * self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        self.memory = memory.estimate(abstract_state, self.state_sharding, trainable,
+                                      self.model_cfg, max(rows, 1), s.data.max_seq_len,
+                                      s.train.loss.chunk_tokens)
+        budget = s.memory.device_bytes or memory.device_bytes()
+        logging.info("memory estimate: %s (device: %s)", self.memory.describe(),
+                     memory.human(budget) if budget else "unknown")
+        if s.memory.check:
+            memory.check(self.memory, budget, s.memory.headroom, s.mesh_shape,
+                         s.train.micro_batches, s.model.remat)
+
+    @functools.cached_property
+    def _identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: architecture, tokenizer, data.
+        Computed once: fingerprinting a large tokenizer is not free."""
+        model = {k: v for k, v in dataclasses.asdict(self.model_cfg).items()
+                 if k not in ("hf_source", "compute_dtype", "scan_layers", "remat", "attention")}
+        if model["projection"] == "dense":  # as checkpoints from before the field say
+            del model["projection"]
+        model["rope_scaling"] = str(model["rope_scaling"])
+        model["layer_windows"] = list(model["layer_windows"])
+        data_ids = ([s.fingerprint for s in self.pipeline.sources] if self.pipeline else None)
+        return {"model": model, "tokenizer": tokenizer_fingerprint(self.tokenizer),
+                "data": data_ids}
+
+    def meta(self) -> dict[str, Any]:
+        return dict(self._identity)
+
+    def save(self, step: int, iterator: Any) -> None:
+        """Saves this step unless it is already saved (a periodic save just before)."""
+        if self.checkpoints.latest_step() != step:
+            self.checkpoints.save(step, self.state, iterator.get_state(), self.meta())
+
+    def restore(self, iterator: Any = None, step: int | None = None) -> int:
+        """Resume order: this workdir's newest valid checkpoint (or `step`), else the
+        starting parameters (checkpoint.init_from's, the HF folder's or fresh ones, see
+        `build_params`). Returns the step the state is at."""
+        meta = self.meta()
+        if iterator is None:
+            meta["data"] = None  # eval/export: the data need not match
+        found = self.checkpoints.restore_newest_valid(
+            abstract(self.state), meta, self.settings.checkpoint.allow_config_change, step)
+        if found is None:
+            return 0
+        step, self.state, data_state = found
+        if iterator is not None:
+            iterator.set_state(data_state)
+        logging.info("restored step %d from %s", step, self.checkpoints.directory)
+        return step
+
+    def eval_params(self) -> Params:
+        """What to evaluate and export (schedule-free optimizers keep an average)."""
+        trainable, frozen = param_groups.split(self.state.params, self.parts.label_tree)
+        averaged = train.eval_params(self.settings.optimizer, self.state.opt_state, trainable)
+        return param_groups.merge(averaged, frozen)
+
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
+        """Every eval the config asks for; with `step`, the generations are written to
+        DIR/generations/step_<step>.jsonl."""
+        metrics, generations = self.evals.measure(self.eval_params())
+        if generations and step is not None and self.is_main:
+            folder = os.path.join(self.workdir, "generations")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"step_{step:06d}.jsonl"), "w") as f:
+                f.writelines(json.dumps(g) + "\n" for g in generations)
+        return metrics
+
+    def export(self) -> str | None:
+        """Every process takes part in gathering the parameters; process 0 writes."""
+        params = multihost_utils.process_allgather(self.eval_params(), tiled=True)
+        if not self.is_main:
+            return None
+        out = os.path.join(self.workdir, "export")
+        return export_hf(out, self.model_cfg, params, self.tokenizer,
+                         self.settings.export.dtype, self.settings.data.encode.end_of_turn)
+
+
+# ---- what the loop holds open ------------------------------------------------------------
+
+
+class PreemptionWatch:
+    """SIGTERM or Ctrl-C asks the loop to finish its step, save and exit 0. With several
+    hosts, JAX's preemption sync point makes them all stop at the same step. A context
+    manager: the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.flag = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "PreemptionWatch":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step) or self.flag
+        return self.flag
+
+
+@contextlib.contextmanager
+def run_resources(trainer: Trainer, resume_step: int
+                  ) -> Iterator[tuple[MetricsWriter, PreemptionWatch]]:
+    """The metrics writer and the preemption watch of one run. On every exit (the last
+    step, a preemption, a non-finite loss, any exception) the signal handlers are
+    restored, then the writer and the checkpoint manager (its pending saves first) closed."""
+    with contextlib.ExitStack() as stack:
+        stack.callback(trainer.checkpoints.close)
+        # Records of steps after the checkpoint were lost with the run that wrote them.
+        writer = MetricsWriter(trainer.workdir, trainer.source_names, enabled=trainer.is_main,
+                               resume_step=resume_step)
+        stack.callback(writer.close)
+        yield writer, stack.enter_context(PreemptionWatch())
+
+
 def count_examples(segment_ids: np.ndarray) -> int:
     """Packed examples in a batch: distinct non-zero segment ids per row."""
     return sum(len(np.unique(row[row > 0])) for row in segment_ids)
@@ -249,21 +294,21 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+# ---- the loop ----------------------------------------------------------------------------
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains as the config says; returns the last logged record (with the final eval)."""
     os.makedirs(workdir, exist_ok=True)
     t = Trainer(config, workdir)
+    s = t.settings
     data_stats = {"sources": t.pipeline.stats()}
     if t.is_main:
         write_config(config, workdir)
         for name, stats in data_stats["sources"].items():
             logging.info("data %s: %s", name, json.dumps(stats))
-    log_every, eval_every = config.train.log_every, config.train.eval_every
     iterator = iter(t.pipeline)
     step = t.restore(iterator)
-    # Records of steps after the checkpoint were lost with the run that wrote them.
-    writer = MetricsWriter(workdir, t.source_names, enabled=t.is_main, resume_step=step)
-    preemption = PreemptionWatch()
 
     pending = None  # (step, device metrics) of the step dispatched last
     read = {"examples": 0, "tokens": 0, "slots": 0, "batches": 0}  # this process's share
@@ -272,98 +317,96 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     record: dict[str, Any] = {}
     evaluated_at, stopped = None, None
 
-    def report(done_step: int, metrics: Any) -> None:
-        """Reads a finished step's metrics: the only host sync outside eval and saves."""
-        nonlocal record
-        metrics = jax.device_get(metrics)
-        train.check_finite(metrics, done_step)
-        if done_step % log_every and done_step not in (1, t.total_steps):
-            return
-        now = time.perf_counter()
-        metrics["tokens_per_s"] = window["tokens"] / max(now - window["since"], 1e-9)
-        window.update(tokens=0, since=now)
-        if done_step == 1:
-            peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-            if peak:
-                metrics["peak_memory_gib"] = peak / memory.GIB
-        record = writer.write(done_step, metrics)
-        rate = (now - window["start"]) / max(done_step - window["start_step"], 1)
-        if t.is_main:
-            print(progress_line(done_step, t.total_steps, record,
-                                rate * (t.total_steps - done_step)), flush=True)
+    with run_resources(t, step) as (writer, preemption):
 
-    def evaluate(at_step: int) -> str | None:
-        """Runs the evals; returns why the run must stop (the forgetting budget), if so."""
-        nonlocal record, evaluated_at
-        metrics = t.evaluate(at_step)
-        record = {**record, **writer.write(at_step, metrics)}
-        evaluated_at = at_step
-        if t.is_main:
-            print(progress_line(at_step, t.total_steps, metrics, 0).rsplit(" | ETA", 1)[0],
-                  flush=True)
-        if not t.evals.over_budget(metrics):
+        def report(done_step: int, metrics: Any) -> None:
+            """Reads a finished step's metrics: the only host sync outside eval and saves."""
+            nonlocal record
+            metrics = jax.device_get(metrics)
+            train.check_finite(metrics, done_step)
+            if done_step % s.train.log_every and done_step not in (1, t.total_steps):
+                return
+            now = time.perf_counter()
+            metrics["tokens_per_s"] = window["tokens"] / max(now - window["since"], 1e-9)
+            window.update(tokens=0, since=now)
+            if done_step == 1:
+                peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+                if peak:
+                    metrics["peak_memory_gib"] = peak / memory.GIB
+            record = writer.write(done_step, metrics)
+            rate = (now - window["start"]) / max(done_step - window["start_step"], 1)
+            if t.is_main:
+                print(progress_line(done_step, t.total_steps, record,
+                                    rate * (t.total_steps - done_step)), flush=True)
+
+        def evaluate(at_step: int) -> str | None:
+            """Runs the evals; returns why the run must stop (the forgetting budget), if so."""
+            nonlocal record, evaluated_at
+            metrics = t.evaluate(at_step)
+            record = {**record, **writer.write(at_step, metrics)}
+            evaluated_at = at_step
+            if t.is_main:
+                print(progress_line(at_step, t.total_steps, metrics, 0).rsplit(" | ETA", 1)[0],
+                      flush=True)
+            if not t.evals.over_budget(metrics):
+                return None
+            why = (f"forgetting budget exceeded at step {at_step}: the reference loss rose by "
+                   f"{metrics['forgetting/reference_loss_delta']:.4f} nats (budget "
+                   f"{s.eval.forgetting_budget})")
+            if s.eval.on_forgetting_budget == "stop":
+                return why
+            logging.warning("%s; going on (eval.on_forgetting_budget=warn)", why)
+            if t.is_main:
+                print(f"warning: {why}", flush=True)
             return None
-        why = (f"forgetting budget exceeded at step {at_step}: the reference loss rose by "
-               f"{metrics['forgetting/reference_loss_delta']:.4f} nats (budget "
-               f"{config.eval.forgetting_budget})")
-        if config.eval.on_forgetting_budget == "stop":
-            return why
-        logging.warning("%s; going on (eval.on_forgetting_budget=warn)", why)
-        if t.is_main:
-            print(f"warning: {why}", flush=True)
-        return None
 
-    if step == 0 and config.eval.at_start and t.evals.enabled:
-        stopped = evaluate(0)  # the "before" of every eval
-    profile = [int(x) for x in config.train.profile_steps.split(",")] if (
-        config.train.profile_steps) else None
-    # The step count and a forgetting-budget stop are checked before a batch is read, so
-    # the saved iterator state never runs ahead of the saved step.
-    while step < t.total_steps and not stopped:
-        batch = next(iterator, None)
-        if batch is None:  # the data ran out (epoch mode)
-            break
-        if profile and step + 1 == profile[0]:
-            jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        t.state, metrics = t.train_step(t.state, parallel.global_batch(batch, t.batch_sharding))
-        step += 1
-        local_tokens = int((batch["segment_ids"] > 0).sum())
-        window["tokens"] += local_tokens * jax.process_count()
-        read["tokens"] += local_tokens
-        read["slots"] += batch["segment_ids"].size
-        read["batches"] += 1
-        read["examples"] += count_examples(batch["segment_ids"])
-        if pending is not None:
-            report(*pending)
-        pending = (step, metrics)
-        if profile and step == profile[1]:
-            jax.block_until_ready(metrics)
-            jax.profiler.stop_trace()
-        if (eval_every and step % eval_every == 0) or t.checkpoints.due(step):
-            report(*pending)  # never evaluate or save a state with a non-finite step
-            pending = None
-            if eval_every and step % eval_every == 0:
-                stopped = evaluate(step)
-            if t.checkpoints.due(step):
-                t.save(step, iterator)
-        if preemption.requested(step):
+        eval_every, profile = s.train.eval_every, s.train.profile_steps
+        if step == 0 and s.eval.at_start and t.evals.enabled:
+            stopped = evaluate(0)  # the "before" of every eval
+        # The step count and a forgetting-budget stop are checked before a batch is read, so
+        # the saved iterator state never runs ahead of the saved step.
+        while step < t.total_steps and not stopped:
+            batch = next(iterator, None)
+            if batch is None:  # the data ran out (epoch mode)
+                break
+            if profile and step + 1 == profile[0]:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            t.state, metrics = t.train_step(t.state,
+                                            parallel.global_batch(batch, t.batch_sharding))
+            step += 1
+            local_tokens = int((batch["segment_ids"] > 0).sum())
+            window["tokens"] += local_tokens * jax.process_count()
+            read["tokens"] += local_tokens
+            read["slots"] += batch["segment_ids"].size
+            read["batches"] += 1
+            read["examples"] += count_examples(batch["segment_ids"])
             if pending is not None:
                 report(*pending)
-            t.save(step, iterator)
-            t.checkpoints.close()
-            if t.is_main:
-                print(f"preempted: saved step {step} to {t.checkpoints.directory}; run the same "
-                      "command again to continue", flush=True)
-            return {**record, "preempted_at": step}
-    preemption.restore_handlers()
-    if pending is not None:
-        report(*pending)
+            pending = (step, metrics)
+            if profile and step == profile[1]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+            if (eval_every and step % eval_every == 0) or t.checkpoints.due(step):
+                report(*pending)  # never evaluate or save a state with a non-finite step
+                pending = None
+                if eval_every and step % eval_every == 0:
+                    stopped = evaluate(step)
+                if t.checkpoints.due(step):
+                    t.save(step, iterator)
+            if preemption.requested(step):
+                if pending is not None:
+                    report(*pending)
+                t.save(step, iterator)
+                if t.is_main:
+                    print(f"preempted: saved step {step} to {t.checkpoints.directory}; run the "
+                          "same command again to continue", flush=True)
+                return {**record, "preempted_at": step}
+        if pending is not None:
+            report(*pending)
+        if evaluated_at != step and t.evals.enabled:
+            evaluate(step)
+        t.save(step, iterator)
 
-    if evaluated_at != step and t.evals.enabled:
-        evaluate(step)
-    t.save(step, iterator)
-    t.checkpoints.close()
-    writer.close()
     with open(os.path.join(workdir, f"data_process_{jax.process_index()}.json"), "w") as f:
         json.dump({"process_index": jax.process_index(), "steps": step, **read}, f)
     if stopped:
@@ -371,7 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if t.is_main:
             print(f"stopped: {stopped} (eval.on_forgetting_budget=stop); saved step {step}",
                   flush=True)
-    if config.export.hf:
+    if s.export.hf:
         exported = t.export()
         if t.is_main:
             print(f"exported to {exported}", flush=True)

@@ -13,7 +13,16 @@ from typing import Callable, Literal
 import jax
 import jax.numpy as jnp
 
+from coach_jax import models
+from coach_jax.models.config import ModelConfig
+from coach_jax.models.decoder import Params
+
 NORMALIZATIONS = ("tokens", "examples")
+CHUNK_TOKENS = 256  # the default LM head + cross-entropy chunk; see LossConfig.chunk_tokens
+TERMS = ("objective", "nll", "correct")  # what token_losses returns, in order
+Arrays = dict[str, jax.Array]
+# A caller's own per-position terms from a chunk's logits [b, t, V] and inputs [b, t, ...].
+ExtraTerms = Callable[[jax.Array, Arrays], Arrays]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +33,7 @@ class LossConfig:
     # Tokens per chunk of the LM head + cross-entropy (0: all at once). Chunks are
     # recomputed in the backward pass, so [B, T, V] logits never exist at once; the result
     # does not depend on it.
-    chunk_tokens: int = 256
+    chunk_tokens: int = CHUNK_TOKENS
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
@@ -53,28 +62,40 @@ def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, config: LossCo
     return objective, nll_BxT, correct_BxT
 
 
+def chunked(fn: Callable[[Arrays], Arrays], inputs: Arrays, chunk_tokens: int) -> Arrays:
+    """`fn` maps [b, t, ...] arrays to per-position [b, t] arrays; here it runs on
+    `chunk_tokens` positions at a time (rows flattened, the last chunk padded) under
+    `jax.checkpoint`, so only one chunk's logits exist in the forward or backward pass.
+    0, or a chunk as large as the batch: all positions at once."""
+    batch, length = next(iter(inputs.values())).shape[:2]
+    total = batch * length
+    if not chunk_tokens or chunk_tokens >= total:
+        return fn(inputs)
+    pad = -total % chunk_tokens
+
+    def rows(x: jax.Array) -> jax.Array:
+        x = x.reshape(total, *x.shape[2:])
+        x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+        return x.reshape(-1, chunk_tokens, *x.shape[1:])
+
+    @jax.checkpoint
+    def one_chunk(part: Arrays) -> Arrays:
+        return {k: v[0] for k, v in fn({k: x[None] for k, x in part.items()}).items()}
+
+    outputs = jax.lax.map(one_chunk, {k: rows(x) for k, x in inputs.items()})
+    return {k: v.reshape(-1)[:total].reshape(batch, length) for k, v in outputs.items()}
+
+
 def chunked_token_losses(hidden_BxTxD: jax.Array, targets_BxT: jax.Array,
                          logits_fn: Callable[[jax.Array], jax.Array], config: LossConfig
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`token_losses` of `logits_fn(hidden)`, computed `config.chunk_tokens` tokens at a time
-    under `jax.checkpoint`: only one chunk's logits exist in the forward or backward pass."""
-    batch, length, width = hidden_BxTxD.shape
-    total = batch * length
-    chunk = config.chunk_tokens
-    if not chunk or chunk >= total:
-        return token_losses(logits_fn(hidden_BxTxD), targets_BxT, config)
-    pad = -total % chunk
-    hidden = jnp.pad(hidden_BxTxD.reshape(total, width), ((0, pad), (0, 0)))
-    targets = jnp.pad(targets_BxT.reshape(total), (0, pad))
-
-    @jax.checkpoint
-    def one_chunk(h_CxD, t_C):
-        logits = logits_fn(h_CxD[None])
-        return tuple(x[0] for x in token_losses(logits, t_C[None], config))
-
-    outputs = jax.lax.map(lambda xs: one_chunk(*xs),
-                          (hidden.reshape(-1, chunk, width), targets.reshape(-1, chunk)))
-    return tuple(x.reshape(-1)[:total].reshape(batch, length) for x in outputs)
+    """`token_losses` of `logits_fn(hidden)`, `config.chunk_tokens` positions at a time."""
+    def per_token(part: Arrays) -> Arrays:
+        return dict(zip(TERMS, token_losses(logits_fn(part["hidden"]), part["targets"],
+                                             config)))
+    terms = chunked(per_token, {"hidden": hidden_BxTxD, "targets": targets_BxT},
+                    config.chunk_tokens)
+    return tuple(terms[name] for name in TERMS)
 
 
 def example_weights(loss_mask_BxT: jax.Array, segment_ids_BxT: jax.Array
@@ -112,3 +133,34 @@ def loss_sums(per_token: tuple[jax.Array, jax.Array, jax.Array], batch: dict[str
     return {"numerator": numerator, "denominator": denominator, "tokens": mask.sum(),
             "nll": (nll * mask).sum(), "correct": (correct * mask).sum(),
             "source_nll": source_nll, "source_tokens": source_tokens}
+
+
+def batch_sums(model_cfg: ModelConfig, params: Params, batch: Arrays, config: LossConfig,
+               num_sources: int = 1, extra: ExtraTerms | None = None,
+               extra_inputs: Arrays | None = None) -> Arrays:
+    """The one forward-and-loss pass that training, held-out eval and the forgetting monitor
+    share: hidden states, the LM head and cross-entropy in chunks, then `loss_sums`.
+
+    `extra(logits, part)` adds per-position terms of a caller's own (the monitor's KL),
+    given the chunk's logits and its slice of `extra_inputs` ([B, T, ...] arrays); each is
+    summed over the real (non-padding) positions, whose count is `positions`.
+    """
+    hidden = models.hidden_states(model_cfg, params, batch["inputs"], batch["positions"],
+                                  batch["segment_ids"])
+
+    def per_token(part: Arrays) -> Arrays:
+        logits = models.logits_from_hidden(model_cfg, params, part["hidden"])
+        terms = dict(zip(TERMS, token_losses(logits, part["targets"], config)))
+        if extra is not None:
+            terms.update(extra(logits, part))
+        return terms
+
+    terms = chunked(per_token, {"hidden": hidden, "targets": batch["targets"],
+                                **(extra_inputs or {})}, config.chunk_tokens)
+    sums = loss_sums(tuple(terms[name] for name in TERMS), batch, config, num_sources)
+    if extra is not None:
+        real = batch["segment_ids"] > 0
+        sums["positions"] = real.sum()
+        sums.update({k: jnp.where(real, v, 0.0).sum() for k, v in terms.items()
+                     if k not in TERMS})
+    return sums

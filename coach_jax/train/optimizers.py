@@ -38,14 +38,37 @@ class OptimizerConfigError(ValueError):
     """An optimizer, schedule or hyperparameter the config names that does not exist."""
 
 
+class UnknownHparamsError(OptimizerConfigError):
+    """Hyperparameters the optimizer's factory does not take; `unknown` and `accepted` let
+    the config layer name them in its own words."""
+
+    def __init__(self, name: str, unknown: list[str], accepted: list[str]):
+        self.name, self.unknown, self.accepted = name, unknown, accepted
+        super().__init__(f"optimizer {name!r} does not accept "
+                         f"{', '.join(map(repr, unknown))}; it accepts: {', '.join(accepted)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    """Checked once, when built: the factory exists, takes every hyperparameter, and a
+    schedule-free optimizer is given the constant schedule it needs."""
+
     name: str = "adamw"
     learning_rate: float = 1e-5  # the peak, shaped by the schedule
     hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     grad_clip_norm: float | None = 1.0  # None or 0: no clipping
     schedule: ScheduleConfig = ScheduleConfig()
     decay_norms_and_biases: bool = False
+
+    def __post_init__(self):
+        accepted = accepted_hparams(resolve_factory(self.name))
+        unknown = sorted(set(self.hparams) - set(accepted))
+        if unknown:
+            raise UnknownHparamsError(self.name, unknown, accepted)
+        if self.name in SCHEDULE_FREE and self.schedule.name != "constant":
+            raise OptimizerConfigError(
+                f"{self.name} replaces the schedule (it warms up by itself): set "
+                f"schedule.name='constant', got {self.schedule.name!r}")
 
 
 def resolve_factory(name: str) -> Callable[..., optax.GradientTransformation]:
@@ -70,17 +93,23 @@ def accepted_hparams(factory: Callable[..., Any]) -> list[str]:
             if n not in _MANAGED and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
+def _param_path(key_path: tuple[Any, ...]) -> str:
+    """The parameter's path, also inside logical-axis boxes (parallel.state_shardings
+    traces the optimizer's init on boxed parameters)."""
+    return path_str(tuple(k for k in key_path if not isinstance(k, jax.tree_util.GetAttrKey)))
+
+
 def decay_mask(params: Params) -> Params:
     """True where weight decay applies: everything but norm scales and biases."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: path_str(p).rsplit("/", 1)[-1] not in ("scale", "bias"), params)
+        lambda p, _: _param_path(p).rsplit("/", 1)[-1] not in ("scale", "bias"), params)
 
 
 def muon_dimensions(params: Params) -> Params:
     """Muon's view of each parameter: projection kernels are matrices (inputs x outputs,
     leading `layers` axis batched); embeddings, LM head, norms and biases are not (None)."""
     def spec(path, x):
-        name = path_str(path)
+        name = _param_path(path)
         if not name.endswith("/kernel"):
             return None
         first = 1 if name.startswith("layers/") else 0
@@ -93,12 +122,6 @@ def muon_dimensions(params: Params) -> Params:
 def _base(config: OptimizerConfig, learning_rate: Any, warmup: int,
           decay_norms_and_biases: bool) -> optax.GradientTransformation:
     factory = resolve_factory(config.name)
-    accepted = accepted_hparams(factory)
-    unknown = sorted(set(config.hparams) - set(accepted))
-    if unknown:
-        raise OptimizerConfigError(
-            f"optimizer {config.name!r} does not accept {', '.join(map(repr, unknown))}; it "
-            f"accepts: {', '.join(accepted)}")
     kwargs = dict(config.hparams)
     parameters = inspect.signature(factory).parameters
     if not decay_norms_and_biases:
@@ -124,10 +147,6 @@ def make_optimizer(config: OptimizerConfig, label_tree: Params, total_steps: int
     if not groups:
         raise OptimizerConfigError("every parameter is frozen: nothing to train")
     if config.name in SCHEDULE_FREE:
-        if config.schedule.name != "constant":
-            raise OptimizerConfigError(
-                f"{config.name} replaces the schedule (it warms up by itself): set "
-                f"optimizer.schedule.name='constant', got {config.schedule.name!r}")
         if len(groups) > 1:
             raise OptimizerConfigError(f"{config.name} does not support learning-rate "
                                        "multiplier groups")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ FROZEN = "frozen"
 
 @dataclasses.dataclass(frozen=True)
 class ParamGroups:
-    rules: tuple[tuple[str, Any], ...] = ()
+    rules: tuple[tuple[str, str | float], ...] = ()  # (regex, "frozen" or multiplier)
     trainable_last_layers: int | None = None
 
     def __post_init__(self):
@@ -66,8 +65,8 @@ def multiplier(label: str) -> float:
 
 def split(params: Params, label_tree: Params) -> tuple[Params, Params]:
     """(trainable, frozen): the same tree twice, None where a leaf belongs to the other."""
-    trainable = jax.tree.map(lambda x, l: None if l == FROZEN else x, params, label_tree)
-    frozen = jax.tree.map(lambda x, l: x if l == FROZEN else None, params, label_tree)
+    trainable = jax.tree.map(lambda l, x: None if l == FROZEN else x, label_tree, params)
+    frozen = jax.tree.map(lambda l, x: x if l == FROZEN else None, label_tree, params)
     return trainable, frozen
 
 

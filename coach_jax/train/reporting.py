@@ -28,6 +28,7 @@ class MetricsWriter:
     def __init__(self, workdir: str, source_names: tuple[str, ...] = (), enabled: bool = True,
                  resume_step: int = 0):
         self.enabled = enabled
+        self.closed = False
         self.source_names = source_names
         self.path = os.path.join(workdir, "metrics.jsonl")
         if enabled:
@@ -71,8 +72,11 @@ class MetricsWriter:
         return record
 
     def close(self) -> None:
+        """Flushes and closes TensorBoard; safe to call twice."""
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self._tensorboard = None
+        self.closed = True
 
 
 def progress_line(step: int, total: int, record: dict[str, Any], seconds_left: float) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -27,7 +25,3 @@ class TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable),
                    rng=jax.random.key_data(jax.random.key(seed)))
 
-
-def state_shapes(params: Params, tx: optax.GradientTransformation, label_tree: Params) -> Any:
-    """The state's shapes and dtypes, allocating nothing."""
-    return jax.eval_shape(lambda p: TrainState.create(p, tx, label_tree), params)

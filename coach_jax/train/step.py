@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coach_jax import models
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
 from coach_jax.train import param_groups
-from coach_jax.train.loss import LossConfig, chunked_token_losses, loss_sums
+from coach_jax.train.loss import LossConfig, batch_sums
 from coach_jax.train.optimizers import OptimizerConfig, make_optimizer
 from coach_jax.train.state import TrainState
 
@@ -61,13 +60,8 @@ def train_step(state: TrainState, batch: Batch, *, config: StepConfig, parts: St
 
     def sums_and_grads(trainable_params: Params, micro: Batch) -> tuple[dict, Params]:
         def numerator(p):
-            params = param_groups.merge(p, frozen)
-            hidden = models.hidden_states(config.model, params, micro["inputs"],
-                                          micro["positions"], micro["segment_ids"])
-            per_token = chunked_token_losses(
-                hidden, micro["targets"],
-                lambda h: models.logits_from_hidden(config.model, params, h), config.loss)
-            sums = loss_sums(per_token, micro, config.loss, config.num_sources)
+            sums = batch_sums(config.model, param_groups.merge(p, frozen), micro, config.loss,
+                              config.num_sources)
             return sums["numerator"], sums
         (_, sums), grads = jax.value_and_grad(numerator, has_aux=True)(trainable_params)
         return sums, grads

@@ -1,0 +1,228 @@
+"""Model families as data: one `Family` entry per Hugging Face `model_type`.
+
+An entry holds everything that differs between families outside the layer code: the HF
+architecture class, which config.json keys switch the decoder's features on (and are
+written back on export), which feature combinations the HF class cannot express, and where
+each parameter lives in the safetensors, including tensors the checkpoint fuses (Phi-3's
+`qkv_proj`). `FAMILIES`, filled by `register`, is the only place family names appear: the
+decoder reads `ModelConfig` feature fields, never the model type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
+
+if TYPE_CHECKING:
+    from coach_jax.models.config import ModelConfig
+
+
+class UnsupportedModelError(ValueError):
+    """The HF config asks for something this decoder does not compute."""
+
+
+# The boolean feature fields of `ModelConfig` a family fixes or reads from its config.json.
+SWITCHES = ("qk_norm", "qkv_bias", "o_bias", "mlp_bias")
+
+
+def _sizes(layer_windows: tuple[int, ...]) -> list[int]:
+    """The distinct sliding-window sizes in use (0 = full attention is not one)."""
+    return sorted(set(layer_windows) - {0})
+
+
+def _several_sizes(layer_windows: tuple[int, ...]) -> list[str]:
+    return [f"layer_windows={layer_windows}"] if len(_sizes(layer_windows)) > 1 else []
+
+
+class Windows(Protocol):
+    """How a family's config.json says which layers attend through a sliding window."""
+
+    def parse(self, hf: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
+        """Per-layer window sizes, 0 for full attention."""
+
+    def problems(self, layer_windows: tuple[int, ...]) -> list[str]:
+        """What of `layer_windows` the config.json cannot express."""
+
+    def export(self, hf: dict[str, Any], layer_windows: tuple[int, ...]) -> None:
+        """Writes `layer_windows` into the config.json dict `hf`."""
+
+
+class FullAttention:
+    """No sliding windows: config.json has no say (Llama)."""
+
+    def parse(self, hf: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
+        return (0,) * num_layers
+
+    def problems(self, layer_windows: tuple[int, ...]) -> list[str]:
+        return [f"layer_windows={layer_windows}"] if any(layer_windows) else []
+
+    def export(self, hf: dict[str, Any], layer_windows: tuple[int, ...]) -> None:
+        pass
+
+
+class EveryLayer:
+    """`sliding_window` applies to every layer (Mistral)."""
+
+    def parse(self, hf: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
+        window = hf.get("sliding_window")
+        return (int(window),) * num_layers if window else (0,) * num_layers
+
+    def problems(self, layer_windows: tuple[int, ...]) -> list[str]:
+        problems = _several_sizes(layer_windows)
+        if any(layer_windows) and 0 in layer_windows:
+            problems.append("a sliding window on only some layers")
+        return problems
+
+    def export(self, hf: dict[str, Any], layer_windows: tuple[int, ...]) -> None:
+        sizes = _sizes(layer_windows)
+        hf.update(sliding_window=sizes[0] if sizes else None)
+
+
+class LayerTypes:
+    """`use_sliding_window` with per-layer `layer_types`, or the legacy rule that layers
+    from `max_window_layers` on slide (Qwen2, Qwen3)."""
+
+    def parse(self, hf: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
+        window = hf.get("sliding_window")
+        if not hf.get("use_sliding_window", False) or not window:
+            return (0,) * num_layers
+        layer_types = hf.get("layer_types") or [
+            "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else
+            "full_attention" for i in range(num_layers)]
+        unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+        if unknown or len(layer_types) != num_layers:
+            raise UnsupportedModelError(f"layer_types {layer_types!r} are not supported")
+        return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
+
+    def problems(self, layer_windows: tuple[int, ...]) -> list[str]:
+        return _several_sizes(layer_windows)
+
+    def export(self, hf: dict[str, Any], layer_windows: tuple[int, ...]) -> None:
+        sizes = _sizes(layer_windows)
+        hf.update(use_sliding_window=bool(sizes), sliding_window=sizes[0] if sizes else None,
+                  layer_types=["sliding_attention" if w else "full_attention"
+                               for w in layer_windows])
+        hf.pop("max_window_layers", None)
+
+
+FULL_ATTENTION = FullAttention()
+EVERY_LAYER = EveryLayer()
+LAYER_TYPES = LayerTypes()
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """One checkpoint tensor holding several of our projections stacked along its output
+    rows, in `parts` order (Phi-3's `qkv_proj` is q, k, v). Loading splits it and saving
+    joins it. `group` names the parts for projection strategies that share parameters
+    across them (PEFT puts one LoRA A on the fused module)."""
+
+    tensor: str  # the HF module inside a layer: "self_attn.qkv_proj"
+    parts: tuple[str, ...]  # our modules: ("self_attn/q_proj", "self_attn/k_proj", ...)
+    group: str  # "qkv"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorNames:
+    """Where our parameters live in a family's safetensors; the defaults are Llama's
+    (`model.layers.3.self_attn.q_proj.weight`, `model.norm.weight`, `lm_head.weight`)."""
+
+    body: str = "model"  # prefix of the embeddings, the layers and the final norm
+    lm_head: str = "lm_head"
+    fused: tuple[Fused, ...] = ()
+
+    def top(self, name: str) -> str:
+        """The HF module of a top-level parameter or module: embed_tokens, norm, lm_head."""
+        return self.lm_head if name == "lm_head" else f"{self.body}.{name}"
+
+    def in_layer(self, layer: int, module: str) -> tuple[str, int]:
+        """The HF module holding our `module` ("self_attn/q_proj") of layer `layer`, and
+        which of a fused tensor's parts it is (0 when stored alone)."""
+        for fused in self.fused:
+            if module in fused.parts:
+                return f"{self.body}.layers.{layer}.{fused.tensor}", fused.parts.index(module)
+        return f"{self.body}.layers.{layer}.{module.replace('/', '.')}", 0
+
+    def groups(self) -> dict[str, str]:
+        """Our module -> its fused group, for every fused part."""
+        return {part: fused.group for fused in self.fused for part in fused.parts}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One HF model type. `switches` maps a feature of SWITCHES to a fixed value or to the
+    config.json key it is read from (absent key: False); switches not named are off."""
+
+    model_type: str
+    architecture: str  # the transformers class written to config.json `architectures`
+    switches: Mapping[str, bool | str] = dataclasses.field(default_factory=dict)
+    rope_types: tuple[str, ...] = ("default",)  # the rope types its config can express
+    windows: Windows = FULL_ATTENTION
+    tensors: TensorNames = TensorNames()
+
+    def __post_init__(self):
+        unknown = set(self.switches) - set(SWITCHES)
+        if unknown:
+            raise ValueError(f"{self.model_type}: unknown switches {sorted(unknown)}; "
+                             f"expected some of {', '.join(SWITCHES)}")
+
+    def features(self, hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+        """The `ModelConfig` feature fields a config.json of this family asks for."""
+        fields: dict[str, Any] = {}
+        for name in SWITCHES:
+            source = self.switches.get(name, False)
+            fields[name] = source if isinstance(source, bool) else bool(hf.get(source, False))
+        fields["layer_windows"] = self.windows.parse(hf, num_layers)
+        return fields
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        """The features of `cfg` this family's config.json cannot express."""
+        problems = []
+        read_from: dict[str, list[str]] = {}
+        for name in SWITCHES:
+            source = self.switches.get(name, False)
+            if isinstance(source, str):
+                read_from.setdefault(source, []).append(name)
+            elif getattr(cfg, name) != source:
+                problems.append(f"{name}={getattr(cfg, name)}")
+        for names in read_from.values():  # one key cannot hold two different values
+            if len({getattr(cfg, name) for name in names}) > 1:
+                problems.append(", ".join(f"{name}={getattr(cfg, name)}" for name in names))
+        if cfg.rope_type not in self.rope_types:
+            problems.append(f"{cfg.rope_type} rope scaling")
+        return problems + self.windows.problems(cfg.layer_windows)
+
+    def export(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        """Writes this family's feature keys of `cfg` into the config.json dict `hf`."""
+        for name, source in self.switches.items():
+            if isinstance(source, str):
+                hf[source] = getattr(cfg, name)
+        self.windows.export(hf, cfg.layer_windows)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Adds a family; its model_type must be new."""
+    if family.model_type in FAMILIES:
+        raise ValueError(f"model_type {family.model_type!r} is already registered")
+    FAMILIES[family.model_type] = family
+    return family
+
+
+def family(model_type: Any) -> Family:
+    """The registered entry of `model_type`, or an error naming the supported ones."""
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+register(Family("llama", "LlamaForCausalLM", rope_types=("default", "llama3"), switches=dict(
+    qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias")))
+register(Family("mistral", "MistralForCausalLM", windows=EVERY_LAYER))
+register(Family("qwen2", "Qwen2ForCausalLM", switches=dict(qkv_bias=True),
+                windows=LAYER_TYPES))
+register(Family("qwen3", "Qwen3ForCausalLM", windows=LAYER_TYPES, switches=dict(
+    qk_norm=True, qkv_bias="attention_bias", o_bias="attention_bias")))
