@@ -1,8 +1,11 @@
 """The forgetting monitor end to end: a tiny base pretrained on prose, then SFT on briefs,
 gently and aggressively; plus the budget stop, the behaviour evals and the report."""
 
+import contextlib
+import io
 import json
 import os
+import sys
 
 import pytest
 
@@ -77,17 +80,36 @@ def _sft(tmp_path, base_model, corpus, learning_rate, **overrides):
     return workdir, record, evals
 
 
+class _Tee(io.StringIO):
+    """Keeps what is printed and passes it on."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text):
+        self.stream.write(text)
+        return super().write(text)
+
+
 @pytest.fixture(scope="module")
 def gentle_and_aggressive(base_model, corpus, tmp_path_factory):
+    """The aggressive run also carries the default (warn-only) forgetting budget, so
+    test_the_budget_only_warns_by_default reads this run and its printed output instead of
+    training the same run again; a warning changes nothing in the run."""
     tmp = tmp_path_factory.mktemp("sft")
-    return (_sft(tmp, base_model, corpus, 1e-4),
-            _sft(tmp, base_model, corpus, 3e-2, **{
-                "eval.generate_examples": 6, "eval.max_new_tokens": 48,
-                "eval.json_schema": os.path.join(LAB, "brief_schema.json")}))
+    gentle = _sft(tmp, base_model, corpus, 1e-4)
+    printed = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(printed):
+        aggressive = _sft(tmp, base_model, corpus, 3e-2, **{
+            "eval.generate_examples": 6, "eval.max_new_tokens": 48,
+            "eval.json_schema": os.path.join(LAB, "brief_schema.json"),
+            "eval.forgetting_budget": 0.05})
+    return gentle, aggressive, printed.getvalue()
 
 
 def test_an_aggressive_coach_forgets_more_than_a_gentle_one(gentle_and_aggressive):
-    (_, _, gentle), (_, _, aggressive) = gentle_and_aggressive
+    (_, _, gentle), (_, _, aggressive), _ = gentle_and_aggressive
     for evals in (gentle, aggressive):
         assert [r["step"] for r in evals] == [0, 15, 30]
         start = evals[0]
@@ -138,8 +160,8 @@ def test_the_budget_stops_the_run(base_model, corpus, tmp_path):
     assert "stopped early" in open(os.path.join(workdir, "report.md")).read()
 
 
-def test_the_budget_only_warns_by_default(base_model, corpus, tmp_path, capsys):
-    _, record, evals = _sft(tmp_path, base_model, corpus, 3e-2, **{
-        "eval.forgetting_budget": 0.05})
+def test_the_budget_only_warns_by_default(gentle_and_aggressive):
+    _, record, evals = gentle_and_aggressive[1]
+    printed = gentle_and_aggressive[2]
     assert "stopped" not in record and evals[-1]["step"] == 30
-    assert "warning: forgetting budget exceeded" in capsys.readouterr().out
+    assert "warning: forgetting budget exceeded" in printed

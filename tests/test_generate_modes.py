@@ -21,17 +21,12 @@ def _cli(*args, stdin=None):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A few steps of the default config: a checkpoint and its HF export."""
-    tmp = tmp_path_factory.mktemp("gen")
-    workdir = str(tmp / "run")
-    overrides = ["--config.train.steps=4", "--config.schedule.warmup_steps=1",
-                 "--config.train.eval_every=0", "--config.data.eval=",
-                 "--config.eval.generate_examples=0",
-                 f"--config.data.cache_dir={tmp / 'cache'}"]
-    result = _cli("--config", CONFIG, "--workdir", workdir, *overrides)
+def trained(short_default_run):
+    """A few steps of the default config: a checkpoint and its HF export (conftest's run,
+    shared with test_main)."""
+    workdir, overrides, result = short_default_run
     assert result.returncode == 0, result.stderr
-    return workdir, overrides, os.path.join(workdir, "export")
+    return str(workdir), overrides, os.path.join(workdir, "export")
 
 
 def _expected(export, conversations, **sampling):

@@ -9,13 +9,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_default_command_trains(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "coach_jax.main", "--config", "configs/default.py", "--workdir",
-         str(tmp_path), "--config.train.steps=3", "--config.train.log_every=1",
-         "--config.schedule.warmup_steps=1",
-         f"--config.data.cache_dir={tmp_path / 'cache'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_default_command_trains(short_default_run):
+    """The README's run command, 3 steps (conftest's run, shared with test_generate_modes)."""
+    tmp_path, _, result = short_default_run
     assert result.returncode == 0, result.stderr
     assert "step 3/3 | loss" in result.stdout
     assert json.load(open(tmp_path / "config.json"))["train"]["steps"] == 3
