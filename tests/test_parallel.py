@@ -82,13 +82,18 @@ def _exported(workdir):
 
 
 def test_every_mesh_matches_one_device_through_the_cli(tmp_path):
-    _finish(_run(tmp_path / "one", "--config.mesh.data=1", devices=1))
+    # All runs start at once (independent processes): their start-up and compilation overlap.
+    meshes = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
+    one = _run(tmp_path / "one", "--config.mesh.data=1", devices=1)
+    running = [_run(tmp_path / f"mesh{data}{fsdp}{tensor}", f"--config.mesh.data={data}",
+                    f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}")
+               for data, fsdp, tensor in meshes]
+    _finish(one)
     reference_losses, reference_params = _losses(tmp_path / "one"), _exported(tmp_path / "one")
     assert len(reference_losses) == 3
-    for data, fsdp, tensor in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]:
+    for (data, fsdp, tensor), process in zip(meshes, running):
         workdir = tmp_path / f"mesh{data}{fsdp}{tensor}"
-        _finish(_run(workdir, f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
-                     f"--config.mesh.tensor={tensor}"))
+        _finish(process)
         np.testing.assert_allclose(_losses(workdir), reference_losses, rtol=2e-5)
         params = _exported(workdir)
         assert params.keys() == reference_params.keys()
@@ -105,7 +110,7 @@ def _free_port():
 
 def test_two_processes_match_one_and_read_only_their_share(tmp_path):
     common = ("--config.data.packing=none",)  # same rows per step whatever the host split
-    _finish(_run(tmp_path / "single", *common))
+    single_run = _run(tmp_path / "single", *common)  # alongside the two processes
     port = _free_port()
     processes = [
         _run(tmp_path / "multi", *common,
@@ -113,7 +118,7 @@ def test_two_processes_match_one_and_read_only_their_share(tmp_path):
              "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
              devices=4)
         for i in range(2)]
-    for process in processes:
+    for process in (single_run, *processes):
         _finish(process)
     np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"),
                                rtol=2e-5)
