@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # path or glob; "a.jsonl@0.7,b.jsonl@0.3" for a weighted mixture
     c.data.eval = ""  # held-out sources, same syntax; "" = no eval loss
+    # Or carve the held-out set from data.train: a fraction (0.05) or a count (200) of each
+    # training source's examples, seeded by data.seed; 0 = off. Not with data.eval.
+    c.data.eval_split = 0.0
     c.data.format = "auto"  # auto | openai | sharegpt | alpaca | prompt_completion | text
     c.data.max_seq_len = 2048
     c.data.packing = "first_fit"  # first_fit | best_fit | none
@@ -100,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.lr_multipliers = ()  # ("regex=multiplier", ...), e.g. ("lm_head=0.5",)
     c.train.trainable_last_layers = -1  # -1 = all layers train
     c.train.profile_steps = ""  # "first,last": a profiler trace of those steps in DIR/profile
+    # A run whose loss diverges (stuck at the uniform-prediction loss, blown up far above its
+    # best, or zero gradients while the loss is high): stop | warn | off. See docs/configs.md.
+    c.train.on_divergence = "stop"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # see coach_jax.train.FACTORIES, or optax.<dotted.path>
@@ -156,6 +162,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.forgetting_budget = 0.0  # allowed rise of the reference loss in nats; 0 = none
     c.eval.on_forgetting_budget = "warn"  # warn | stop (save, report, end the run)
 
+    c.logging = ml_collections.ConfigDict()
+    # Weights & Biases (pip install 'coach_jax[wandb]'): "" = off.
+    c.logging.wandb_project = ""
+    c.logging.wandb_entity = ""
+    c.logging.wandb_run_name = ""  # "" = the workdir's name
+    c.logging.wandb_tags = ()
+
     c.export = ml_collections.ConfigDict()
     c.export.hf = True  # write DIR/export in Hugging Face format at the end
     c.export.dtype = ""  # "" = the parameter dtype
@@ -177,6 +190,7 @@ class DataSettings:
     seed: int
     workers: int
     cache_dir: str
+    eval_split: float = 0.0  # a fraction (< 1) or a count (>= 1) carved from data.train; 0 = off
 
     @property
     def max_seq_len(self) -> int:
@@ -196,6 +210,7 @@ class TrainSettings:
     loss: LossConfig
     groups: ParamGroups
     profile_steps: tuple[int, int] | None  # first and last step of a profiler trace
+    on_divergence: str = "stop"  # stop | warn | off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +235,16 @@ class ExportSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoggingSettings:
+    """Where metrics go besides metrics.jsonl and TensorBoard."""
+
+    wandb_project: str = ""  # "" = no Weights & Biases run
+    wandb_entity: str = ""
+    wandb_run_name: str = ""  # "" = the workdir's name
+    wandb_tags: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """A validated run, one typed section per part; below this module nothing reads the
     ml_collections config."""
@@ -235,6 +260,7 @@ class Settings:
     checkpoint: CheckpointSettings
     eval: EvalConfig
     export: ExportSettings
+    logging: LoggingSettings = LoggingSettings()
 
 
 def parse_sources(spec: Any, field: str, format: str) -> tuple[SourceConfig, ...]:
@@ -312,6 +338,7 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
     _choice(c.data.on_invalid, ("error", "skip"), "data.on_invalid")
     _choice(c.train.loss_normalization, NORMALIZATIONS, "train.loss_normalization")
     _choice(c.schedule.name, SCHEDULES, "schedule.name")
+    _choice(c.train.on_divergence, ("stop", "warn", "off"), "train.on_divergence")
     if not c.data.train:
         raise ConfigError("data.train is empty: name the training data")
     train_sources = parse_sources(c.data.train, "data.train", c.data.format)
@@ -374,16 +401,18 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
         tokenizer_path=tokenizer_path, chat_template=c.tokenizer.chat_template or None,
         data=DataSettings(train_sources, eval_sources, encode, c.data.packing,
                           c.data.num_packing_bins, c.data.max_drop_fraction, c.data.epochs,
-                          c.data.seed, c.data.workers, cache_dir),
+                          c.data.seed, c.data.workers, cache_dir, c.data.eval_split),
         train=TrainSettings(c.train.steps, batch, micro, c.train.log_every, c.train.eval_every,
-                            c.train.seed, loss, groups, profile),
+                            c.train.seed, loss, groups, profile, c.train.on_divergence),
         optimizer=optimizer, mesh_shape=mesh_shape,
         memory=MemorySettings(c.memory.check, c.memory.device_bytes, c.memory.headroom),
         checkpoint=CheckpointSettings(c.checkpoint.every_steps, c.checkpoint.keep,
                                       c.checkpoint.init_from,
                                       c.checkpoint.allow_config_change),
         eval=eval_config,
-        export=ExportSettings(c.export.hf, c.export.dtype or None))
+        export=ExportSettings(c.export.hf, c.export.dtype or None),
+        logging=LoggingSettings(c.logging.wandb_project, c.logging.wandb_entity,
+                                c.logging.wandb_run_name, tuple(c.logging.wandb_tags)))
 
 
 def _eval_config(c: ml_collections.ConfigDict, eval_sources: tuple[SourceConfig, ...]
