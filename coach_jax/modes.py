@@ -98,32 +98,50 @@ def _sampling(flags: dict[str, Any]) -> sampling.SamplingConfig:
         raise ConfigError(str(e)) from None
 
 
-def generate(config, workdir, input=None, output=None, model=None, step=None,  # noqa: A002
-             **flags) -> int:
-    """One output line per input line: the next assistant turn of each conversation (its
-    last assistant turn, if any, is kept as `reference`); a text record is a raw prompt."""
-    if not input or not output:
-        raise ConfigError("--mode=generate needs --input (a JSONL of conversations) and "
-                          "--output")
-    settings = _sampling(flags)
+def _generation_input(example: Any) -> tuple[Any, dict[str, Any]]:
+    """(prompt, output row) of one input record: a text record's raw text, continued as is;
+    a conversation without its last assistant turn (kept as `reference`), to be rendered
+    with the chat template and its generation prompt."""
+    row: dict[str, Any] = {"origin": str(example.origin)}
+    if isinstance(example, Document):
+        row["prompt"] = example.text
+        return example.text, row
+    messages = example.messages
+    if messages[-1].role == "assistant":
+        row["reference"] = messages[-1].content
+        messages = messages[:-1]
+    row["messages"] = [m.as_template_dict() for m in messages]
+    return Conversation(messages, example.tools, example.origin), row
+
+
+def generation_inputs(path: str) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The prompts and output rows of an input file, in its order. Each record's format is
+    detected on its own, so one file may mix text records and conversations of any format;
+    the first bad record raises, naming its line."""
     prompts, rows = [], []
-    for item in data.iter_examples(input, "auto", require_answer=False):
-        if isinstance(item, data.DataError):
-            raise item
-        row: dict[str, Any] = {"origin": str(item.origin)}
-        if isinstance(item, Document):
-            prompts.append(item.text)
-            row["prompt"] = item.text
-        else:
-            messages = item.messages
-            if messages[-1].role == "assistant":
-                row["reference"] = messages[-1].content
-                messages = messages[:-1]
-            prompts.append(Conversation(messages, item.tools, item.origin))
-            row["messages"] = [m.as_template_dict() for m in messages]
+    for raw in data.read_records(path):
+        if raw.error is not None:
+            raise raw.error
+        example = data.normalize(raw.data, data.detect_format(raw.data, raw.origin),
+                                 raw.origin, require_answer=False)
+        prompt, row = _generation_input(example)
+        prompts.append(prompt)
         rows.append(row)
     if not rows:
-        raise data.DataError(None, f"{input}: no records to generate for")
+        raise data.DataError(None, f"{path}: no records to generate for")
+    return prompts, rows
+
+
+def generate(config, workdir, input=None, output=None, model=None, step=None,  # noqa: A002
+             **flags) -> int:
+    """One output line per input line, in order: the next assistant turn of each
+    conversation (its last assistant turn, if any, is kept as `reference`), or the
+    continuation of a text record's raw prompt."""
+    if not input or not output:
+        raise ConfigError("--mode=generate needs --input (a JSONL of conversations or text "
+                          "records) and --output")
+    settings = _sampling(flags)
+    prompts, rows = generation_inputs(input)
     cfg, params, tokenizer, end_of_turn = _model(config, workdir, model, step)
     completions = sampling.generate_tokens(
         cfg, params, [sampling.prompt_ids(tokenizer, p, end_of_turn) for p in prompts],

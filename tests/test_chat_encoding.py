@@ -112,7 +112,7 @@ def test_train_on_last_assistant_and_all(realworld):
     assert supervised_runs(tokenizer, last) == [ASSISTANT[1] + "<|im_end|>"]
     everything = data.encode_chat(tokenizer, CONVERSATION, train_on="all")
     assert everything["loss_mask"].all()
-    with pytest.raises(ValueError, match="train_on='some'"):
+    with pytest.raises(ValueError, match=r"data\.train_on='some'"):
         data.encode_chat(tokenizer, CONVERSATION, train_on="some")
 
 
@@ -497,3 +497,52 @@ def test_a_dropped_system_message_is_merged_into_the_first_user_turn(realworld):
     assert f"{SYSTEM}\n\n{USER[0]}" in tokenizer.decode(encoded["input_ids"].tolist())
     with pytest.raises(data.EncodingError, match="drops the system message"):
         data.encode_example(tokenizer, conversation, system_fallback=False)
+
+
+def _neox_with(realworld, template):
+    return data.load_tokenizer(os.path.join(realworld, "tokenizers", "gpt-neox-20b"),
+                               os.path.join(realworld, "templates", f"{template}.jinja"))
+
+
+def test_template_refusals_say_what_to_add(realworld):
+    """A refusal names the fix: the special tokens to add to the tokenizer, or the
+    data.end_of_turn marker (one the tokenizer has) to set instead."""
+    chatml = _neox_with(realworld, "chatml")  # gpt-neox has no <|im_end|>
+    with pytest.raises(data.EncodingError) as err:
+        data.encode_chat(chatml, CONVERSATION)
+    assert err.value.kind == "chat_template"
+    assert ("add '<|im_end|>', '<|im_start|>' to the tokenizer as special tokens (tokenizer."
+            "add_special_tokens({'additional_special_tokens': ['<|im_end|>', '<|im_start|>']})"
+            in err.value.problem)
+    assert "data.end_of_turn='<|endoftext|>'" in err.value.problem
+    # The fix it names works: the turns end with the marker it suggests.
+    fixed = data.encode_chat(chatml, CONVERSATION, end_of_turn="<|endoftext|>")
+    assert [r.endswith("<|endoftext|>") for r in supervised_runs(chatml, fixed)] == [True, True]
+    # A template that writes a token the tokenizer does not define at all.
+    no_bos = tokenizer_fixtures.bpe_tokenizer(
+        os.path.join(realworld, "templates", "llama3.jinja"), register_specials=False)
+    with pytest.raises(data.EncodingError, match=r"it writes bos_token, which this tokenizer "
+                                                 r"does not define.*add_special_tokens"
+                                                 r"\(\{'bos_token'"):
+        data.encode_chat(no_bos, CONVERSATION)
+    # data.end_of_turn naming a token the tokenizer splits: add it, or name one it has.
+    split = _more(realworld, "vllm__template_qwen")
+    with pytest.raises(data.EncodingError, match=r"add '<\|not_a_token\|>' to the tokenizer "
+                                                 r"as special token .* or set "
+                                                 r"data\.end_of_turn to one of its special "
+                                                 r"tokens \(e\.g\. '</s>'\)"):
+        data.encode_chat(split, CONVERSATION, end_of_turn="<|not_a_token|>")
+
+
+def test_a_refused_template_is_probed_once(realworld, monkeypatch):
+    from coach_jax.data import template_probe
+    tokenizer = _neox_with(realworld, "chatml")
+    tokenizer.chat_template += " "  # a template of its own: not in the probe cache yet
+    probes = []
+    real = template_probe._probed
+    monkeypatch.setattr(template_probe, "_probed",
+                        lambda *args: probes.append(1) or real(*args))
+    for _ in range(5):
+        with pytest.raises(data.EncodingError, match="looks like a control token"):
+            data.encode_chat(tokenizer, CONVERSATION)
+    assert len(probes) == 1

@@ -42,7 +42,8 @@ def test_overlong_policies(tmp_path, tokenizer):
                                data.EncodeOptions(max_seq_len=limit, overlong="truncate"), report))
     assert [len(e.input_ids) for e in cut] == [lengths[0], limit + 1]
     assert report.counts == {"encoded": 2, "truncated": 1}
-    with pytest.raises(data.DataError, match=r"src\.jsonl:2: .*exceed max_seq_len"):
+    with pytest.raises(data.DataError, match=r"src\.jsonl:2: .*exceed data\.max_seq_len=\d+ "
+                                             r"\(data\.truncation='error'\)"):
         list(data.encode_all(data.iter_examples(path), tokenizer,
                              data.EncodeOptions(max_seq_len=limit, overlong="error")))
 
@@ -70,8 +71,28 @@ def test_invalid_records_error_or_are_counted(tmp_path, tokenizer):
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="overlong='cut'; expected one of drop, truncate"):
+    with pytest.raises(ValueError, match="data.truncation='cut'; expected one of drop, truncate"):
         data.EncodeOptions(overlong="cut")
+    with pytest.raises(ValueError, match="data.on_invalid='ignore'"):
+        data.EncodeOptions(on_invalid="ignore")
+    with pytest.raises(ValueError, match="data.max_seq_len=0 must be positive"):
+        data.EncodeOptions(max_seq_len=0)
+
+
+def test_json_array_records_are_named_by_index_in_drops_and_skips(tmp_path, tokenizer):
+    """All on one line, every record of a JSON array used to be `src.json:1`."""
+    path = tmp_path / "src.json"
+    path.write_text(json.dumps([_chat("hi", "Paris."), _chat("hi", "word " * 200),
+                                _chat("hi", "")]))
+    report = data.EncodeReport()
+    options = data.EncodeOptions(max_seq_len=64, on_invalid="skip")
+    assert len(list(data.encode_all(data.iter_examples(str(path)), tokenizer, options,
+                                    report))) == 1
+    assert report.examples["dropped_overlong"] == [f"{path}[#1]"]
+    assert report.examples["skipped_empty_assistant"][0].startswith(f"{path}[#2]: ")
+    with pytest.raises(data.DataError, match=r"src\.json\[#2\]: messages\[1\]\.content"):
+        list(data.encode_all(data.iter_examples(str(path)), tokenizer,
+                             data.EncodeOptions(max_seq_len=64)))
 
 
 def test_eval_split_is_seeded_and_overlap_is_found():

@@ -29,14 +29,45 @@ def test_real_files_normalise(realworld, name):
                for m in c.messages)
 
 
-def test_json_array_records_know_their_line(realworld):
-    path = os.path.join(realworld, "data", "sharegpt_dummy_conversation.json")
+def test_json_array_records_are_named_by_their_index(realworld):
+    path = os.path.join(realworld, "data", "glaive_toolcall_en_demo.json")
     records = list(data.read_records(path))
-    lines = open(path).read().split("\n")
-    for record in records[:3] + records[-2:]:
-        assert lines[record.origin.line - 1].strip().startswith("{")
-        assert record.data["id"] in "\n".join(lines[record.origin.line - 1:
-                                                     record.origin.line + 3])
+    assert [str(r.origin) for r in records[:3]] == [f"{path}[#0]", f"{path}[#1]", f"{path}[#2]"]
+    assert str(records[-1].origin) == f"{path}[#299]"  # 0-based: 300 records
+    with open(path) as f:
+        assert records[7].data == json.load(f)[7]
+
+
+def _chat(question, answer):
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}]}
+
+
+def test_minified_json_array_names_duplicates_and_errors_by_index(tmp_path):
+    """On one line every record used to be `file:1`: 'x.json:1 duplicate of x.json:1'."""
+    path = tmp_path / "min.json"
+    path.write_text(json.dumps([_chat("hi", "yo"), _chat("other", "answer"),
+                                _chat("hi", "yo  "), {"messages": []}]))
+    items = list(data.iter_examples(str(path)))
+    assert [str(x.origin) for x in items[:3]] == [f"{path}[#{i}]" for i in range(3)]
+    assert str(items[3]) == f"{path}[#3]: messages: expected a non-empty list of messages"
+    issues = {(i.where, i.kind): i.message for i in data.lint(str(path)).issues}
+    assert issues[(f"{path}[#2]", "duplicate")].endswith(f"of {path}[#0]")
+
+
+def test_malformed_json_says_where_once(tmp_path):
+    """json's own message can end in "at" ("Unterminated string starting at")."""
+    lines = tmp_path / "a.jsonl"
+    lines.write_text('{"text": "ok"}\n{"text": "never closed}')  # the file ends in it
+    error = list(data.read_records(str(lines)))[1].error
+    assert str(error) == (f"{lines}:2: malformed JSON: Unterminated string starting at "
+                          "column 10")
+    array = tmp_path / "a.json"
+    array.write_text('[\n  {"text": "ok"},\n  {"text": "never closed}')
+    records = list(data.read_records(str(array)))
+    assert str(records[0].origin) == f"{array}[#0]"
+    assert str(records[1].error) == (f"{array}[#1]: malformed JSON: Unterminated string "
+                                     "starting at line 3 column 12")
 
 
 def test_glaive_tool_calls_become_assistant_tool_calls(realworld):
@@ -151,7 +182,7 @@ def test_paths_globs_and_missing_files(tmp_path):
 
 def test_json_that_is_not_an_array(tmp_path):
     (tmp_path / "one.json").write_text('{"text": "x"}')
-    with pytest.raises(data.DataError, match="one.json:1: malformed JSON: expected a top-level"):
+    with pytest.raises(data.DataError, match=r"one\.json: malformed JSON: expected a top-level"):
         data.load_examples(str(tmp_path / "one.json"))
 
 
@@ -207,3 +238,4 @@ def test_record_source_gives_random_access_to_the_same_records(tmp_path, realwor
         assert str(got.error) == str(want.error)
     assert source[1].error.kind == "malformed" and source[2].error.kind == "undecodable"
     assert source[3].origin.line == 5
+    assert str(source[1002].origin) == f"{alpaca}[#998]"

@@ -8,11 +8,13 @@ import sys
 import pytest
 
 import coach_jax
-from coach_jax import data, models
+from coach_jax import data, models, modes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAB = os.path.join(ROOT, "assets", "lab")
 CONFIG = os.path.join(ROOT, "configs", "default.py")
+BASE = os.path.join(LAB, "base")  # a small HF folder: config, safetensors, tokenizer
+SAMPLING = dict(max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0, seed=0)
 
 
 def _cli(*args, stdin=None):
@@ -100,3 +102,26 @@ def test_chat_without_a_model_says_what_is_missing():
     result = _cli("--mode=chat")
     assert result.returncode == 2
     assert "--model" in result.stderr
+
+
+def test_generate_reads_each_record_by_its_own_kind(tmp_path):
+    """A file mixing text records (raw prompts, continued as is) with conversations of
+    different formats gets one output row per line, in order."""
+    text = {"text": "Kalolo Labs is a company"}
+    chat = {"messages": [{"role": "user", "content": "Give me a brief on Kalolo Labs."},
+                         {"role": "assistant", "content": "a reference"}]}
+    alpaca = {"instruction": "Give me a brief on Tortorlo Works.", "output": "another"}
+    records = [text, chat, {"text": "Tortorlo Works was founded in"}, alpaca]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    assert modes.generate(None, None, input=str(tmp_path / "in.jsonl"), output=str(out),
+                          model=BASE, generate_batch_size=32, **SAMPLING) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["origin"].rsplit(":", 1)[1] for r in rows] == ["1", "2", "3", "4"]
+    assert rows[0]["prompt"] == text["text"] and "messages" not in rows[0]
+    assert rows[1]["messages"] == chat["messages"][:1] and rows[1]["reference"] == "a reference"
+    assert rows[3]["messages"] == [{"role": "user", "content": alpaca["instruction"]}]
+    prompts = [text["text"], rows[1]["messages"], records[2]["text"], rows[3]["messages"]]
+    cfg, params = models.load_hf(BASE)
+    assert [r["output"] for r in rows] == coach_jax.generate(
+        cfg, params, data.load_tokenizer(BASE), prompts, **SAMPLING)

@@ -171,6 +171,63 @@ def test_folder_without_weights(tmp_path):
         models.load_hf(tmp_path)
 
 
+LAB_BASE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "assets", "lab", "base",
+                               "config.json")
+
+
+@pytest.fixture
+def pickles_never_opened(monkeypatch):
+    """Any open() of a PyTorch pickle fails the test."""
+    import builtins
+    real_open = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        assert not str(file).endswith((".bin", ".pt", ".pth")), f"opened {file}"
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", guarded)
+
+
+def test_pickle_weights_get_the_conversion_command(tmp_path, pickles_never_opened):
+    (tmp_path / "config.json").write_bytes(open(LAB_BASE_CONFIG, "rb").read())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle: never read")
+    with pytest.raises(models.CheckpointError) as err:
+        models.load_hf(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path}: PyTorch pickle weights "
+                                                      "(pytorch_model.bin)")
+    assert (f"M.from_pretrained({str(tmp_path)!r}).save_pretrained({str(tmp_path)!r}, "
+            "safe_serialization=True)") in message
+
+
+def test_sharded_pickles_are_refused_before_the_model_is_built(tmp_path, pickles_never_opened):
+    from coach_jax.models.builder import ModelSpec, build_model
+    (tmp_path / "config.json").write_bytes(open(LAB_BASE_CONFIG, "rb").read())
+    for i in (1, 2):
+        (tmp_path / f"pytorch_model-0000{i}-of-00002.bin").write_bytes(b"fake")
+    (tmp_path / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')
+    (tmp_path / "training_args.bin").write_bytes(b"fake")
+    spec = ModelSpec(str(tmp_path), (), "float32", "float32", "none", "auto", True, 1)
+    with pytest.raises(models.CheckpointError, match=r"pytorch_model-00001-of-00002\.bin, "
+                                                     r"pytorch_model-00002-of-00002\.bin\) and "
+                                                     r"no model\.safetensors.*save_pretrained"):
+        build_model(spec, tokenizer_size=1024, seed=0)
+
+
+def test_the_conversion_command_gives_a_loadable_folder(tmp_path):
+    """The command the refusal prints, run as printed, turns a pickle into safetensors."""
+    import subprocess
+    import sys
+    from coach_jax.models.hf_checkpoint import convert_command
+    model = hf_reference.build("llama3")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    command = convert_command(str(tmp_path)).replace("python", sys.executable, 1)
+    subprocess.run(command, shell=True, check=True, capture_output=True, timeout=300)
+    cfg, params = models.load_hf(tmp_path)
+    np.testing.assert_array_equal(np.asarray(params["embed_tokens"]),
+                                  model.model.embed_tokens.weight.detach().numpy())
+
+
 def test_truncated_safetensors(tmp_path):
     _saved("llama3", tmp_path)
     weights = tmp_path / "model.safetensors"

@@ -193,8 +193,12 @@ def test_cache_is_reused_and_invalidated(tmp_path, tokenizer, tokenizer_dir, mon
 
 def test_too_many_dropped_examples_stop_before_training(tmp_path, tokenizer):
     path = write_chats(tmp_path / "a.jsonl", 30)
-    with pytest.raises(PipelineError, match=r"23 of 30 records left out \(76.7% > data.max_drop_fraction=5%\)"):
+    with pytest.raises(PipelineError, match=r"23 of 30 records left out \(76.7% > "
+                                            r"data.max_drop_fraction=0.05\)") as error:
         Pipeline(config(tmp_path, [SourceConfig("a", path)], max_seq_len=100), tokenizer)
+    hint = str(error.value).splitlines()[-1]
+    assert hint == ("To fix: raise data.max_seq_len (now 100) or set data.truncation='truncate'; "
+                    "or raise data.max_drop_fraction.")
     lenient = Pipeline(config(tmp_path, [SourceConfig("a", path)], max_seq_len=100,
                               max_drop_fraction=1.0), tokenizer)
     assert lenient.stats()["a"]["left_out"]["dropped_overlong"] > 0

@@ -10,11 +10,12 @@ from coach_jax.data.formats import FORMATS, detect_format, normalize
 from coach_jax.data.lint import LintReport, inspect, lint, template_report
 from coach_jax.data.readers import read_records
 from coach_jax.data.sources import iter_examples, load_examples
-from coach_jax.data.splits import overlap, split_eval
+from coach_jax.data.splits import EvalSplit, overlap, split_eval
 
 __all__ = [
     "Conversation", "DataError", "Document", "EncodeOptions", "EncodeReport", "EncodedExample",
-    "EncodingError", "Example", "FORMATS", "LintReport", "Message", "Origin", "TemplateLayout",
+    "EncodingError", "EvalSplit", "Example", "FORMATS", "LintReport", "Message", "Origin",
+    "TemplateLayout",
     "detect_format", "encode_all", "encode_chat", "encode_example", "encode_text", "inspect",
     "iter_examples", "lint", "load_examples", "load_tokenizer", "normalize", "overlap",
     "read_records", "split_eval", "template_layout", "template_report",

@@ -2,7 +2,9 @@
 
 A cache entry is a folder named by the fingerprint of everything that decides the encoding:
 the files (path, size, modification time), the format, the tokenizer (its full
-tokenizer.json), the chat template, and the encoding options. It holds the examples as
+tokenizer.json), the chat template, the encoding options, and the eval split part when
+data.eval_split carves one (`splits.EvalSplit`: the part's records only, so a split source
+never shares the unsplit one's entry). It holds the examples as
 ArrayRecord (random access, so shuffling reads single records), their lengths, and the
 encoding report. Entries are written to a temporary folder and renamed into place, so a
 crash never leaves a half-written entry and concurrent builders (hosts sharing a disk)
@@ -27,8 +29,9 @@ from absl import logging
 from coach_jax.data.encoded import EncodedExample, EncodeOptions, EncodeReport, Skip, encode_one
 from coach_jax.data.errors import DataError, Origin
 from coach_jax.data.formats import detect_format, normalize
-from coach_jax.data.readers import RawRecord, expand_paths
+from coach_jax.data.readers import RawRecord, expand_paths, read_records
 from coach_jax.data.record_source import RecordSource
+from coach_jax.data.splits import EvalSplit, overlap
 
 CACHE_VERSION = 2  # 2: masks from the probed template layout (step 11)
 _EXAMPLES = "examples.array_record"
@@ -47,7 +50,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def source_fingerprint(paths: str | Sequence[str], format: str, tokenizer: Any,
-                       options: EncodeOptions) -> str:
+                       options: EncodeOptions, split: EvalSplit | None = None) -> str:
+    """Names the cache entry; an unsplit source keeps the key it had before eval splits."""
     files = []
     for path in expand_paths(paths):
         if os.path.exists(path):
@@ -57,6 +61,8 @@ def source_fingerprint(paths: str | Sequence[str], format: str, tokenizer: Any,
             files.append((path, 0, 0))  # hub datasets: by name
     key = {"version": CACHE_VERSION, "files": files, "format": format,
            "tokenizer": tokenizer_fingerprint(tokenizer), "options": dataclasses.asdict(options)}
+    if split is not None:
+        key["split"] = dataclasses.asdict(split)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -88,6 +94,10 @@ class EncodedSource:
     lengths: np.ndarray  # tokens per example
     report: EncodeReport
     from_cache: bool
+    split: EvalSplit | None = None
+    # With a split: {"count": held-out examples duplicating a train one, "examples": a few
+    # (train origin, eval origin) pairs}.
+    eval_split_overlap: dict[str, Any] | None = None
 
     @property
     def num_examples(self) -> int:
@@ -115,7 +125,56 @@ def _detect(records: RecordSource, paths: Any) -> str:
         raw = records[i]
         if raw.error is None:
             return detect_format(raw.data, raw.origin)
-    raise DataError(Origin(str(paths)), "no readable record to detect the format from")
+    raise DataError(Origin(_describe(paths)), "no readable record to detect the format from")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Selected:
+    """The records at `indices` (one part of an eval split), as a random-access source."""
+
+    records: RecordSource
+    indices: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> RawRecord:
+        return self.records[self.indices[i]]
+
+
+def _part(records: RecordSource, split: EvalSplit | None, paths: Any
+          ) -> RecordSource | _Selected:
+    """The records the split's part reads; a count too large for the source names both."""
+    if split is None:
+        return records
+    try:
+        return _Selected(records, tuple(split.indices(len(records))))
+    except ValueError as e:
+        raise DataError(Origin(_describe(paths)), str(e), kind="eval_split") from None
+
+
+def _describe(paths: Any) -> str:
+    return ", ".join(expand_paths(paths))
+
+
+OVERLAP_EXAMPLES = 3
+
+
+def split_overlap(paths: Any, format: str, split: EvalSplit, n: int) -> dict[str, Any]:
+    """Held-out records that duplicate a train record (after whitespace normalisation):
+    their count and a few (train origin, eval origin) pairs. Unreadable records are left to
+    the encoding policies."""
+    held_out = set(dataclasses.replace(split, part="eval").indices(n))
+    parts: dict[bool, list] = {True: [], False: []}
+    for i, raw in enumerate(read_records(paths)):
+        if raw.error is None:
+            try:
+                parts[i in held_out].append(normalize(raw.data, format, raw.origin,
+                                                      require_answer=False))
+            except DataError:
+                pass
+    pairs = overlap(parts[False], parts[True])
+    return {"count": len(pairs), "examples": [list(p) for p in pairs[:OVERLAP_EXAMPLES]]}
 
 
 def _load(name: str, directory: str, fingerprint: str) -> EncodedSource:
@@ -125,26 +184,30 @@ def _load(name: str, directory: str, fingerprint: str) -> EncodedSource:
     report.counts.update(meta["counts"])
     report.examples.update(meta["examples"])
     report.tokens, report.supervised_tokens = meta["tokens"], meta["supervised_tokens"]
+    split = EvalSplit(**meta["split"]) if meta.get("split") else None
     return EncodedSource(name, directory, fingerprint,
-                         np.load(os.path.join(directory, _LENGTHS)), report, from_cache=True)
+                         np.load(os.path.join(directory, _LENGTHS)), report, from_cache=True,
+                         split=split, eval_split_overlap=meta.get("eval_split_overlap"))
 
 
 def encode_source(paths: str | Sequence[str], tokenizer: Any, options: EncodeOptions,
                   cache_dir: str, format: str = "auto", name: str = "",
-                  workers: int = 0) -> EncodedSource:
-    """The cached encoding of a source, built (with `workers` processes) if missing."""
+                  workers: int = 0, split: EvalSplit | None = None) -> EncodedSource:
+    """The cached encoding of a source (of its `split` part when given), built (with
+    `workers` processes) if missing."""
     from array_record.python.array_record_module import ArrayRecordWriter
-    fingerprint = source_fingerprint(paths, format, tokenizer, options)
+    fingerprint = source_fingerprint(paths, format, tokenizer, options, split)
     directory = os.path.join(cache_dir, fingerprint)
     if os.path.isfile(os.path.join(directory, _META)):
         logging.info("source %r: encoded examples from cache %s", name, directory)
         return _load(name, directory, fingerprint)
     records = RecordSource(paths)
     chosen = _detect(records, paths) if format == "auto" else format
+    selected = _part(records, split, paths)
     os.makedirs(cache_dir, exist_ok=True)
     building = tempfile.mkdtemp(prefix=f".{fingerprint}-", dir=cache_dir)
     try:
-        dataset = grain.MapDataset.source(records).map(
+        dataset = grain.MapDataset.source(selected).map(
             functools.partial(_encode_raw, format=chosen, tokenizer=tokenizer, options=options))
         stream = dataset.to_iter_dataset()
         if workers > 0:
@@ -161,12 +224,15 @@ def encode_source(paths: str | Sequence[str], tokenizer: Any, options: EncodeOpt
                 lengths.append(len(result.input_ids))
         writer.close()
         if not lengths:
-            raise DataError(Origin(str(paths)), "nothing to train on: every record was left "
-                                                f"out ({report.summary()})", kind="empty_source")
+            raise DataError(Origin(_describe(paths)), "nothing to train on: every record "
+                            f"was left out ({report.summary()})", kind="empty_source")
         np.save(os.path.join(building, _LENGTHS), np.asarray(lengths, np.int32))
         meta = {"name": name, "paths": expand_paths(paths), "format": chosen,
                 "counts": dict(report.counts), "examples": report.examples,
                 "tokens": report.tokens, "supervised_tokens": report.supervised_tokens}
+        if split is not None:
+            meta["split"] = dataclasses.asdict(split)
+            meta["eval_split_overlap"] = split_overlap(paths, chosen, split, len(records))
         with open(os.path.join(building, _META), "w") as f:
             json.dump(meta, f, indent=2)
         try:

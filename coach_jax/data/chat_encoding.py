@@ -181,14 +181,18 @@ def _turn_spans(text: str, k: int, message: dict[str, Any],
     own, calls = located.get(k, []), message.get("tool_calls") or ()
     if len(own) > 1:
         raise EncodingError(origin, f"{what}: the chat template writes its text {len(own)} "
-                                    "times; the mask cannot tell which to train")
+                                    "times; the mask cannot tell which to train: set "
+                                    "tokenizer.chat_template to a template that writes it "
+                                    "once")
     if own:
         gap = max([cursor] + [e for _, e in slots if e <= own[0][0]])
     elif calls:
         earlier = next((located[i] for i in range(k - 1, -1, -1) if located.get(i)), [])
         gap = max([cursor] + [e for _, e in earlier])
     else:
-        raise EncodingError(origin, f"{what}: the chat template does not render it")
+        raise EncodingError(origin, f"{what}: the chat template does not render it; set "
+                                    "tokenizer.chat_template to a template that renders "
+                                    "every assistant turn")
     hi = next((s for s, _ in slots if s >= (own[0][1] if own else gap)), len(text))
     found_calls = None
     if calls:
@@ -197,7 +201,9 @@ def _turn_spans(text: str, k: int, message: dict[str, Any],
         if found_calls is None:
             raise EncodingError(origin, f"{what}: its tool calls do not appear in the "
                                         "rendered conversation; does the chat template "
-                                        "support tool calls?")
+                                        "support tool calls? If not, set "
+                                        "tokenizer.chat_template to one that renders "
+                                        "tool_calls")
     # Where the assistant's own writing is first and last known to be.
     anchors = own[:1] + ([found_calls] if found_calls else [])
     first, own_end = min(a for a, _ in anchors), max(b for _, b in anchors)
@@ -249,7 +255,9 @@ def _tokenize(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray]:
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if "offset_mapping" not in encoded:
         raise EncodingError(None, "the tokenizer gives no character offsets (a fast, "
-                                  "tokenizers-backed tokenizer is required)")
+                                  "tokenizers-backed tokenizer is required): set "
+                                  "tokenizer.path to a folder with a tokenizer.json",
+                            kind="chat_template")
     return (np.asarray(encoded["input_ids"], np.int32),
             np.asarray(encoded["offset_mapping"], np.int64).reshape(-1, 2))
 
@@ -281,7 +289,7 @@ def _encode_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Any,
     """`encode_chat`'s result, and the messages whose text the rendering holds (None when
     not looked for: train_on="all")."""
     if train_on not in TRAIN_ON:
-        raise ValueError(f"train_on={train_on!r}; expected one of {', '.join(TRAIN_ON)}")
+        raise ValueError(f"data.train_on={train_on!r}; expected one of {', '.join(TRAIN_ON)}")
     layout = template_layout(tokenizer, end_of_turn)
     messages = _with_reasoning_key(messages, tokenizer.chat_template)
     if train_on == "all":
@@ -320,7 +328,9 @@ def _mask(text: str, offsets: np.ndarray, spans: list[tuple[int, int]],
 def _check_bos(tokenizer: Any, ids: np.ndarray, origin: Origin | None) -> None:
     bos = tokenizer.bos_token_id
     if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-        raise EncodingError(origin, "the rendering starts with two BOS tokens")
+        raise EncodingError(origin, "the rendering starts with two BOS tokens; set "
+                                    "tokenizer.chat_template to a template that writes "
+                                    "bos_token once")
 
 
 def encode_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None,

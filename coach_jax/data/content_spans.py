@@ -50,7 +50,9 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, Any]], tools: A
     try:
         return render(tokenizer, messages, tools, add_generation_prompt)
     except Exception as e:  # jinja2 TemplateError, or raise_exception() in the template
-        raise EncodingError(origin, f"the chat template rejected the conversation: {e}") from e
+        raise EncodingError(origin, f"the chat template rejected the conversation: {e}; fix "
+                                    "the record, or set tokenizer.chat_template to a template "
+                                    "that accepts it") from e
 
 
 def render_located(tokenizer: Any, messages: list[dict[str, Any]], tools: Any,
@@ -121,4 +123,5 @@ def _content_spans(tokenizer: Any, messages: list[dict[str, Any]], tools: Any, t
 def _diverged(origin: Origin | None, i: int) -> EncodingError:
     return EncodingError(origin, f"the chat template writes the text around message {i} "
                                  "differently depending on what the message says; the mask "
-                                 "cannot follow it")
+                                 "cannot follow it: set tokenizer.chat_template to a "
+                                 "template that does not")

@@ -1,11 +1,12 @@
 """Encoding a stream of examples under explicit policies, with every skip counted.
 
-Policies:
-- `overlong`: an example fits when its inputs (all tokens but the last, after the shift)
-  fit `max_seq_len`. `drop` (default) skips a longer one, `truncate` keeps its head,
-  `error` stops with its origin.
-- `on_invalid`: `error` (default) stops at the first bad record (malformed JSON, unknown
-  format, missing or empty fields, a template that rejects it); `skip` counts and reports.
+Policies (config keys in CONFIG_KEYS):
+- `overlong` (data.truncation): an example fits when its inputs (all tokens but the last,
+  after the shift) fit `max_seq_len`. `drop` (default) skips a longer one, `truncate` keeps
+  its head, `error` stops with its origin.
+- `on_invalid` (data.on_invalid): `error` (default) stops at the first bad record
+  (malformed JSON, unknown format, missing or empty fields, a template that rejects it);
+  `skip` counts and reports.
 - An example with nothing supervised (after truncation too) is never trained on: counted.
 """
 
@@ -23,6 +24,9 @@ from coach_jax.data.errors import DataError, Origin
 
 OVERLONG = ("drop", "truncate", "error")
 ON_INVALID = ("error", "skip")
+# The config key (coach_jax.config) behind each option, for messages that name it.
+CONFIG_KEYS = {"max_seq_len": "data.max_seq_len", "overlong": "data.truncation",
+               "train_on": "data.train_on", "on_invalid": "data.on_invalid"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +42,10 @@ class EncodeOptions:
         for name, allowed in (("overlong", OVERLONG), ("train_on", TRAIN_ON),
                               ("on_invalid", ON_INVALID)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of "
-                                 f"{', '.join(allowed)}")
+                raise ValueError(f"{CONFIG_KEYS[name]}={getattr(self, name)!r}; expected "
+                                 f"one of {', '.join(allowed)}")
         if self.max_seq_len < 1:
-            raise ValueError(f"max_seq_len={self.max_seq_len} must be positive")
+            raise ValueError(f"data.max_seq_len={self.max_seq_len} must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +124,8 @@ def encode_one(item: Example | DataError, tokenizer: Any, options: EncodeOptions
     truncated = False
     if len(ids) - 1 > options.max_seq_len:
         if options.overlong == "error":
-            raise DataError(item.origin, f"{len(ids)} tokens: inputs exceed max_seq_len="
-                                         f"{options.max_seq_len} (overlong='error')",
+            raise DataError(item.origin, f"{len(ids)} tokens: inputs exceed data.max_seq_len="
+                                         f"{options.max_seq_len} (data.truncation='error')",
                             kind="overlong")
         if options.overlong == "drop":
             return Skip("dropped_overlong", str(item.origin))

@@ -7,17 +7,22 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Origin:
-    """A record's file and its line (JSON/JSONL) or row (Parquet, HF datasets), 1-based."""
+    """A record's file and where in it: a JSONL line (1-based, `file:7`), a Parquet or HF
+    dataset row (1-based, `file row 7`), or the element of a top-level JSON array (0-based,
+    `file.json[#6]`: a pretty-printed or minified array has no useful line per record)."""
 
     file: str
     line: int | None = None
     row: int | None = None
+    index: int | None = None
 
     def __str__(self) -> str:
         if self.line is not None:
             return f"{self.file}:{self.line}"
         if self.row is not None:
             return f"{self.file} row {self.row}"
+        if self.index is not None:
+            return f"{self.file}[#{self.index}]"
         return self.file
 
 

@@ -60,7 +60,7 @@ def detect_format(record: Any, origin: Origin | None = None) -> str:
                                 "instruction+output (Alpaca), prompt+completion, text",
                         kind="unknown_format")
     raise DataError(origin, f"record fits several formats ({', '.join(matches)}; keys seen: "
-                            f"{keys}); pass format= explicitly", kind="unknown_format")
+                            f"{keys}); name the format with data.format", kind="unknown_format")
 
 
 def normalize(record: Any, format: str, origin: Origin | None = None,

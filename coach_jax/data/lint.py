@@ -1,5 +1,9 @@
 """Dataset lint (every record checked, every problem named by file:line) and inspect (what
-the model will be trained on, supervised tokens marked)."""
+the model will be trained on, supervised tokens marked).
+
+A problem of the chat template or tokenizer rather than of a record (an `EncodingError` of
+kind "chat_template") is reported once per source, with the count of records it affects.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +30,17 @@ class LintIssue:
     kind: str
     message: str
     severity: str  # "error" or "warning"
+    records: int | None = None  # set for a template-level problem: the records it affects
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.severity}: [{self.kind}] {self.message}"
+        affected = (f" ({self.records} record{'s' if self.records != 1 else ''} affected)"
+                    if self.records is not None else "")
+        return f"{self.where}: {self.severity}: [{self.kind}] {self.message}{affected}"
+
+    @property
+    def weight(self) -> int:
+        """Records the issue counts for: a template problem fails every record it reaches."""
+        return 1 if self.records is None else self.records
 
 
 @dataclasses.dataclass
@@ -40,16 +52,18 @@ class LintReport:
 
     @property
     def errors(self) -> int:
-        return sum(i.severity == "error" for i in self.issues)
+        return sum(i.weight for i in self.issues if i.severity == "error")
 
     def ok(self, max_errors: int = 0) -> bool:
         return self.errors <= max_errors
 
     def format(self) -> str:
         lines = [str(i) for i in self.issues]
-        kinds = collections.Counter(f"{i.severity}:{i.kind}" for i in self.issues)
-        lines.append(f"{self.records} records, {self.errors} errors, "
-                     f"{len(self.issues) - self.errors} warnings"
+        kinds = collections.Counter()
+        for i in self.issues:
+            kinds[f"{i.severity}:{i.kind}"] += i.weight
+        warnings = sum(i.weight for i in self.issues if i.severity != "error")
+        lines.append(f"{self.records} records, {self.errors} errors, {warnings} warnings"
                      + (f" ({', '.join(f'{k}={v}' for k, v in sorted(kinds.items()))})"
                         if kinds else ""))
         for title, lengths in (("prompt tokens", self.prompt_tokens),
@@ -79,6 +93,7 @@ def lint(paths: str | Sequence[str], tokenizer: Any = None, format: str = "auto"
     """Reads every record and reports problems; with a tokenizer also encodes each one."""
     report = LintReport()
     seen: dict[str, str] = {}
+    refusals: collections.Counter[str] = collections.Counter()  # template-level, by problem
     for item in iter_examples(paths, format):
         report.records += 1
         if isinstance(item, DataError):
@@ -110,15 +125,22 @@ def lint(paths: str | Sequence[str], tokenizer: Any = None, format: str = "auto"
         try:
             encoded = encode_example(tokenizer, item, train_on, end_of_turn=end_of_turn)
         except DataError as e:
-            add(e.kind, e.problem)
+            if e.kind == "chat_template":
+                refusals[e.problem] += 1
+            else:
+                add(e.kind, e.problem)
             continue
         mask = encoded["loss_mask"]
         report.prompt_tokens.append(int((mask == 0).sum()))
         report.response_tokens.append(int(mask.sum()))
         if max_seq_len is not None and len(mask) - 1 > max_seq_len:
-            add("overlong", f"{len(mask)} tokens, over max_seq_len={max_seq_len}", "warning")
+            add("overlong", f"{len(mask)} tokens, over data.max_seq_len={max_seq_len}",
+                "warning")
         if not mask[1:].any():
             add("nothing_to_learn", "no supervised token")
+    source = paths if isinstance(paths, str) else ", ".join(paths)
+    report.issues[:0] = [LintIssue(source, "chat_template", problem, "error", count)
+                         for problem, count in refusals.items()]
     return report
 
 
@@ -127,7 +149,7 @@ def inspect(paths: str | Sequence[str], tokenizer: Any, n: int = 3, format: str 
             end_of_turn: str = "") -> str:
     """The first `n` examples as the model sees them; supervised text in [[...]] (or green)."""
     open_mark, close_mark = ("\033[32m", "\033[0m") if color else ("[[", "]]")
-    blocks = []
+    blocks, refused = [], set()
     for item in iter_examples(paths, format):
         if len(blocks) == n:
             break
@@ -137,7 +159,11 @@ def inspect(paths: str | Sequence[str], tokenizer: Any, n: int = 3, format: str 
         try:
             encoded = encode_example(tokenizer, item, train_on, end_of_turn=end_of_turn)
         except DataError as e:
-            blocks.append(f"--- {e}")
+            template_level = e.kind == "chat_template"
+            blocks.append(f"--- {item.origin}: not encoded (the chat template's refusal, above)"
+                          if template_level and e.problem in refused else f"--- {e}")
+            if template_level:
+                refused.add(e.problem)
             continue
         ids, mask = encoded["input_ids"], encoded["loss_mask"]
         pieces = []

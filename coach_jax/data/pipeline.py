@@ -19,9 +19,11 @@ from typing import Any, Iterator, Sequence
 import grain
 import grain.experimental as grain_experimental
 import numpy as np
+from absl import logging
 
 from coach_jax.data.cache import EncodedSource, deserialize, encode_source
-from coach_jax.data.encoded import EncodeOptions
+from coach_jax.data.encoded import EncodeOptions, EncodeReport
+from coach_jax.data.splits import EvalSplit, check_eval_split
 
 PACKING = ("first_fit", "best_fit", "none")
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
@@ -35,10 +37,34 @@ class PipelineError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
+    """A data source; with `split` set, only its train part or its held-out part."""
+
     name: str
     paths: str | tuple[str, ...]
     format: str = "auto"
     weight: float = 1.0
+    split: EvalSplit | None = None
+
+
+def with_eval_split(sources: Sequence[SourceConfig], value: float, seed: int
+                    ) -> tuple[tuple[SourceConfig, ...], tuple[SourceConfig, ...]]:
+    """(train sources, eval sources) for data.eval_split=`value`: each source's records
+    minus a held-out `value` (a fraction < 1 or a whole count >= 1, chosen by `seed`), and
+    the held-out ones under the same name (per-source eval metrics line up with the train
+    ones). 0 keeps the sources whole and gives no eval sources. A bad value raises
+    PipelineError here; a count the source cannot spare raises a DataError naming the file
+    when the pipeline is built."""
+    if value == 0:
+        return tuple(sources), ()
+    try:
+        check_eval_split(value)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    if any(s.split is not None for s in sources):
+        raise PipelineError("data.eval_split: a source is already split")
+    part = lambda s, name: dataclasses.replace(s, split=EvalSplit(float(value), seed, name))
+    return (tuple(part(s, "train") for s in sources),
+            tuple(part(s, "eval") for s in sources))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +94,8 @@ class PipelineConfig:
         if not self.sources:
             raise PipelineError("no data sources configured")
         if self.packing not in PACKING:
-            raise PipelineError(f"packing={self.packing!r}; expected one of {', '.join(PACKING)}")
+            raise PipelineError(f"data.packing={self.packing!r}; expected one of "
+                                f"{', '.join(PACKING)}")
         if len(self.sources) > 1 and self.steps is None:
             raise PipelineError("a mixture of several sources has no natural epoch: set "
                                 "train.steps")
@@ -77,8 +104,8 @@ class PipelineConfig:
         if len({s.name for s in self.sources}) != len(self.sources):
             raise PipelineError("source names must be unique")
         if not 0 <= self.process_index < self.process_count:
-            raise PipelineError(f"process_index={self.process_index} is not in "
-                                f"[0, {self.process_count})")
+            raise PipelineError(f"process {self.process_index} is not one of the "
+                                f"{self.process_count} processes")
         if self.encode.max_seq_len != self.max_seq_len:
             object.__setattr__(self, "encode",
                                dataclasses.replace(self.encode, max_seq_len=self.max_seq_len))
@@ -125,6 +152,20 @@ def _stack(rows: Sequence[dict[str, np.ndarray]], batch_size: int) -> dict[str, 
     return batch
 
 
+def _drop_hint(report: EncodeReport, max_seq_len: int) -> str:
+    """What to change, by config key, for the reasons records were left out."""
+    hints = []
+    if report.counts["dropped_overlong"]:
+        hints.append(f"raise data.max_seq_len (now {max_seq_len}) or set "
+                     "data.truncation='truncate'")
+    if any(k.startswith("skipped_") for k in report.counts if report.counts[k]):
+        hints.append("fix the records (--mode=lint names each one)")
+    if any(k.startswith("nothing_to_learn") for k in report.counts if report.counts[k]):
+        hints.append("give every record an assistant turn to learn")
+    hints.append("or raise data.max_drop_fraction")
+    return "To fix: " + "; ".join(hints) + "."
+
+
 class Pipeline:
     """Batches for one process, with checkpointable iterators and the data's statistics."""
 
@@ -132,9 +173,10 @@ class Pipeline:
         self.config = config
         self.sources: list[EncodedSource] = [
             encode_source(s.paths, tokenizer, config.encode, config.cache_dir, s.format, s.name,
-                          workers=config.workers)
+                          workers=config.workers, split=s.split)
             for s in config.sources]
         self._check_drops()
+        self._warn_overlap()
         self.dataset = self._build()
 
     def count_batches(self) -> int:
@@ -152,9 +194,20 @@ class Pipeline:
                 raise PipelineError(
                     f"source {source.name!r}: {report.dropped} of {total} records left out "
                     f"({report.dropped / total:.1%} > data.max_drop_fraction="
-                    f"{self.config.max_drop_fraction:.0%}):\n{report.summary()}\nRaise "
-                    "max_seq_len, set overlong='truncate', fix the records (see lint), or "
-                    "raise max_drop_fraction.")
+                    f"{self.config.max_drop_fraction:g}):\n{report.summary()}\n"
+                    + _drop_hint(report, self.config.max_seq_len))
+
+    def _warn_overlap(self) -> None:
+        """Eval loss on examples also trained on looks better than it is: say so."""
+        for source in self.sources:
+            found = source.eval_split_overlap
+            if found and found["count"]:
+                pairs = "; ".join(f"{a} = {b}" for a, b in found["examples"])
+                logging.warning(
+                    "source %r (%s part of data.eval_split): %d held-out examples are exact "
+                    "duplicates of training ones (e.g. %s); eval loss on them looks better "
+                    "than it is. Deduplicate the source (--mode=lint lists duplicates).",
+                    source.name, source.split.part, found["count"], pairs)
 
     def _build(self, lengths_only: bool = False) -> grain.IterDataset:
         config = self.config
@@ -203,14 +256,24 @@ class Pipeline:
         return iterator
 
     def stats(self) -> dict[str, Any]:
-        """Per source: examples, tokens and supervised tokens per epoch, and what was left out."""
-        return {s.name: {"examples": s.num_examples, "tokens_per_epoch": s.report.tokens,
-                         "supervised_fraction": s.report.supervised_tokens /
-                         max(1, s.report.tokens - s.num_examples),
-                         "left_out": {k: v for k, v in s.report.counts.items()
-                                      if k not in ("encoded",)},
-                         "from_cache": s.from_cache}
-                for s in self.sources}
+        """Per source: examples, tokens and supervised tokens per epoch, and what was left out;
+        with data.eval_split, the part read and `eval_split_overlap` (held-out examples that
+        duplicate train ones: their count and a few (train, eval) origin pairs)."""
+        return {s.name: _source_stats(s) for s in self.sources}
+
+
+def _source_stats(source: EncodedSource) -> dict[str, Any]:
+    report = source.report
+    stats = {"examples": source.num_examples, "tokens_per_epoch": report.tokens,
+             "supervised_fraction": report.supervised_tokens /
+             max(1, report.tokens - source.num_examples),
+             "left_out": {k: v for k, v in report.counts.items() if k not in ("encoded",)},
+             "from_cache": source.from_cache}
+    if source.split is not None:
+        stats["eval_split"] = {"part": source.split.part, "value": source.split.value,
+                               "seed": source.split.seed}
+        stats["eval_split_overlap"] = source.eval_split_overlap
+    return stats
 
 
 class _Limited:

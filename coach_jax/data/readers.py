@@ -77,8 +77,14 @@ def parse_json_line(raw: bytes, origin: Origin) -> RawRecord:
             origin, f"undecodable text: not UTF-8 at byte {e.start} of the line",
             kind="undecodable"))
     except json.JSONDecodeError as e:
-        return RawRecord(origin, error=DataError(
-            origin, f"malformed JSON: {e.msg} at column {e.colno}", kind="malformed"))
+        return RawRecord(origin, error=DataError(origin, json_problem(e), kind="malformed"))
+
+
+def json_problem(e: json.JSONDecodeError, with_line: bool = False) -> str:
+    """`malformed JSON: <msg> at [line L] column C`, with one "at" where json's message
+    already ends in one ("Unterminated string starting at")."""
+    where = f"line {e.lineno} column {e.colno}" if with_line else f"column {e.colno}"
+    return f"malformed JSON: {e.msg.removesuffix(' at')} at {where}"
 
 
 def _read_jsonl(path: str) -> Iterator[RawRecord]:
@@ -89,45 +95,43 @@ def _read_jsonl(path: str) -> Iterator[RawRecord]:
 
 
 def _read_json_array(path: str) -> Iterator[RawRecord]:
-    """Elements of a top-level JSON array, each with the line its object starts on."""
+    """Elements of a top-level JSON array, each named by its 0-based index (`file[#i]`);
+    a malformed element ends the file with an error naming its index, line and column."""
     with open(path, "rb") as f:
         data = f.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        origin = Origin(path, line=line)
-        yield RawRecord(origin, error=DataError(origin, "undecodable text: not UTF-8",
-                                                kind="undecodable"))
+        yield RawRecord(Origin(path), error=DataError(
+            Origin(path), f"undecodable text: not UTF-8 at byte {e.start} (line {line})",
+            kind="undecodable"))
         return
     decoder = json.JSONDecoder()
-    pos, line = _skip_ws(text, 0), 1
+    pos = _skip_ws(text, 0)
     if not text.startswith("[", pos):
-        origin = Origin(path, line=1)
-        yield RawRecord(origin, error=DataError(
-            origin, "malformed JSON: expected a top-level array of records (use .jsonl for "
-                    "one record per line)", kind="malformed"))
+        yield RawRecord(Origin(path), error=DataError(
+            Origin(path), "malformed JSON: expected a top-level array of records (use .jsonl "
+                          "for one record per line)", kind="malformed"))
         return
-    pos, counted = _skip_ws(text, pos + 1), 0
+    pos, index = _skip_ws(text, pos + 1), 0
     while pos < len(text) and text[pos] != "]":
-        line += text.count("\n", counted, pos)
-        counted = pos
-        origin = Origin(path, line=line)
+        origin = Origin(path, index=index)
         try:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            yield RawRecord(Origin(path, line=e.lineno), error=DataError(
-                Origin(path, line=e.lineno), f"malformed JSON: {e.msg} at column {e.colno}",
-                kind="malformed"))
+            yield RawRecord(origin, error=DataError(origin, json_problem(e, with_line=True),
+                                                    kind="malformed"))
             return
         yield RawRecord(origin, value)
+        index += 1
         pos = _skip_ws(text, pos)
         if pos < len(text) and text[pos] == ",":
             pos = _skip_ws(text, pos + 1)
     if pos >= len(text):
-        origin = Origin(path, line=text.count("\n") + 1)
-        yield RawRecord(origin, error=DataError(origin, "malformed JSON: unterminated array",
-                                                kind="malformed"))
+        yield RawRecord(Origin(path), error=DataError(
+            Origin(path), f"malformed JSON: unterminated array (no ']' after {index} "
+                          "records)", kind="malformed"))
 
 
 def _skip_ws(text: str, pos: int) -> int:

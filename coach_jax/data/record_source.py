@@ -1,9 +1,11 @@
 """Random access to raw records: a Grain data source over JSONL, JSON, Parquet and saved HF
 datasets.
 
-JSONL and JSON arrays are indexed by byte offset once, so any record can be read (shuffled,
-or by a worker process) without holding the file in memory. Each item is a `RawRecord`,
-malformed JSON included, exactly as the sequential readers give it.
+JSONL files are indexed by byte offset once, so any record can be read (shuffled, or by a
+worker process) without holding the file in memory; JSON arrays, Parquet files and HF datasets
+are parsed one file at a time. Each item is a `RawRecord`, malformed JSON included, exactly as
+the sequential readers give it, origin too (`file:line` in JSONL, `file.json[#i]` with a
+0-based index in JSON arrays).
 """
 
 from __future__ import annotations

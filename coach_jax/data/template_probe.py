@@ -50,6 +50,56 @@ def _refused(problem: str) -> EncodingError:
     return EncodingError(None, problem, kind="chat_template")
 
 
+def _add_token_fix(*markers: str) -> str:
+    """How to give a tokenizer the special tokens a template writes literally."""
+    names = ", ".join(map(repr, markers))
+    return (f"add {names} to the tokenizer as special token{'s' if len(markers) > 1 else ''} "
+            f"(tokenizer.add_special_tokens({{'additional_special_tokens': [{names}]}}), "
+            "save_pretrained it and point tokenizer.path there) or set tokenizer.path to the "
+            "model's own tokenizer")
+
+
+def _split_markers(tokenizer: Any, text: str) -> list[str]:
+    """The control-shaped markers in `text` that this tokenizer splits into pieces."""
+    found = dict.fromkeys(m.group() for m in CONTROL_SHAPED.finditer(text))
+    return [m for m in found if len(tokenizer.encode(m, add_special_tokens=False)) != 1]
+
+
+def _own_marker(tokenizer: Any, special_list: Sequence[str]) -> str | None:
+    """A special token this tokenizer has that could end assistant turns: its EOS, else one
+    named like an end (`<|endoftext|>`)."""
+    if tokenizer.eos_token and tokenizer.eos_token in special_list:
+        return tokenizer.eos_token
+    return next((t for t in special_list if "end" in t.lower()), None)
+
+
+def _split_marker_fix(tokenizer: Any, marker: str, rendered: str,
+                      special_list: Sequence[str]) -> str:
+    """The fixes for a closing marker this tokenizer splits into pieces (and the template's
+    other split markers, named with it)."""
+    own = _own_marker(tokenizer, special_list)
+    markers = dict.fromkeys([marker, *_split_markers(tokenizer, rendered)])
+    return _add_token_fix(*markers) + (
+        f"; or set {END_OF_TURN_KEY}={own!r} to end assistant turns with a token it has"
+        if own and own != marker else "")
+
+
+def _render_error(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """Why the template cannot render `messages`, with the fix for a tokenizer that lacks a
+    token the template writes (`bos_token` undefined)."""
+    try:
+        render(tokenizer, messages)
+    except Exception as e:  # noqa: BLE001 - a template may raise anything
+        missing = re.search(r"'(\w+_token)' is undefined", str(e))
+        if missing:
+            return (f"it writes {missing.group(1)}, which this tokenizer does not define; set "
+                    f"tokenizer.path to the model's own tokenizer or give it one (tokenizer."
+                    f"add_special_tokens({{{missing.group(1)!r}: ...}}), save_pretrained it and "
+                    "point tokenizer.path there)")
+        return f"{type(e).__name__}: {e}; set tokenizer.chat_template to a .jinja file that can"
+    return "set tokenizer.chat_template to a .jinja file that can"
+
+
 def special_tokens(tokenizer: Any) -> tuple[str, ...]:
     tokens = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     tokens |= set(tokenizer.all_special_tokens)
@@ -205,8 +255,8 @@ def _probe_conversation(tokenizer: Any) -> tuple[str, list[dict[str, Any]], bool
         next((f for f in forms if rendered[f]), forms[0]))
     full = rendered[parts, system]
     if full is None:
-        raise _refused("the chat template cannot render a plain user/assistant conversation; "
-                       "set tokenizer.chat_template to a .jinja file that can")
+        raise _refused("the chat template cannot render a plain user/assistant conversation: "
+                       + _render_error(tokenizer, _conversation(False, 2)))
     if not all(m in full for m in _USER + _ANSWER):
         raise _refused("the chat template does not render the messages' text, so assistant "
                        "turns cannot be located; set tokenizer.chat_template to a .jinja file "
@@ -221,10 +271,12 @@ def _resolved_closers(tokenizer: Any, full: str, specials: re.Pattern | None,
     if end_of_turn:
         _check_configured(tokenizer, end_of_turn, closers)
         return closers or [end_of_turn], False
-    if CONTROL_SHAPED.search(text_closer):
+    marker = CONTROL_SHAPED.search(text_closer)
+    if marker:
         raise _refused(f"the chat template closes assistant turns with no special token: "
-                       f"{text_closer!r} looks like a control token but this tokenizer splits "
-                       "it into pieces; set tokenizer.path to the model's own tokenizer")
+                       f"{marker.group()!r} looks like a control token but this tokenizer "
+                       "splits it into pieces; "
+                       + _split_marker_fix(tokenizer, marker.group(), full, special_list))
     if text_closer:
         closers = [text_closer]
     if not closers:
@@ -243,8 +295,17 @@ def _resolved_closers(tokenizer: Any, full: str, specials: re.Pattern | None,
 
 
 @functools.lru_cache(maxsize=64)
-def _probe(tokenizer: Any, template: str, end_of_turn: str) -> TemplateLayout:
+def _probe(tokenizer: Any, template: str, end_of_turn: str) -> TemplateLayout | str:
+    """The layout, or the refusal's text: a refused template is probed once too, not once
+    per record."""
     del template  # part of the cache key only
+    try:
+        return _probed(tokenizer, end_of_turn)
+    except EncodingError as e:
+        return e.problem
+
+
+def _probed(tokenizer: Any, end_of_turn: str) -> TemplateLayout:
     special_list = special_tokens(tokenizer)
     specials = _specials_regex(special_list)
     eos = tokenizer.eos_token if tokenizer.eos_token in special_list else None
@@ -349,15 +410,22 @@ def _check_configured(tokenizer: Any, marker: str, closers: Sequence[str]) -> No
                        f"{END_OF_TURN_KEY} empty")
     if CONTROL_SHAPED.fullmatch(marker) and len(tokenizer.encode(
             marker, add_special_tokens=False)) != 1:
+        own = _own_marker(tokenizer, special_tokens(tokenizer))
         raise _refused(f"{END_OF_TURN_KEY}={marker!r} looks like a control token but this "
-                       "tokenizer splits it into pieces; name one of its special tokens")
+                       f"tokenizer splits it into pieces; {_add_token_fix(marker)}, or set "
+                       f"{END_OF_TURN_KEY} to one of its special tokens"
+                       + (f" (e.g. {own!r})" if own else ""))
 
 
 def template_layout(tokenizer: Any, end_of_turn: str = "") -> TemplateLayout:
-    """The probed layout of the tokenizer's chat template (cached per template)."""
+    """The probed layout of the tokenizer's chat template, or its refusal (both cached per
+    tokenizer, template and end_of_turn)."""
     if not tokenizer.chat_template:
         raise _refused("the tokenizer has no chat template; set tokenizer.chat_template to a "
                        ".jinja file")
     template = tokenizer.chat_template
-    return _probe(tokenizer, template if isinstance(template, str) else repr(template),
-                  end_of_turn)
+    found = _probe(tokenizer, template if isinstance(template, str) else repr(template),
+                   end_of_turn)
+    if isinstance(found, str):
+        raise _refused(found)
+    return found

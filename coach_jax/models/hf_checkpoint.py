@@ -4,7 +4,8 @@ One plan, derived from the parameter tree and the family's tensor names, says wh
 tensor feeds which parameter and how (HF Linear weights are [out, in]; ours are
 [in..., out...]; a fused tensor stacks several of ours along its output rows). Loading
 reads tensor by tensor and places each parameter as soon as it is assembled, so peak host
-memory is about the parameters once. Safetensors only: never pickle, never `torch.load`.
+memory is about the parameters once. Safetensors only: never pickle, never `torch.load`; a
+folder of PyTorch pickles is refused with the command that converts it (`check_weights`).
 """
 
 from __future__ import annotations
@@ -152,8 +153,47 @@ def _tensor_plan(cfg: ModelConfig) -> list[_Unit]:
     return list(units.values())
 
 
+# PyTorch pickles (`pytorch_model.bin`, its `*.bin` shards, `consolidated.pth`), and the
+# pickles a training run leaves beside its weights, which hold none.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
+
+
+def convert_command(folder: str) -> str:
+    """A shell line that rewrites a folder's PyTorch pickle weights as safetensors."""
+    return ('python -c "from transformers import AutoModelForCausalLM as M; '
+            f"M.from_pretrained({folder!r}).save_pretrained({folder!r}, "
+            'safe_serialization=True)"')
+
+
+def check_weights(folder: str, require: bool = True) -> None:
+    """Raises a one-line CheckpointError unless the folder holds safetensors weights. Pickle
+    weights are named with the command that converts them, never opened: unpickling a
+    file can run any code in it. `require=False` refuses only a pickle-only folder (the
+    early check, before config.json is read: a folder without weights gets its config
+    checked first)."""
+    if os.path.isfile(os.path.join(folder, INDEX_FILE)) or \
+            os.path.isfile(os.path.join(folder, SINGLE_FILE)):
+        return
+    found = sorted(os.listdir(folder))
+    pickles = [f for f in found if f.endswith(_PICKLE_SUFFIXES) and not f.startswith(
+        _NOT_WEIGHTS)]
+    if pickles:
+        shown = ", ".join(pickles[:3]) + (f" and {len(pickles) - 3} more" if len(pickles) > 3
+                                          else "")
+        raise CheckpointError(
+            f"{folder}: PyTorch pickle weights ({shown}) and no {SINGLE_FILE}; coach_jax reads "
+            f"safetensors only and never unpickles (it can run code). Convert them once "
+            f"with transformers: {convert_command(folder)}")
+    if not require:
+        return
+    raise CheckpointError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
+                          f"(folder holds: {', '.join(found) or 'nothing'})")
+
+
 def _weight_files(folder: str) -> dict[str, str]:
     """HF tensor name -> file holding it, from the index or the single-file checkpoint."""
+    check_weights(folder)
     index_path = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index_path):
         try:
@@ -163,10 +203,6 @@ def _weight_files(folder: str) -> dict[str, str]:
             raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from e
         return {name: os.path.join(folder, file) for name, file in weight_map.items()}
     single = os.path.join(folder, SINGLE_FILE)
-    if not os.path.isfile(single):
-        found = sorted(os.listdir(folder))
-        raise CheckpointError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
-                              f"(folder holds: {', '.join(found) or 'nothing'})")
     with _open(single) as handle:
         return {name: single for name in handle.keys()}
 
@@ -257,6 +293,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     folder = os.fspath(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such model folder")
+    check_weights(folder, require=False)  # a pickle-only folder's fix comes first
     if cfg is None:
         cfg = ModelConfig.from_hf_dir(folder, param_dtype=jnp.dtype(dtype).name,
                                       **config_overrides)
