@@ -63,6 +63,14 @@ class Checkpointer:
                 e.errno, f"cannot save step {step} to {self.directory}: {reason}; the "
                          f"checkpoints already there ({kept or 'none'}) are untouched") from e
 
+    def delete_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints newer than `step` (a diverged stretch); returns them."""
+        self.manager.wait_until_finished()
+        newer = [s for s in self.steps() if s > step]
+        for s in newer:
+            self.manager.delete(s)
+        return newer
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict]:
         """The state (placed as `abstract_state`'s shardings say), iterator state, metadata."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -79,7 +87,7 @@ class Checkpointer:
         """
         candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
         for candidate in candidates:
-            meta = self._meta(candidate)
+            meta = self.meta(candidate)
             if meta is not None:
                 check_compatible(meta, meta_now, allow_change, self.directory)
             try:
@@ -105,7 +113,8 @@ class Checkpointer:
         self.manager.reload()
         return target
 
-    def _meta(self, step: int) -> dict[str, Any] | None:
+    def meta(self, step: int) -> dict[str, Any] | None:
+        """The identity and settings saved with `step` (None when unreadable)."""
         path = os.path.join(self.directory, str(step), "meta", "metadata")
         try:
             with open(path) as f:
@@ -133,13 +142,27 @@ def check_compatible(saved: dict[str, Any], now: dict[str, Any], allow_change: b
         old, new = saved.get("model", {}), now.get("model", {})
         detail += [f"model.{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
                    if old.get(k) != new.get(k)]
-    detail += [name for name in ("tokenizer", "data") if name in changed]
+    for name in ("tokenizer", "data"):
+        if name in changed:
+            fields = config_changes(saved.get("config"), now.get("config"),
+                                    ("tokenizer.",) if name == "tokenizer" else ("data.",))
+            detail += fields or [f"{name}: the files' content changed"]
     message = (f"{where} holds checkpoints of a different run ({'; '.join(detail)}); use a new "
                "--workdir, or set checkpoint.allow_config_change=True to continue anyway")
     if allow_change and "model" not in changed:
         logging.warning(message)
         return
     raise IncompatibleCheckpointError(message)
+
+
+def config_changes(saved: dict[str, Any] | None, now: dict[str, Any] | None,
+                   prefixes: tuple[str, ...]) -> list[str]:
+    """'key: old -> new' for the flat config keys under `prefixes` that differ."""
+    if not saved or not now:
+        return []
+    keys = sorted(k for k in set(saved) | set(now) if k.startswith(prefixes))
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys
+            if saved.get(k) != now.get(k)]
 
 
 def abstract(tree: Any) -> Any:

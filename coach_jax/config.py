@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import os
 import re
 from typing import Any
@@ -21,12 +22,13 @@ from ml_collections import config_dict
 from coach_jax.data.encoded import OVERLONG, EncodeOptions
 from coach_jax.data.chat_encoding import TRAIN_ON
 from coach_jax.data.formats import FORMATS
-from coach_jax.data.pipeline import PACKING, SourceConfig
+from coach_jax.data.pipeline import PACKING, PipelineError, SourceConfig, with_eval_split
 from coach_jax.data.readers import expand_paths
 from coach_jax.evals.forgetting import ON_BUDGET
 from coach_jax.evals.suite import EvalConfig
 from coach_jax.models.builder import ModelSpec
 from coach_jax.models.config import ATTENTION, REMAT_POLICIES
+from coach_jax.models.hf_checkpoint import CheckpointError, check_weights
 from coach_jax.train import optimizers
 from coach_jax.train.loss import CHUNK_TOKENS, NORMALIZATIONS, LossConfig
 from coach_jax.train.optimizers import OptimizerConfig
@@ -100,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.label_smoothing = 0.0
     c.train.chunk_tokens = CHUNK_TOKENS  # LM head + cross-entropy chunk (0 = unchunked)
     c.train.freeze = ()  # regexes of parameter paths to freeze, e.g. ("embed_tokens",)
-    c.train.lr_multipliers = ()  # ("regex=multiplier", ...), e.g. ("lm_head=0.5",)
+    c.train.lr_multipliers = ()  # ("regex=multiplier", ...), e.g. ("embed_tokens=0.1",)
     c.train.trainable_last_layers = -1  # -1 = all layers train
     c.train.profile_steps = ""  # "first,last": a profiler trace of those steps in DIR/profile
     # A run whose loss diverges (stuck at the uniform-prediction loss, blown up far above its
@@ -311,6 +313,19 @@ def optimizer_hparams(c: ml_collections.ConfigDict) -> dict[str, Any]:
     return hparams
 
 
+def optimizer_config(c: ml_collections.ConfigDict) -> OptimizerConfig:
+    """The optimizer and its schedule, checked against the optax factory (raises
+    OptimizerConfigError / ValueError; resolve words them as ConfigErrors)."""
+    warmup_ratio = None  # warmup_steps wins when both are set
+    if not c.schedule.warmup_steps and c.schedule.warmup_ratio:
+        warmup_ratio = c.schedule.warmup_ratio
+    schedule = ScheduleConfig(c.schedule.name, c.schedule.warmup_steps, warmup_ratio,
+                              c.schedule.end_ratio, c.schedule.decay_ratio)
+    return OptimizerConfig(c.optimizer.name, c.optimizer.learning_rate, optimizer_hparams(c),
+                           c.optimizer.grad_clip_norm or None, schedule,
+                           c.optimizer.decay_norms_and_biases)
+
+
 def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int = 1
             ) -> Settings:
     """Validates the whole config; raises ConfigError with a one-line explanation."""
@@ -318,6 +333,11 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
         raise ConfigError("set model.hf_path (a local HF folder) or model.init")
     if c.model.hf_path and not os.path.isfile(os.path.join(c.model.hf_path, "config.json")):
         raise ConfigError(f"model.hf_path={c.model.hf_path!r}: no config.json there")
+    if c.model.hf_path:
+        try:
+            check_weights(c.model.hf_path, require=False)
+        except CheckpointError as e:
+            raise ConfigError(f"model.hf_path: {e}") from None
     _choice(c.model.remat, REMAT_POLICIES, "model.remat")
     _choice(c.model.attention, ATTENTION, "model.attention")
     if c.train.profile_steps and not re.fullmatch(r"\d+,\d+", c.train.profile_steps):
@@ -343,10 +363,24 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
         raise ConfigError("data.train is empty: name the training data")
     train_sources = parse_sources(c.data.train, "data.train", c.data.format)
     eval_sources = parse_sources(c.data.eval, "data.eval", c.data.format)
+    if c.data.eval_split:
+        if eval_sources:
+            raise ConfigError("data.eval_split and data.eval both name the held-out set: set "
+                              "one of them")
+        try:
+            train_sources, eval_sources = with_eval_split(train_sources, c.data.eval_split,
+                                                          c.data.seed)
+        except PipelineError as e:
+            raise ConfigError(str(e)) from None
     if len(train_sources) > 1 and not c.train.steps:
         raise ConfigError("a mixture of several training sources needs train.steps")
     if c.data.max_seq_len < 2:
         raise ConfigError(f"data.max_seq_len={c.data.max_seq_len} is too small")
+    positions, where = _model_positions(c)
+    if positions and c.data.max_seq_len > positions:
+        raise ConfigError(f"data.max_seq_len={c.data.max_seq_len} is longer than the model's "
+                          f"max_position_embeddings={positions} ({where}): lower "
+                          "data.max_seq_len")
     eval_config = _eval_config(c, eval_sources)
 
     mesh_shape = mesh_dims(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, device_count)
@@ -363,23 +397,22 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
         raise ConfigError(f"train.global_batch_size={batch} is not divisible by the "
                           f"{process_count} processes")
 
-    warmup_ratio = None  # warmup_steps wins when both are set
-    if not c.schedule.warmup_steps and c.schedule.warmup_ratio:
-        warmup_ratio = c.schedule.warmup_ratio
     try:
-        schedule = ScheduleConfig(c.schedule.name, c.schedule.warmup_steps, warmup_ratio,
-                                  c.schedule.end_ratio, c.schedule.decay_ratio)
+        optimizer = optimizer_config(c)
         rules = tuple((pattern, FROZEN) for pattern in c.train.freeze)
         for item in c.train.lr_multipliers:
-            pattern, _, multiplier = item.rpartition("=")
-            rules += ((pattern, float(multiplier)),)
+            pattern, sep, multiplier = item.rpartition("=")
+            try:
+                rules += ((pattern, float(multiplier)),)
+            except ValueError:
+                sep = ""
+            if not sep or not pattern:
+                raise ConfigError(f"train.lr_multipliers: {item!r} is not 'regex=multiplier', "
+                                  "e.g. 'embed_tokens=0.1'")
         groups = ParamGroups(rules, None if c.train.trainable_last_layers < 0
                              else c.train.trainable_last_layers)
         loss = LossConfig(c.train.loss_normalization, c.train.z_loss, c.train.label_smoothing,
                           c.train.chunk_tokens)
-        optimizer = OptimizerConfig(c.optimizer.name, c.optimizer.learning_rate,
-                                    optimizer_hparams(c), c.optimizer.grad_clip_norm or None,
-                                    schedule, c.optimizer.decay_norms_and_biases)
     except optimizers.UnknownHparamsError as e:
         raise ConfigError(f"optimizer {e.name!r} does not accept {', '.join(e.unknown)}; "
                           f"it accepts: {', '.join(e.accepted)}") from None
@@ -413,6 +446,17 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
         export=ExportSettings(c.export.hf, c.export.dtype or None),
         logging=LoggingSettings(c.logging.wandb_project, c.logging.wandb_entity,
                                 c.logging.wandb_run_name, tuple(c.logging.wandb_tags)))
+
+
+def _model_positions(c: ml_collections.ConfigDict) -> tuple[int | None, str]:
+    """The positions the model was built for, and where that number comes from."""
+    if not c.model.hf_path:
+        return c.model.init.get("max_position_embeddings"), "model.init"
+    path = os.path.join(c.model.hf_path, "config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    hf = hf.get("text_config", hf)  # multimodal folders keep the decoder's config inside
+    return hf.get("max_position_embeddings"), path
 
 
 def _eval_config(c: ml_collections.ConfigDict, eval_sources: tuple[SourceConfig, ...]
@@ -474,6 +518,48 @@ def mesh_dims(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int
                           f"needs {dims[0] * dims[1] * dims[2]} devices; {device_count} "
                           "are available")
     return tuple(dims)
+
+
+def optional_keys() -> tuple[str, ...]:
+    """Keys whose default is None: the ones `--config.<key>=None` may set back to None."""
+    flat = base_config().to_dict()
+    found = []
+
+    def walk(prefix: str, tree: dict[str, Any]) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            elif value is None:
+                found.append(f"{prefix}{key}")
+    walk("", flat)
+    return tuple(found)
+
+
+def load_saved(path: str) -> ml_collections.ConfigDict:
+    """A run's DIR/config.json as a locked config over today's keys (lists become tuples
+    where the key holds a tuple); a key that no longer exists is a ConfigError."""
+    with open(path) as f:
+        saved = json.load(f)
+    c = base_config()
+
+    def fill(node: ml_collections.ConfigDict, values: dict[str, Any], prefix: str) -> None:
+        for key, value in values.items():
+            name = f"{prefix}{key}"
+            if key not in node:
+                raise ConfigError(f"{path}: {name} is not a config key (written by another "
+                                  "version?); remove it from the file")
+            if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+                fill(node[key], value, f"{name}.")
+                continue
+            if isinstance(node[key], tuple) and isinstance(value, list):
+                value = tuple(value)
+            try:
+                setattr(node, key, value)
+            except TypeError as e:
+                raise ConfigError(f"{path}: {name}={value!r}: {e}") from None
+    fill(c, saved, "")
+    c.lock()
+    return c
 
 
 def finetune_config(hf_path: str, *, learning_rate: float, max_seq_len: int = 2048,

@@ -21,13 +21,18 @@ from coach_jax.memory import DoesNotFitError
 from coach_jax.models.config import UnsupportedModelError
 from coach_jax.models.hf_checkpoint import CheckpointError
 from coach_jax.train.optimizers import OptimizerConfigError
-from coach_jax.train.schedules import ScheduleError
+from coach_jax.train.divergence import DivergedError
+from coach_jax.train.param_groups import ParamGroupError
 from coach_jax.train.step import NonFiniteError
 
-USER_ERRORS = (ConfigError, DataError, PipelineError, UnsupportedModelError, CheckpointError,
-               OptimizerConfigError, ScheduleError, NonFiniteError, DoesNotFitError,
-               CheckpointSaveError, IncompatibleCheckpointError, SchemaError,
+USER_ERRORS = (ConfigError, DivergedError, ParamGroupError, DataError, PipelineError,
+               UnsupportedModelError, CheckpointError, OptimizerConfigError, NonFiniteError,
+               DoesNotFitError, CheckpointSaveError, IncompatibleCheckpointError, SchemaError,
                FileNotFoundError)
+
+
+class RunAborted(Exception):
+    """A second Ctrl-C during training: the run ends at once, nothing more is saved."""
 
 
 def exit_with(message: str, status: int = 2) -> None:
@@ -40,8 +45,13 @@ def reported() -> Iterator[None]:
     try:
         yield
     except USER_ERRORS as e:
+        stops = isinstance(e, (NonFiniteError, DivergedError))  # the run failed, not the input
         exit_with(str(e).splitlines()[0] if isinstance(e, NonFiniteError) else str(e),
-                  3 if isinstance(e, NonFiniteError) else 2)
+                  3 if stops else 2)
+    except RunAborted as e:
+        exit_with(str(e) or "aborted", 130)
+    except KeyboardInterrupt:
+        exit_with("interrupted", 130)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -52,6 +62,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         exit_with(str(e))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        message = str(e).strip("'\"").replace("\\n", " ").replace('\\"', '"')
+        message = str(e).strip("'\"").replace("\\n", " ").replace('\\"', '"').replace("\\'", "'")
         exit_with(f"bad config override: {message}")
     return []

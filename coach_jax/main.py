@@ -6,14 +6,14 @@
   python -m coach_jax.main --mode=generate --model DIR --input in.jsonl --output out.jsonl
 """
 
-import json
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from coach_jax import errors, parallel
-from coach_jax.config import MODES
+from coach_jax.config import MODES, load_saved, optional_keys
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<file>.py[:preset]",
                                           lock_config=True)
@@ -36,13 +36,19 @@ _SEED = flags.DEFINE_integer("seed", 0, "Generation: sampling seed.")
 _GEN_BATCH = flags.DEFINE_integer("generate_batch_size", 32, "Generation: prompts per batch.")
 
 
+# `--config.<key>=None` overrides, taken out before absl parses (its parsers expect a value
+# of the key's type) and applied after.
+_NONE_OVERRIDES: list[str] = []
+
+
 def run(mode: str, config, workdir: str) -> int:
     """One mode; returns the exit status."""
     from coach_jax import modes  # after flag parsing: keeps --help fast
     if mode == "train":
         from coach_jax.train.loop import train_and_evaluate
+        from coach_jax.train.reporting import summary_line
         record = train_and_evaluate(config, workdir)
-        print(json.dumps(record))
+        print(summary_line(record, record.get("report"), record.get("export")), flush=True)
         return 0
     return getattr(modes, mode)(
         config, workdir, inspect_examples=_INSPECT.value, step=_STEP.value, model=_MODEL.value,
@@ -56,19 +62,69 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _WORKDIR.value is None and _MODE.value in ("train", "eval", "export"):
         errors.exit_with(f"--workdir is required for --mode={_MODE.value}")
-    if _CONFIG.value is None and not (_MODE.value in ("generate", "chat") and _MODEL.value):
+    saved_config = _WORKDIR.value and os.path.isfile(os.path.join(_WORKDIR.value, "config.json"))
+    if _CONFIG.value is None and not (_MODE.value in ("generate", "chat") and _MODEL.value) \
+            and not (_MODE.value in ("eval", "export") and saved_config):
         errors.exit_with(f"--config is required for --mode={_MODE.value}"
                          + (" (or --model=<HF folder>)" if _MODE.value in ("generate", "chat")
                             else ""))
     if not flags.FLAGS["verbosity"].present:  # progress lines only; -v 0 for library logs
         logging.set_verbosity(logging.WARNING)
     with errors.reported():
-        if _CONFIG.value is not None:
-            distributed = _CONFIG.value.distributed
+        config = run_config(_MODE.value, _WORKDIR.value)
+        if config is not None:
+            distributed = config.distributed
             parallel.initialize_distributed(distributed.coordinator_address,
                                             distributed.num_processes, distributed.process_id)
-        sys.exit(run(_MODE.value, _CONFIG.value, _WORKDIR.value))
+        sys.exit(run(_MODE.value, config, _WORKDIR.value))
+
+
+def run_config(mode: str, workdir: str | None):
+    """The config a mode runs with: --mode=eval/export start from the run's own
+    DIR/config.json (what it trained with), other modes from --config; the command line's
+    --config.<key> overrides apply on top."""
+    config = _CONFIG.value
+    overrides = {}
+    if config is not None:
+        overrides = dict(config_flags.get_override_values(flags.FLAGS["config"]))
+        overrides.update({key: None for key in _NONE_OVERRIDES})
+    saved = os.path.join(workdir or "", "config.json")
+    if mode in ("eval", "export") and os.path.isfile(saved):
+        config = load_saved(saved)
+        with config.unlocked():
+            for key, value in overrides.items():
+                _set(config, key, value)
+        logging.info("--mode=%s: the config of %s, with %d overrides", mode, saved,
+                     len(overrides))
+    elif config is not None:
+        for key in _NONE_OVERRIDES:
+            _set(config, key, None)
+    return config
+
+
+def _set(config, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    setattr(node, leaf, value)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, after taking out `--config.<key>=None` for the keys that may be None
+    (optional_keys); None for any other key is a one-line error."""
+    kept, optional = [], optional_keys()
+    for arg in argv:
+        key, sep, value = arg.removeprefix("--config.").partition("=")
+        if arg.startswith("--config.") and sep and value == "None":
+            if key not in optional:
+                errors.exit_with(f"--config.{key}=None: {key} cannot be None; the keys that "
+                                 f"can: {', '.join(optional)}")
+            _NONE_OVERRIDES.append(key)
+            continue
+        kept.append(arg)
+    return errors.parse_flags(kept)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=errors.parse_flags)
+    app.run(main, flags_parser=parse_flags)

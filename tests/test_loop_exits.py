@@ -2,13 +2,15 @@
 writer and the checkpoint manager: the last step, a preemption, a non-finite loss, and any
 exception (a notebook's Ctrl-C must work after a failed run)."""
 
+import math
 import os
 import signal
 
 import pytest
 
 from coach_jax import checkpoint, train
-from coach_jax.train import loop, reporting
+from coach_jax.errors import RunAborted
+from coach_jax.train import loop, reporting, run_resources
 from test_trainer import tiny_config
 
 
@@ -68,7 +70,7 @@ def test_preemption_cleans_up(tmp_path, opened, handlers, monkeypatch):
         if step == 2:  # what SIGTERM does, at a known step
             self.flag = True
         return self.flag
-    monkeypatch.setattr(loop.PreemptionWatch, "requested", requested)
+    monkeypatch.setattr(run_resources.PreemptionWatch, "requested", requested)
     record = loop.train_and_evaluate(_short_config(tmp_path), str(tmp_path / "w"))
     assert record["preempted_at"] == 2
     assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["2"]
@@ -92,8 +94,62 @@ def test_any_exception_cleans_up(tmp_path, opened, handlers, monkeypatch):
 
 
 def test_handlers_are_the_loops_only_inside(handlers):
-    with loop.PreemptionWatch() as watch:
+    with run_resources.PreemptionWatch() as watch:
         assert signal.getsignal(signal.SIGINT) == watch._handle
         signal.raise_signal(signal.SIGTERM)
         assert watch.requested(1)
     assert signal.getsignal(signal.SIGINT) is handlers
+
+
+def test_the_first_signal_says_what_happens_and_a_second_ctrl_c_aborts(handlers, capsys):
+    with run_resources.PreemptionWatch() as watch:
+        signal.raise_signal(signal.SIGINT)
+        assert watch.requested(1)
+        assert ("Ctrl-C: stopping after this step and saving; press Ctrl-C again to abort "
+                "without saving") in capsys.readouterr().err
+        with pytest.raises(RunAborted):
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_a_second_ctrl_c_ends_the_run_and_keeps_the_last_checkpoint(tmp_path, opened, handlers,
+                                                                     monkeypatch):
+    def requested(self, step):
+        if step == 3:  # Ctrl-C twice during step 3; checkpoint 2 is saved
+            self._handle(signal.SIGINT, None)
+            self._handle(signal.SIGINT, None)
+        return self.flag
+    with monkeypatch.context() as patch:
+        patch.setattr(run_resources.PreemptionWatch, "requested", requested)
+        workdir = tmp_path / "w"
+        with pytest.raises(RunAborted, match=r"aborted at step 3 without saving; the last "
+                                             r"checkpoint is step 2 in .*checkpoints"):
+            loop.train_and_evaluate(_short_config(tmp_path), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    _assert_cleaned_up(opened, handlers)
+    # The kept checkpoint restores: the run continues from it.
+    record = loop.train_and_evaluate(_short_config(tmp_path), str(workdir))
+    assert record["step"] == 4
+
+
+def test_resume_says_where_it_continues_and_warns_when_the_schedule_changes(tmp_path, capsys):
+    """train.steps 4 -> 8 moves warmup_cosine's rate at step 4 (warmup 2, peak 1e-2):
+    cos(pi * 2/2) -> cos(pi * 2/6), by hand."""
+    workdir = str(tmp_path / "w")
+    loop.train_and_evaluate(_short_config(tmp_path), workdir)
+    capsys.readouterr()
+    loop.train_and_evaluate(_short_config(tmp_path, **{"train.steps": 8}), workdir)
+    out = capsys.readouterr().out
+    assert f"resumed from step 4 in {os.path.abspath(workdir)}/checkpoints" in out
+    old = 1e-2 * 0.5 * (1 + math.cos(math.pi * 2 / 2))
+    new = 1e-2 * 0.5 * (1 + math.cos(math.pi * 2 / 6))
+    assert (f"warning: the learning-rate schedule changed since the checkpoint (train.steps: "
+            f"4 -> 8): the learning rate at step 4 moves from {old:.3e} to {new:.3e}") in out
+
+
+def test_resume_with_the_same_schedule_does_not_warn(tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    loop.train_and_evaluate(_short_config(tmp_path, **{"train.steps": 2}), workdir)
+    config = _short_config(tmp_path, **{"train.steps": 2})
+    loop.train_and_evaluate(config, workdir)  # nothing left to train: resumes at the end
+    out = capsys.readouterr().out
+    assert "resumed from step 2" in out and "schedule changed" not in out

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+from safetensors.numpy import load_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,14 +21,38 @@ def test_default_command_trains(short_default_run):
     assert os.path.exists(tmp_path / "export" / "model.safetensors")
 
 
-def test_warmup_longer_than_the_run_is_one_clear_line(tmp_path):
+def test_the_run_prints_parameter_counts_warnings_and_a_summary(short_default_run):
+    """Before step 1: trainable / frozen counts (against the base's safetensors) and the
+    warmup (5 steps) outlasting the run (3 steps) as a warning, not an error; at the end a
+    sentence, not a JSON dump."""
+    tmp_path, _, result = short_default_run
+    sizes = load_file(os.path.join(ROOT, "assets", "lab", "base", "model.safetensors"))
+    total = sum(v.size for v in sizes.values())
+    assert f"parameters: {total:,} trainable, 0 frozen" in result.stdout
+    assert ("warning: the schedule's warmup (5 steps) is not shorter than the run (3 steps)"
+            in result.stdout)
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: 3 steps | train loss ")
+    assert f"report {tmp_path / 'report.md'}" in last and f"export {tmp_path / 'export'}" in last
+
+
+def test_eval_mode_reads_the_runs_config_and_flags_override_it(short_default_run):
+    """The run trained without eval data, behaviour or forgetting; --mode=eval with only the
+    held-out data named evaluates just that (configs/default.py alone would also generate and
+    measure forgetting), and without --config it needs nothing but the workdir."""
+    workdir, _, _ = short_default_run
     result = subprocess.run(
-        [sys.executable, "-m", "coach_jax.main", "--config", "configs/default.py", "--workdir",
-         str(tmp_path), "--config.train.steps=3", f"--config.data.cache_dir={tmp_path / 'c'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().endswith(
-        "schedule warmup (5 steps) must be shorter than the run (3 steps)")
+        [sys.executable, "-m", "coach_jax.main", "--config", "configs/default.py",
+         "--workdir", str(workdir), "--mode=eval", "--config.data.eval=assets/lab/eval.jsonl",
+         "--config.eval.max_batches=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["step"] == 3 and "eval_loss" in metrics
+    assert not any(k.startswith(("behaviour/", "forgetting/")) for k in metrics)
+    bare = subprocess.run([sys.executable, "-m", "coach_jax.main", "--workdir", str(workdir),
+                           "--mode=eval"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bare.returncode == 0, bare.stderr[-2000:]
+    assert json.loads(bare.stdout.strip().splitlines()[-1]) == {"step": 3}
 
 
 def test_ci_runs_the_readme_test_command():

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 
 from coach_jax.data.conversation import Conversation, Example
 from coach_jax.data.sources import iter_examples
+from coach_jax.data.splits import EvalSplit
 
 
 class SchemaError(ValueError):
@@ -41,8 +42,13 @@ def cases_from(examples: Iterable[Example | Any], limit: int) -> list[BehaviourC
     return cases
 
 
-def load_cases(paths: Any, format: str, limit: int) -> list[BehaviourCase]:
-    return cases_from(iter_examples(paths, format), limit)
+def load_cases(paths: Any, format: str, limit: int, split: EvalSplit | None = None
+               ) -> list[BehaviourCase]:
+    """The first `limit` cases of a source, or of its held-out part under data.eval_split."""
+    if split is None:
+        return cases_from(iter_examples(paths, format), limit)
+    records = list(iter_examples(paths, format))  # one item per record, as the split counts
+    return cases_from((records[i] for i in split.indices(len(records))), limit)
 
 
 def normalize(text: str) -> str:

@@ -18,6 +18,8 @@ from absl import logging
 from coach_jax.train.reporting import plot_losses
 
 SAMPLES = 4  # generations shown before / after
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -56,20 +58,38 @@ def _eval_keys(records: list[dict[str, Any]]) -> list[str]:
     return keys
 
 
-def _plot(records: list[dict[str, Any]], keys: list[str], out_path: str, ylabel: str) -> bool:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend; None when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
+    return plt
+
+
+def _series(records: list[dict[str, Any]], keys: list[str]) -> dict[str, list[tuple]]:
     series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
-    series = {k: v for k, v in series.items() if v}
-    if not series:
+    return {k: v for k, v in series.items() if v}
+
+
+def _draw(axis: Any, series: dict[str, list[tuple]], labels: dict[str, str]) -> None:
+    """Lines with their own marker, style and a shrinking size: lines with equal values
+    nest inside one another instead of hiding the ones drawn before."""
+    for i, (key, points) in enumerate(series.items()):
+        axis.plot(*zip(*points), marker=MARKERS[i % len(MARKERS)],
+                  linestyle=LINESTYLES[i % len(LINESTYLES)], markersize=max(10 - 3 * i, 4),
+                  linewidth=max(3 - 1.2 * i, 1), label=labels[key], alpha=0.9)
+
+
+def _plot(records: list[dict[str, Any]], keys: list[str], out_path: str, ylabel: str) -> bool:
+    plt = _pyplot()
+    series = _series(records, keys)
+    if plt is None or not series:
         return False
     figure, axis = plt.subplots(figsize=(7, 4))
-    for key, points in series.items():
-        axis.plot(*zip(*points), marker="o", label=key)
+    _draw(axis, series, {k: k for k in series})
     axis.set_xlabel("step")
     axis.set_ylabel(ylabel)
     axis.legend(fontsize=8)
@@ -78,6 +98,87 @@ def _plot(records: list[dict[str, Any]], keys: list[str], out_path: str, ylabel:
     figure.savefig(out_path, dpi=100)
     plt.close(figure)
     return True
+
+
+def _by_metric(series: dict[str, list[tuple]]) -> dict[str, dict[str, list[tuple]]]:
+    """{metric: {source: points}} from behaviour/<source>/<metric> series."""
+    panels: dict[str, dict[str, list[tuple]]] = {}
+    for key, points in series.items():
+        source, _, metric = key.removeprefix("behaviour/").rpartition("/")
+        panels.setdefault(metric, {})[source] = points
+    return panels
+
+
+def _plot_behaviour(records: list[dict[str, Any]], keys: list[str], out_path: str) -> bool:
+    """One panel per behaviour metric (one line per data source), so metrics with the same
+    values (json_parses and schema_valid both 1.0) never hide each other."""
+    plt = _pyplot()
+    series = _series(records, keys)
+    if plt is None or not series:
+        return False
+    panels = _by_metric(series)
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.4 * rows + 0.4),
+                                sharex=True, sharey=True, squeeze=False)
+    shares = all(0 <= v <= 1 for points in series.values() for _, v in points)
+    for axis, (metric, by_source) in zip(axes.flat, panels.items()):
+        _draw(axis, by_source, {s: s for s in by_source})
+        axis.set_title(metric, fontsize=9)
+        axis.grid(alpha=0.3)
+        if shares:
+            axis.set_ylim(-0.08, 1.08)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    for axis in axes[-1]:
+        axis.set_xlabel("step")
+    for axis in axes[:, 0]:
+        axis.set_ylabel("share" if shares else "value")
+    _name_sources(figure, axes.flat[0], [s for s in panels[next(iter(panels))]])
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def _name_sources(figure: Any, first_axis: Any, sources: list[str]) -> None:
+    """One source is named in the title; several get a legend below the panels."""
+    title = "behaviour on held-out prompts"
+    if len(sources) == 1:
+        figure.suptitle(f"{title} · source: {sources[0]}", fontsize=10)
+        figure.tight_layout()
+        return
+    figure.suptitle(title, fontsize=10)
+    figure.legend(*first_axis.get_legend_handles_labels(), loc="lower center",
+                  ncol=len(sources), fontsize=8)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+
+
+def _before(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The eval before training (step 0, eval.at_start), when there was one and training
+    came after it: anything later is no "before"."""
+    first = evals[0]
+    return first if first["step"] == 0 and evals[-1]["step"] > 0 else None
+
+
+def _comparison(evals: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """Before and after with the change, or, with no eval before training, the last values
+    and one line saying so: a step-20-vs-step-20 "change 0" would look like an unchanged
+    model."""
+    first, last = _before(evals), evals[-1]
+    if first is None:
+        return ["## Last evaluation", "",
+                f"No evaluation ran before training (eval.at_start=False), so there is no "
+                f"before/after comparison; these are the values at step {last['step']}.", "",
+                _table(["metric", f"step {last['step']}"], [[k, last.get(k)] for k in keys]),
+                ""]
+    rows = []
+    for key in keys:
+        a, b = first.get(key), last.get(key)
+        change = b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+        rows.append([key, a, b, change])
+    return ["## Before and after", "",
+            _table(["metric", "step 0 (before training)", f"step {last['step']}", "change"],
+                   rows), ""]
 
 
 def _config_rows(config: dict[str, Any]) -> list[list[Any]]:
@@ -106,8 +207,11 @@ def _code(text: str) -> str:
     return "`` " + text.replace("\n", "\\n").replace("``", "` `") + " ``"
 
 
-def _samples(workdir: str, first_step: int, last_step: int) -> str:
-    before = _read_jsonl(os.path.join(workdir, "generations", f"step_{first_step:06d}.jsonl"))
+def _samples(workdir: str, first_step: int | None, last_step: int) -> str:
+    """Generations of the last eval, each beside its output before training when there was
+    an eval before training (first_step 0), never beside a later step's."""
+    before = [] if first_step is None else _read_jsonl(
+        os.path.join(workdir, "generations", f"step_{first_step:06d}.jsonl"))
     after = _read_jsonl(os.path.join(workdir, "generations", f"step_{last_step:06d}.jsonl"))
     if not after:
         return "No generations were evaluated (set eval.generate_examples).\n"
@@ -153,15 +257,7 @@ def write_report(workdir: str) -> str:
     if config:
         lines += ["## What was trained", "", _table(["", ""], _config_rows(config)), ""]
     if evals:
-        first, last = evals[0], evals[-1]
-        rows = []
-        for key in keys:
-            a, b = first.get(key), last.get(key)
-            change = b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
-            rows.append([key, a, b, change])
-        lines += ["## Before and after", "",
-                  _table(["metric", f"step {first['step']}", f"step {last['step']}", "change"],
-                         rows), ""]
+        lines += _comparison(evals, keys)
         chance = (config or {}).get("eval", {}).get("fact_chance")
         if chance:
             lines += [f"Chance level of `fact_accuracy` (a model that knows only what the "
@@ -173,10 +269,11 @@ def write_report(workdir: str) -> str:
                   _table(["step"] + keys, [[r["step"]] + [r.get(k) for k in keys] for r in evals]),
                   ""]
         behaviour_keys = [k for k in keys if k.startswith("behaviour/")]
-        if _plot(evals, behaviour_keys, os.path.join(workdir, "behaviour.png"), "share"):
+        if _plot_behaviour(evals, behaviour_keys, os.path.join(workdir, "behaviour.png")):
             lines += ["![behaviour over time](behaviour.png)", ""]
-        lines += ["## Behaviour before and after", "",
-                  _samples(workdir, evals[0]["step"], evals[-1]["step"])]
+        before = _before(evals)
+        lines += ["## Behaviour before and after" if before else "## Behaviour after training",
+                  "", _samples(workdir, 0 if before else None, evals[-1]["step"])]
         forgetting_keys = ["forgetting/reference_loss_delta", "forgetting/kl"]
         if any(k in keys for k in forgetting_keys):
             last = evals[-1]

@@ -61,7 +61,8 @@ class EvalSuite:
         self.held_out = held_out
         self.cases = {}
         for source in config.prompt_sources:
-            cases = behaviour.load_cases(source.paths, source.format, config.generate_examples)
+            cases = behaviour.load_cases(source.paths, source.format, config.generate_examples,
+                                         source.split)
             if not cases:
                 raise DataError(None, f"eval prompts {source.paths}: no conversation ends with "
                                       "an assistant turn to compare generations with")

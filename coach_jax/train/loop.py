@@ -4,18 +4,16 @@
 pipeline, the model's parameters, the train state with its shardings, the evals. The loop
 then iterates: dispatch step N, read step N-1's metrics while N runs, log, evaluate,
 checkpoint; at the end export to Hugging Face format. Whatever ends the loop (the last
-step, a preemption, a non-finite loss, any exception), `run_resources` restores the signal
-handlers and closes the metrics writer and the checkpoint manager.
+step, a preemption, a non-finite loss, a divergence, any exception), `run_resources`
+restores the signal handlers and closes the metric outputs and the checkpoint manager.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
-import signal
 import time
 from typing import Any, Iterator
 
@@ -26,10 +24,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from coach_jax import data, memory, parallel, train
-from coach_jax.checkpoint import Checkpointer, abstract
+from coach_jax.checkpoint import Checkpointer, abstract, config_changes
 from coach_jax.config import Settings, resolve
 from coach_jax.data.cache import tokenizer_fingerprint
 from coach_jax.data.pipeline import Pipeline, PipelineConfig, SourceConfig
+from coach_jax.errors import RunAborted
 from coach_jax.evals.forgetting import compute_dtype_copy
 from coach_jax.evals.report import write_report
 from coach_jax.evals.suite import EvalSuite, global_batches
@@ -38,8 +37,11 @@ from coach_jax.models.builder import build_model
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
 from coach_jax.train import param_groups
+from coach_jax.train.divergence import PATIENCE, DivergedError, DivergenceGuard
 from coach_jax.train.evaluation import compile_eval_step
-from coach_jax.train.reporting import MetricsWriter, progress_line
+from coach_jax.train.schedules import ScheduleConfig, make_schedule
+from coach_jax.train.reporting import progress_line
+from coach_jax.train.run_resources import RunOutputs, run_resources
 
 
 # ---- building a run, part by part --------------------------------------------------------
@@ -122,6 +124,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, with_data: bool = True):
         self.workdir = workdir
         self.settings = s = resolve(config, jax.device_count(), jax.process_count())
+        self.config_values = flat_config(config)
         self.is_main = jax.process_index() == 0
         self.mesh = parallel.make_mesh(s.mesh_shape)
         self.tokenizer = data.load_tokenizer(s.tokenizer_path, s.chat_template)
@@ -185,7 +188,32 @@ class Trainer:
                 "data": data_ids}
 
     def meta(self) -> dict[str, Any]:
-        return dict(self._identity)
+        """The identity, plus what a resume compares to warn or explain: the config and the
+        learning-rate schedule."""
+        o = self.settings.optimizer
+        return {**self._identity, "config": self.config_values,
+                "schedule": {"total_steps": self.total_steps, "peak": o.learning_rate,
+                             **dataclasses.asdict(o.schedule)}}
+
+    @property
+    def uniform_vocab_size(self) -> int:
+        """The vocabulary a uniform prediction spreads over (the divergence guard's ln V)."""
+        return min(len(self.tokenizer), self.model_cfg.vocab_size)
+
+    def start_notes(self) -> list[str]:
+        """What the run prints before its first step: parameter counts, schedule warnings."""
+        counts = param_groups.describe(self.parts.label_tree, self.state.params)
+        frozen = counts.pop(param_groups.FROZEN, 0)
+        groups = (" (" + ", ".join(f"{n:,} at lr x{param_groups.multiplier(l):g}"
+                                   for l, n in sorted(counts.items())) + ")"
+                  if len(counts) > 1 else "")
+        notes = [f"parameters: {sum(counts.values()):,} trainable{groups}, {frozen:,} frozen"]
+        warmup = self.settings.optimizer.schedule.warmup(self.total_steps)
+        if warmup >= self.total_steps and self.settings.optimizer.schedule.name != "constant":
+            notes.append(f"warning: the schedule's warmup ({warmup} steps) is not shorter than "
+                         f"the run ({self.total_steps} steps): the learning rate never reaches "
+                         "its peak (schedule.warmup_steps / schedule.warmup_ratio)")
+        return notes
 
     def save(self, step: int, iterator: Any) -> None:
         """Saves this step unless it is already saved (a periodic save just before)."""
@@ -206,6 +234,11 @@ class Trainer:
         step, self.state, data_state = found
         if iterator is not None:
             iterator.set_state(data_state)
+            if self.is_main:
+                print(f"resumed from step {step} in {self.checkpoints.directory}", flush=True)
+                change = schedule_change(self.checkpoints.meta(step), meta, step)
+                if change:
+                    print(f"warning: {change}", flush=True)
         logging.info("restored step %d from %s", step, self.checkpoints.directory)
         return step
 
@@ -236,52 +269,38 @@ class Trainer:
                          self.settings.export.dtype, self.settings.data.encode.end_of_turn)
 
 
-# ---- what the loop holds open ------------------------------------------------------------
+def schedule_change(saved: dict[str, Any] | None, now: dict[str, Any], step: int
+                    ) -> str | None:
+    """Says how the learning rate at the resume step moves when the schedule's settings
+    (train.steps, optimizer.learning_rate, schedule.*) changed since the checkpoint."""
+    if not saved or "schedule" not in saved:
+        return None
+
+    def rate(meta: dict[str, Any]) -> float:
+        fields = dict(meta["schedule"])
+        total, peak = fields.pop("total_steps"), fields.pop("peak")
+        return float(make_schedule(ScheduleConfig(**fields), peak, total)(step))
+
+    old, new = rate(saved), rate(now)
+    if abs(old - new) <= 1e-9 * max(abs(old), abs(new), 1e-30):
+        return None
+    keys = ("train.", "optimizer.learning_rate", "schedule.", "data.epochs")
+    fields = config_changes(saved.get("config"), now.get("config"), keys)
+    fields = [f for f in fields if not f.startswith(("train.log_every", "train.eval_every"))]
+    return (f"the learning-rate schedule changed since the checkpoint ("
+            f"{'; '.join(fields) or 'run length'}): the learning rate at step {step} moves "
+            f"from {old:.3e} to {new:.3e}")
 
 
-class PreemptionWatch:
-    """SIGTERM or Ctrl-C asks the loop to finish its step, save and exit 0. With several
-    hosts, JAX's preemption sync point makes them all stop at the same step. A context
-    manager: the previous handlers come back on exit."""
-
-    def __init__(self):
-        self.flag = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "PreemptionWatch":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.flag and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.flag = True
-
-    def requested(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step) or self.flag
-        return self.flag
-
-
-@contextlib.contextmanager
-def run_resources(trainer: Trainer, resume_step: int
-                  ) -> Iterator[tuple[MetricsWriter, PreemptionWatch]]:
-    """The metrics writer and the preemption watch of one run. On every exit (the last
-    step, a preemption, a non-finite loss, any exception) the signal handlers are
-    restored, then the writer and the checkpoint manager (its pending saves first) closed."""
-    with contextlib.ExitStack() as stack:
-        stack.callback(trainer.checkpoints.close)
-        # Records of steps after the checkpoint were lost with the run that wrote them.
-        writer = MetricsWriter(trainer.workdir, trainer.source_names, enabled=trainer.is_main,
-                               resume_step=resume_step)
-        stack.callback(writer.close)
-        yield writer, stack.enter_context(PreemptionWatch())
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as flat JSON values ("data.max_seq_len": 256), for checkpoint metadata."""
+    def walk(prefix: str, tree: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from walk(f"{prefix}{key}.", value)
+            else:
+                yield f"{prefix}{key}", value
+    return dict(walk("", json.loads(config.to_json_best_effort())))
 
 
 def count_examples(segment_ids: np.ndarray) -> int:
@@ -307,43 +326,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         write_config(config, workdir)
         for name, stats in data_stats["sources"].items():
             logging.info("data %s: %s", name, json.dumps(stats))
+        for line in t.start_notes():
+            print(line, flush=True)
     iterator = iter(t.pipeline)
     step = t.restore(iterator)
+    guard = DivergenceGuard(t.uniform_vocab_size, s.optimizer.schedule.warmup(t.total_steps),
+                            start_step=step)
 
     pending = None  # (step, device metrics) of the step dispatched last
     read = {"examples": 0, "tokens": 0, "slots": 0, "batches": 0}  # this process's share
-    window = {"tokens": 0, "since": time.perf_counter(), "start": time.perf_counter(),
-              "start_step": step}
+    window = {"tokens": 0, "since": time.perf_counter()}
+    steady: tuple[float, int] | None = None  # (time, step) once the first step is done
     record: dict[str, Any] = {}
-    evaluated_at, stopped = None, None
+    evaluated_at, stopped, diverged = None, None, None
 
-    with run_resources(t, step) as (writer, preemption):
+    with run_resources(t, step) as (outputs, preemption):
 
         def report(done_step: int, metrics: Any) -> None:
             """Reads a finished step's metrics: the only host sync outside eval and saves."""
-            nonlocal record
+            nonlocal record, steady
             metrics = jax.device_get(metrics)
             train.check_finite(metrics, done_step)
+            watch_divergence(guard, s.train.on_divergence, done_step, metrics, t.is_main)
+            now = time.perf_counter()
+            if steady is None:  # the first step compiles: time the rest from here
+                steady = (now, done_step)
             if done_step % s.train.log_every and done_step not in (1, t.total_steps):
                 return
-            now = time.perf_counter()
             metrics["tokens_per_s"] = window["tokens"] / max(now - window["since"], 1e-9)
             window.update(tokens=0, since=now)
             if done_step == 1:
                 peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
                 if peak:
                     metrics["peak_memory_gib"] = peak / memory.GIB
-            record = writer.write(done_step, metrics)
-            rate = (now - window["start"]) / max(done_step - window["start_step"], 1)
+            record = outputs.write(done_step, metrics)
+            seconds_left = None
+            if done_step > steady[1]:
+                rate = (now - steady[0]) / (done_step - steady[1])
+                seconds_left = rate * (t.total_steps - done_step)
             if t.is_main:
-                print(progress_line(done_step, t.total_steps, record,
-                                    rate * (t.total_steps - done_step)), flush=True)
+                print(progress_line(done_step, t.total_steps, record, seconds_left), flush=True)
 
         def evaluate(at_step: int) -> str | None:
             """Runs the evals; returns why the run must stop (the forgetting budget), if so."""
             nonlocal record, evaluated_at
             metrics = t.evaluate(at_step)
-            record = {**record, **writer.write(at_step, metrics)}
+            record = {**record, **outputs.write(at_step, metrics)}
             evaluated_at = at_step
             if t.is_main:
                 print(progress_line(at_step, t.total_steps, metrics, 0).rsplit(" | ETA", 1)[0],
@@ -360,68 +388,118 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 print(f"warning: {why}", flush=True)
             return None
 
+        def save(at_step: int) -> None:
+            """A save, unless the newest steps look diverged (their state is not kept)."""
+            if guard.suspect and s.train.on_divergence == "stop":
+                logging.warning("not saving step %d: the loss looks diverged since step %d",
+                                at_step, guard.last_healthy)
+                return
+            t.save(at_step, iterator)
+
         eval_every, profile = s.train.eval_every, s.train.profile_steps
-        if step == 0 and s.eval.at_start and t.evals.enabled:
-            stopped = evaluate(0)  # the "before" of every eval
-        # The step count and a forgetting-budget stop are checked before a batch is read, so
-        # the saved iterator state never runs ahead of the saved step.
-        while step < t.total_steps and not stopped:
-            batch = next(iterator, None)
-            if batch is None:  # the data ran out (epoch mode)
-                break
-            if profile and step + 1 == profile[0]:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            t.state, metrics = t.train_step(t.state,
-                                            parallel.global_batch(batch, t.batch_sharding))
-            step += 1
-            local_tokens = int((batch["segment_ids"] > 0).sum())
-            window["tokens"] += local_tokens * jax.process_count()
-            read["tokens"] += local_tokens
-            read["slots"] += batch["segment_ids"].size
-            read["batches"] += 1
-            read["examples"] += count_examples(batch["segment_ids"])
-            if pending is not None:
-                report(*pending)
-            pending = (step, metrics)
-            if profile and step == profile[1]:
-                jax.block_until_ready(metrics)
-                jax.profiler.stop_trace()
-            if (eval_every and step % eval_every == 0) or t.checkpoints.due(step):
-                report(*pending)  # never evaluate or save a state with a non-finite step
-                pending = None
-                if eval_every and step % eval_every == 0:
-                    stopped = evaluate(step)
-                if t.checkpoints.due(step):
-                    t.save(step, iterator)
-            if preemption.requested(step):
+        try:
+            if step == 0 and s.eval.at_start and t.evals.enabled:
+                stopped = evaluate(0)  # the "before" of every eval
+            # The step count and a forgetting-budget stop are checked before a batch is
+            # read, so the saved iterator state never runs ahead of the saved step.
+            while step < t.total_steps and not stopped:
+                batch = next(iterator, None)
+                if batch is None:  # the data ran out (epoch mode)
+                    break
+                if profile and step + 1 == profile[0]:
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                t.state, metrics = t.train_step(t.state,
+                                                parallel.global_batch(batch, t.batch_sharding))
+                step += 1
+                local_tokens = int((batch["segment_ids"] > 0).sum())
+                read["tokens"] += local_tokens
+                read["slots"] += batch["segment_ids"].size
+                read["batches"] += 1
+                read["examples"] += count_examples(batch["segment_ids"])
                 if pending is not None:
                     report(*pending)
-                t.save(step, iterator)
-                if t.is_main:
-                    print(f"preempted: saved step {step} to {t.checkpoints.directory}; run the "
-                          "same command again to continue", flush=True)
-                return {**record, "preempted_at": step}
-        if pending is not None:
-            report(*pending)
-        if evaluated_at != step and t.evals.enabled:
-            evaluate(step)
-        t.save(step, iterator)
+                # Counted after the previous step's report: its tokens/s is its own steps'.
+                window["tokens"] += local_tokens * jax.process_count()
+                pending = (step, metrics)
+                if profile and step == profile[1]:
+                    jax.block_until_ready(metrics)
+                    jax.profiler.stop_trace()
+                if (eval_every and step % eval_every == 0) or t.checkpoints.due(step):
+                    report(*pending)  # never evaluate or save a state with a non-finite step
+                    pending = None
+                    if eval_every and step % eval_every == 0:
+                        stopped = evaluate(step)
+                    if t.checkpoints.due(step):
+                        save(step)
+                if preemption.requested(step):
+                    if pending is not None:
+                        report(*pending)
+                    t.save(step, iterator)
+                    if t.is_main:
+                        print(f"preempted: saved step {step} to {t.checkpoints.directory}; run "
+                              "the same command again to continue", flush=True)
+                    return {**record, "preempted_at": step}
+            if pending is not None:
+                report(*pending)
+            if evaluated_at != step and t.evals.enabled:
+                evaluate(step)
+            t.save(step, iterator)
+        except DivergedError as e:
+            diverged = e
+            stopped = e.divergence.message()
+            t.checkpoints.delete_after(guard.last_healthy)
+        except RunAborted:
+            t.checkpoints.close()  # a save already under way completes; nothing new starts
+            latest = t.checkpoints.latest_step()
+            raise RunAborted(
+                f"aborted at step {step} without saving; " + (
+                    f"the last checkpoint is step {latest} in {t.checkpoints.directory}"
+                    if latest is not None else "no checkpoint was saved")) from None
 
-    with open(os.path.join(workdir, f"data_process_{jax.process_index()}.json"), "w") as f:
+        return finish_run(t, outputs, step, read, data_stats, record, stopped, diverged)
+
+
+def finish_run(t: Trainer, outputs: RunOutputs, step: int, read: dict[str, int],
+               data_stats: dict[str, Any], record: dict[str, Any], stopped: str | None,
+               diverged: DivergedError | None) -> dict[str, Any]:
+    """After the last step: this process's data counts, the export (never of a diverged
+    run), data_stats.json and the report (also to W&B); a divergence is raised last."""
+    with open(os.path.join(t.workdir, f"data_process_{jax.process_index()}.json"), "w") as f:
         json.dump({"process_index": jax.process_index(), "steps": step, **read}, f)
     if stopped:
         record["stopped"] = stopped
-        if t.is_main:
+        if t.is_main and not diverged:
             print(f"stopped: {stopped} (eval.on_forgetting_budget=stop); saved step {step}",
                   flush=True)
-    if s.export.hf:
-        exported = t.export()
-        if t.is_main:
-            print(f"exported to {exported}", flush=True)
+    if t.settings.export.hf and not diverged:
+        record["export"] = t.export()
     if t.is_main:
         data_stats.update(packing_efficiency=read["tokens"] / max(read["slots"], 1),
                           batches=read["batches"], stopped=stopped)
-        with open(os.path.join(workdir, "data_stats.json"), "w") as f:
+        with open(os.path.join(t.workdir, "data_stats.json"), "w") as f:
             json.dump(data_stats, f, indent=2)
-        print(f"report: {write_report(workdir)}", flush=True)
+        record["report"] = write_report(t.workdir)
+        if outputs.wandb is not None:
+            outputs.wandb.log_report(t.workdir)
+    if diverged:
+        raise diverged
     return record
+
+
+def watch_divergence(guard: DivergenceGuard, mode: str, step: int, metrics: dict[str, Any],
+                     is_main: bool) -> None:
+    """Feeds one step to the guard; raises DivergedError (train.on_divergence=stop) or
+    warns once per diverged stretch (warn)."""
+    if mode == "off":
+        return
+    found = guard.observe(step, float(metrics["loss"]), float(metrics["grad_norm"]),
+                          float(metrics["learning_rate"]))
+    if found is None:
+        return
+    if mode == "stop":
+        raise DivergedError(found)
+    if len(guard.streak) == PATIENCE:
+        logging.warning("%s; going on (train.on_divergence=warn)", found.message())
+        if is_main:
+            print(f"warning: {found.message()}; going on (train.on_divergence=warn)",
+                  flush=True)

@@ -2,10 +2,20 @@
 
 The researcher's swap: `name` picks an optax factory (a short name, or any factory by
 dotted path such as `optax.contrib.ademamix`); `hparams` are passed to it as keyword
-arguments and checked against its signature first. Around it: global-norm clipping,
-weight decay masked off norms and biases, learning-rate multiplier groups, and the
-schedule. Muon orthogonalises each 2-D matrix (every layer's own, when layers are stacked
-under scan) and uses AdamW for embeddings, the LM head, norms and biases.
+arguments and checked against its signature first. Around it, the same for every
+optimizer: global-norm clipping, learning-rate multiplier groups, the schedule, and weight
+decay masked off norms and biases.
+
+`weight_decay` is accepted by every optimizer and means decoupled decay,
+p <- p - lr(t) * wd * p with lr(t) the scheduled rate times the group's multiplier, outside
+any sign or normalisation of the update: so a recipe's `weight_decay` survives swapping
+`optimizer.name` on the command line. Factories whose own `weight_decay` already is that
+rule and take a mask get it passed through (NATIVE_DECAY); every other factory gets it
+chained after its update (`decoupled_weight_decay`). Unset, each optimizer keeps its own
+default (optax's 1e-4 for adamw, none for sgd, adam, adafactor...).
+
+Muon orthogonalises each 2-D matrix (every layer's own, when layers are stacked under
+scan) and uses AdamW for embeddings, the LM head, norms and biases.
 """
 
 from __future__ import annotations
@@ -16,19 +26,100 @@ import inspect
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from coach_jax.models.decoder import Params, kernel_input_dims, path_str
 from coach_jax.train import param_groups
 from coach_jax.train.schedules import ScheduleConfig, make_schedule
 
+
+def _decay(updates: Any, params: Any, rate: Any, mask: Any) -> Any:
+    """updates - rate * params where `mask` (a tree of bools, a function of the params, or
+    None for every leaf) is True; the update keeps its dtype."""
+    keep = mask(params) if callable(mask) else mask
+    if keep is None:
+        keep = jax.tree.map(lambda _: True, params)
+    return jax.tree.map(lambda u, p, k: (u - rate * p).astype(u.dtype) if k else u,
+                        updates, params, keep)
+
+
+def decoupled_weight_decay(weight_decay: float, learning_rate: optax.ScalarOrSchedule,
+                           mask: Any = None) -> optax.GradientTransformation:
+    """Chained after an optimizer's own (already -lr scaled) update: subtracts
+    lr(t) * weight_decay * p. Not `add_decayed_weights` + a learning-rate scale, which
+    would scale the optimizer's update a second time."""
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        updates = _decay(updates, params, weight_decay * lr, mask)
+        return updates, optax.ScaleByScheduleState(optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def schedule_free_adamw(learning_rate: float = 0.0025, warmup_steps: int | None = None,
+                        b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                        weight_decay: float = 0.0, weight_lr_power: float = 2.0,
+                        state_dtype: Any = None, mask: Any = None
+                        ) -> optax.GradientTransformation:
+    """optax.contrib.schedule_free_adamw with a weight-decay mask (optax's decays every
+    parameter, norms too). Its decay is schedule-free AdamW's own: lr * wd * y on the z
+    sequence; decay chained outside would be undone by the next step's interpolation.
+    `warmup_steps=0` means no warmup (optax's would hold the learning rate at 0)."""
+    if warmup_steps:
+        learning_rate = optax.warmup_constant_schedule(0.0, learning_rate, warmup_steps)
+    base = optax.chain(
+        optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate))
+    return optax.contrib.schedule_free(base, learning_rate, b1, weight_lr_power, state_dtype)
+
+
+def prodigy(learning_rate: optax.ScalarOrSchedule = 1.0,
+            betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
+            eps: float = 1e-8, estim_lr0: float = 1e-6, estim_lr_coef: float = 1.0,
+            weight_decay: float = 0.0, safeguard_warmup: bool = False, mask: Any = None
+            ) -> optax.GradientTransformation:
+    """optax.contrib.prodigy with a weight-decay mask (optax's has none). The decay stays
+    Prodigy's: its lr(t) is the estimated step size d * learning_rate(t) * bias correction,
+    since its `learning_rate` is a multiplier near 1 (lr(t) * wd * p would decay far too
+    fast)."""
+    inner = optax.contrib.prodigy(learning_rate, betas, beta3, eps, estim_lr0, estim_lr_coef,
+                                  0.0, safeguard_warmup)
+    if not weight_decay:
+        return inner
+    b1, b2 = betas
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        scale = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        step = optax.safe_increment(state.count)
+        step_size = state.estim_lr * scale * jnp.sqrt(1 - b2**step) / (1 - b1**step)
+        updates, new_state = inner.update(updates, state, params)
+        return _decay(updates, params, weight_decay * step_size, mask), new_state
+
+    return optax.GradientTransformation(inner.init, update)
+
+
 FACTORIES: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adamw": optax.adamw, "adam": optax.adam, "sgd": optax.sgd, "lion": optax.lion,
     "adafactor": optax.adafactor, "lamb": optax.lamb, "nadamw": optax.nadamw,
-    "muon": optax.contrib.muon, "schedule_free_adamw": optax.contrib.schedule_free_adamw,
-    "prodigy": optax.contrib.prodigy, "adopt": optax.contrib.adopt,
-    "ademamix": optax.contrib.ademamix,
+    "muon": optax.contrib.muon, "schedule_free_adamw": schedule_free_adamw,
+    "prodigy": prodigy, "adopt": optax.contrib.adopt, "ademamix": optax.contrib.ademamix,
 }
+# Factories whose own `weight_decay` (with their `mask`) is decoupled decay scaled by their
+# learning rate: passed through. LAMB's sits inside its trust ratio, as LAMB defines it;
+# schedule-free's and Prodigy's are described on their wrappers above. Every other factory
+# (sgd, adam, adafactor, muon, adopt, any dotted path) gets `decoupled_weight_decay`.
+NATIVE_DECAY = (optax.adamw, optax.nadamw, optax.lion, optax.lamb, optax.contrib.ademamix,
+                schedule_free_adamw, prodigy)
 SCHEDULE_FREE = ("schedule_free_adamw",)
 # Arguments the trainer sets itself; not hyperparameters.
 _MANAGED = {"learning_rate", "mask", "weight_decay_mask", "muon_weight_dimension_numbers"}
@@ -88,9 +179,11 @@ def resolve_factory(name: str) -> Callable[..., optax.GradientTransformation]:
 
 
 def accepted_hparams(factory: Callable[..., Any]) -> list[str]:
+    """The factory's keyword arguments, plus `weight_decay`, which every optimizer takes."""
     parameters = inspect.signature(factory).parameters
-    return [n for n, p in parameters.items()
-            if n not in _MANAGED and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    names = [n for n, p in parameters.items()
+             if n not in _MANAGED and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return names if "weight_decay" in names else names + ["weight_decay"]
 
 
 def _param_path(key_path: tuple[Any, ...]) -> str:
@@ -119,20 +212,39 @@ def muon_dimensions(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def _base(config: OptimizerConfig, learning_rate: Any, warmup: int,
-          decay_norms_and_biases: bool) -> optax.GradientTransformation:
-    factory = resolve_factory(config.name)
+def _factory_kwargs(config: OptimizerConfig, parameters: Mapping[str, Any], warmup: int,
+                    mask: Any) -> dict[str, Any]:
+    """The config's hyperparameters plus what the trainer sets: the decay mask, Muon's
+    matrix dimensions, the warmup of optimizers that warm up themselves."""
     kwargs = dict(config.hparams)
-    parameters = inspect.signature(factory).parameters
-    if not decay_norms_and_biases:
-        for mask_name in ("mask", "weight_decay_mask"):
-            if mask_name in parameters:
-                kwargs[mask_name] = decay_mask
+    for mask_name in ("mask", "weight_decay_mask"):
+        if mask_name in parameters and mask is not None:
+            kwargs[mask_name] = mask
     if "muon_weight_dimension_numbers" in parameters:
         kwargs["muon_weight_dimension_numbers"] = muon_dimensions
     if config.name in SCHEDULE_FREE:
         kwargs.setdefault("warmup_steps", warmup)
-    return factory(learning_rate, **kwargs)
+    if "safeguard_warmup" in parameters and warmup:
+        # Prodigy: a first step at learning rate 0 makes its step-size estimate 0 / 0 = NaN.
+        kwargs.setdefault("safeguard_warmup", True)
+    return kwargs
+
+
+def _base(config: OptimizerConfig, learning_rate: Any, warmup: int,
+          decay_norms_and_biases: bool) -> optax.GradientTransformation:
+    factory = resolve_factory(config.name)
+    parameters = inspect.signature(factory).parameters
+    mask = None if decay_norms_and_biases else decay_mask
+    kwargs = _factory_kwargs(config, parameters, warmup, mask)
+    chained_decay = 0.0
+    if factory not in NATIVE_DECAY and "weight_decay" in kwargs:
+        chained_decay = kwargs.pop("weight_decay")
+        if "weight_decay" in parameters:
+            kwargs["weight_decay"] = 0.0  # the factory's own (muon's): ours replaces it
+    tx = factory(learning_rate, **kwargs)
+    if not chained_decay:
+        return tx
+    return optax.chain(tx, decoupled_weight_decay(chained_decay, learning_rate, mask))
 
 
 def make_optimizer(config: OptimizerConfig, label_tree: Params, total_steps: int

@@ -25,6 +25,15 @@ from coach_jax.models.decoder import Params, path_str
 FROZEN = "frozen"
 
 
+class ParamGroupError(ValueError):
+    """A train.freeze / train.lr_multipliers rule that cannot work, in one line."""
+
+
+def rule_key(value: str | float) -> str:
+    """The config key a rule came from."""
+    return "train.freeze" if value == FROZEN else "train.lr_multipliers"
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamGroups:
     rules: tuple[tuple[str, str | float], ...] = ()  # (regex, "frozen" or multiplier)
@@ -35,10 +44,11 @@ class ParamGroups:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"param group rule {pattern!r} is not a valid regex: {e}") from e
+                raise ParamGroupError(f"{rule_key(value)}: {pattern!r} is not a valid regular "
+                                      f"expression ({e})") from None
             if value != FROZEN and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"param group rule {pattern!r}: value {value!r} must be "
-                                 f"'{FROZEN}' or a positive learning-rate multiplier")
+                raise ParamGroupError(f"{rule_key(value)}: {pattern!r} has multiplier "
+                                      f"{value!r}; it must be a positive number")
 
 
 def label_of(path: str, groups: ParamGroups, num_layers: int) -> str:
@@ -110,7 +120,10 @@ def describe(label_tree: Params, params: Params) -> dict[str, int]:
 def check_rules_match(params: Params, groups: ParamGroups) -> None:
     """A rule that matches no parameter is almost always a typo: say so."""
     paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    for pattern, _ in groups.rules:
+    for pattern, value in groups.rules:
         if not any(re.search(pattern, p) for p in paths):
-            raise ValueError(f"param group rule {pattern!r} matches no parameter; paths look "
-                             f"like: {', '.join(paths[:6])}, ...")
+            tied = ("; this model ties its LM head to embed_tokens, so there is no lm_head "
+                    "parameter" if "lm_head" in pattern and "lm_head" not in params else "")
+            names = sorted({re.sub(r"layers_\d+/", "layers_N/", p) for p in paths})
+            raise ParamGroupError(f"{rule_key(value)}: {pattern!r} matches no parameter{tied}; "
+                                  f"the parameters are: {', '.join(names)}")

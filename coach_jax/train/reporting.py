@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from typing import Any
 
@@ -79,8 +80,9 @@ class MetricsWriter:
         self.closed = True
 
 
-def progress_line(step: int, total: int, record: dict[str, Any], seconds_left: float) -> str:
-    eta = datetime.timedelta(seconds=int(max(seconds_left, 0)))
+def progress_line(step: int, total: int, record: dict[str, Any],
+                  seconds_left: float | None) -> str:
+    """One line per logged step; no ETA until a step after the first (compiling) one is timed."""
     parts = [f"step {step}/{total}"]
     if "loss" in record:
         parts.append(f"loss {record['loss']:.4f}")
@@ -96,8 +98,63 @@ def progress_line(step: int, total: int, record: dict[str, Any], seconds_left: f
         parts.append(f"{record['tokens_per_s'] / 1e3:.1f}k tok/s")
     if "learning_rate" in record:
         parts.append(f"lr {record['learning_rate']:.2e}")
-    parts.append(f"ETA {eta}")
+    if seconds_left is not None:
+        parts.append(f"ETA {datetime.timedelta(seconds=int(max(seconds_left, 0)))}")
     return " | ".join(parts)
+
+
+def _behaviour_shares(record: dict[str, Any]) -> list[str]:
+    """'<source>: metric 100%, ...' per source, from the behaviour/<source>/<metric> keys."""
+    by_source: dict[str, list[str]] = {}
+    for key, value in record.items():
+        if key.startswith("behaviour/") and isinstance(value, (int, float)):
+            source, _, metric = key.removeprefix("behaviour/").rpartition("/")
+            by_source.setdefault(source, []).append(f"{metric} {100 * value:.0f}%")
+    return [f"{source}: " + ", ".join(shares) for source, shares in by_source.items()]
+
+
+def summary_line(record: dict[str, Any], report_path: str | None = None,
+                 export_path: str | None = None) -> str:
+    """The last line a run prints, for a person: how it ended and what it reached, and
+    where to look next (the full record stays in metrics.jsonl)."""
+    if "preempted_at" in record:
+        parts = [f"preempted at step {record['preempted_at']} (run the same command again "
+                 "to continue)"]
+    elif record.get("stopped"):
+        parts = [f"stopped early after {record.get('step', 0)} steps: {record['stopped']}"]
+    else:
+        parts = [f"done: {record.get('step', 0)} steps"]
+    if "loss" in record:
+        parts.append(f"train loss {record['loss']:.4f}")
+    if "eval_loss" in record:
+        parts.append(f"eval loss {record['eval_loss']:.4f}")
+    parts += _behaviour_shares(record)
+    if "forgetting/reference_loss_delta" in record:
+        kl = record.get("forgetting/kl")
+        parts.append(f"forgetting {record['forgetting/reference_loss_delta']:+.4f} nats"
+                     + (f" (KL {kl:.4f})" if kl is not None else ""))
+    if report_path:
+        parts.append(f"report {report_path}")
+    if export_path:
+        parts.append(f"export {export_path}")
+    return " | ".join(parts)
+
+
+def _spans_a_decade(values: list[float]) -> bool:
+    """A loss that falls more than tenfold gets a log axis: on a linear one the first drop
+    flattens everything after it."""
+    values = [v for v in values if math.isfinite(v)]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 10
+
+
+def _log_axis(axis: Any) -> None:
+    """A log y axis labelled in plain numbers at 1, 2, 5 x 10^k (not only at powers of ten,
+    which a loss spanning one or two decades barely shows)."""
+    from matplotlib import ticker
+    axis.set_yscale("log")
+    axis.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def plot_losses(metrics_path: str, out_path: str) -> bool:
@@ -122,10 +179,13 @@ def plot_losses(metrics_path: str, out_path: str) -> bool:
     for points, label in ((train, "train loss"), (held_out, "eval loss")):
         if points:
             axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+    log = _spans_a_decade([v for _, v in train + held_out])
+    if log:
+        _log_axis(axis)
     axis.set_xlabel("step")
-    axis.set_ylabel("loss (supervised tokens)")
+    axis.set_ylabel("loss (supervised tokens)" + (", log scale" if log else ""))
     axis.legend()
-    axis.grid(alpha=0.3)
+    axis.grid(alpha=0.3, which="both" if log else "major")
     figure.tight_layout()
     figure.savefig(out_path, dpi=100)
     plt.close(figure)

@@ -1,0 +1,90 @@
+"""Checks that run before anything compiles: sequence length against the model's
+positions, parameter-group rules, `None` from the command line."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from coach_jax import models
+from coach_jax.config import ConfigError, resolve
+from coach_jax.train import param_groups
+from coach_jax.train.param_groups import ParamGroupError, ParamGroups
+from test_trainer import LAB, ROOT, tiny_config
+
+
+def test_a_sequence_longer_than_the_models_positions_is_refused(tmp_path):
+    config = tiny_config(tmp_path, **{"data.max_seq_len": 1024})
+    config.model.init.max_position_embeddings = 512
+    with pytest.raises(ConfigError, match=r"data.max_seq_len=1024 is longer than the model's "
+                                          r"max_position_embeddings=512 \(model.init\)"):
+        resolve(config, 1)
+    folder = tmp_path / "base"
+    shutil.copytree(os.path.join(LAB, "base"), folder)
+    hf = json.load(open(folder / "config.json"))
+    hf["max_position_embeddings"] = 128
+    json.dump(hf, open(folder / "config.json", "w"))
+    config = tiny_config(tmp_path, **{"data.max_seq_len": 256})
+    config.model.hf_path = str(folder)
+    with pytest.raises(ConfigError, match=r"max_seq_len=256 .* max_position_embeddings=128 "
+                                          r"\(.*base/config.json\)"):
+        resolve(config, 1)
+    config.data.max_seq_len = 128
+    assert resolve(config, 1).data.max_seq_len == 128
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("freeze", ("(embed",), r"train.freeze: '\(embed' is not a valid regular expression"),
+    ("lr_multipliers", ("embed_tokens=fast",), r"train.lr_multipliers: 'embed_tokens=fast' "
+                                               r"is not 'regex=multiplier'"),
+    ("lr_multipliers", ("embed_tokens=-1",), r"train.lr_multipliers: 'embed_tokens' has "
+                                             r"multiplier -1.0; it must be a positive number"),
+])
+def test_bad_parameter_group_rules_are_one_line_naming_the_key(tmp_path, key, value, message):
+    config = tiny_config(tmp_path)
+    config.train[key] = value
+    with pytest.raises(ConfigError, match=message):
+        resolve(config, 1)
+
+
+def test_a_rule_that_matches_nothing_names_the_key_and_the_tied_head():
+    _, params = models.load_hf(os.path.join(LAB, "base"))
+    assert "lm_head" not in params  # the lab base ties its head, like the recipe models
+    with pytest.raises(ParamGroupError, match=r"train.lr_multipliers: 'lm_head' matches no "
+                                              r"parameter; this model ties its LM head"):
+        param_groups.check_rules_match(params, ParamGroups((("lm_head", 0.5),)))
+    with pytest.raises(ParamGroupError, match=r"train.freeze: 'q_porj' matches no parameter; "
+                                              r"the parameters are: .*q_proj"):
+        param_groups.check_rules_match(params, ParamGroups((("q_porj", "frozen"),)))
+
+
+def _parsed(*args):
+    """The config main.py would run with, printed as JSON by a fresh process."""
+    script = ("import json, sys\nfrom coach_jax import main\n"
+              "main.parse_flags(sys.argv)\n"
+              "c = main.run_config('train', None)\n"
+              "print(json.dumps({'name': c.optimizer.name, 'wd': c.optimizer.weight_decay, "
+              "'packing': c.data.packing}))")
+    return subprocess.run([sys.executable, "-c", script, "--config", "configs/default.py",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_none_can_be_set_from_the_command_line_for_optional_keys():
+    result = _parsed("--config.optimizer.name=sgd", "--config.optimizer.weight_decay=None",
+                     "--config.data.packing=none")  # the string "none" stays a string
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"name": "sgd", "wd": None, "packing": "none"}
+    refused = _parsed("--config.data.max_seq_len=None")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("coach_jax: error: --config.data.max_seq_len=None: "
+                                             "data.max_seq_len cannot be None; the keys that can")
+    assert "optimizer.weight_decay" in refused.stderr
+
+
+def test_did_you_mean_has_plain_quotes():
+    result = _parsed("--config.optimizer.nme=lion")
+    assert result.returncode == 2
+    assert "\\'" not in result.stderr and "'nme'" in result.stderr
