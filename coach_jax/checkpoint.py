@@ -145,7 +145,8 @@ def check_compatible(saved: dict[str, Any], now: dict[str, Any], allow_change: b
     for name in ("tokenizer", "data"):
         if name in changed:
             fields = config_changes(saved.get("config"), now.get("config"),
-                                    ("tokenizer.",) if name == "tokenizer" else ("data.",))
+                                    ("tokenizer.",) if name == "tokenizer" else ("data.",),
+                                    NOT_DATA_IDENTITY)
             detail += fields or [f"{name}: the files' content changed"]
     message = (f"{where} holds checkpoints of a different run ({'; '.join(detail)}); use a new "
                "--workdir, or set checkpoint.allow_config_change=True to continue anyway")
@@ -155,12 +156,20 @@ def check_compatible(saved: dict[str, Any], now: dict[str, Any], allow_change: b
     raise IncompatibleCheckpointError(message)
 
 
+# Keys that change how data is read or batched, not what the examples are: never the
+# reason a checkpoint's data identity differs.
+NOT_DATA_IDENTITY = ("data.cache_dir", "data.workers", "data.eval", "data.num_packing_bins",
+                     "data.packing", "data.max_drop_fraction", "data.epochs")
+
+
 def config_changes(saved: dict[str, Any] | None, now: dict[str, Any] | None,
-                   prefixes: tuple[str, ...]) -> list[str]:
-    """'key: old -> new' for the flat config keys under `prefixes` that differ."""
+                   prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[str]:
+    """'key: old -> new' for the flat config keys under `prefixes` (not in `exclude`) that
+    differ."""
     if not saved or not now:
         return []
-    keys = sorted(k for k in set(saved) | set(now) if k.startswith(prefixes))
+    keys = sorted(k for k in set(saved) | set(now)
+                  if k.startswith(prefixes) and k not in exclude)
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys
             if saved.get(k) != now.get(k)]
 

@@ -82,7 +82,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(uninterrupted):
     process.wait()
     assert not os.path.exists(workdir / "export")
     resumed = run(workdir)
+    assert f"resumed from step 4 in {workdir}/checkpoints" in resumed.stdout
     assert "step 5/12" in resumed.stdout and "step 1/12" not in resumed.stdout
+    assert "schedule changed" not in resumed.stdout
     assert_same_run(workdir, uninterrupted)
 
 
@@ -93,6 +95,7 @@ def test_sigterm_saves_that_step_and_exits_0(uninterrupted):
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-2000:]
+    assert "SIGTERM: stopping after this step and saving; press Ctrl-C again" in err
     preempted = [line for line in out.splitlines() if line.startswith("preempted: saved step")]
     assert preempted, out
     saved = int(preempted[0].split()[3])
@@ -136,6 +139,14 @@ def test_a_changed_model_in_the_same_workdir_is_refused(uninterrupted, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds checkpoints of a different run (" in result.stderr
     assert "model.num_layers: 2 -> 3" in result.stderr
+
+
+def test_a_changed_data_setting_is_refused_naming_the_field(uninterrupted, tmp_path):
+    workdir = tmp_path / "changed_data"
+    shutil.copytree(uninterrupted / "checkpoints", workdir / "checkpoints")
+    result = run(workdir, "--config.data.max_seq_len=128", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds checkpoints of a different run (data.max_seq_len: 256 -> 128)" in result.stderr
 
 
 def test_export_from_any_saved_step(uninterrupted, tmp_path):
