@@ -2,6 +2,7 @@
 compilation cache (for the subprocesses the tests start too), so multi-device code runs on
 any machine and repeated compilations are loaded; the runs several tests share."""
 
+import collections
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -56,3 +57,18 @@ def short_default_run(tmp_path_factory):
          "--workdir", str(workdir), *overrides],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     return workdir, overrides, result
+
+
+@pytest.fixture
+def encode_calls(monkeypatch):
+    """Counts the examples coach_jax.data.cache encodes (rather than reads from the cache)."""
+    from coach_jax.data import cache
+    calls = collections.Counter()
+    original = cache.encode_one
+
+    def counting(*args, **kwargs):
+        calls["encode"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "encode_one", counting)
+    return calls

@@ -12,7 +12,6 @@ import pytest
 
 import tokenizer_fixtures
 from coach_jax import data
-from coach_jax.data import cache as cache_module
 from coach_jax.data.pipeline import (Pipeline, PipelineConfig, PipelineError, SourceConfig,
                                      with_eval_split)
 from coach_jax.data.splits import EvalSplit
@@ -126,16 +125,9 @@ def test_duplicates_across_the_split_are_counted_and_warned(tmp_path, tokenizer,
         tmp_path, [SourceConfig("a", path)], tokenizer).stats()["a"]
 
 
-def test_a_split_part_has_its_own_cache_entry(tmp_path, tokenizer, monkeypatch):
+def test_a_split_part_has_its_own_cache_entry(tmp_path, tokenizer, encode_calls):
     path = write(tmp_path / "a.jsonl", [chat(i) for i in range(20)])
-    calls = collections.Counter()
-    original = cache_module.encode_one
-
-    def counting(*args, **kwargs):
-        calls["encode"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(cache_module, "encode_one", counting)
+    calls = encode_calls
     whole = pipeline(tmp_path, [SourceConfig("a", path)], tokenizer).sources[0]
     train_sources, eval_sources = with_eval_split([SourceConfig("a", path)], 4, seed=0)
     train = pipeline(tmp_path, train_sources, tokenizer).sources[0]

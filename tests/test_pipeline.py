@@ -12,7 +12,6 @@ import pytest
 
 import tokenizer_fixtures
 from coach_jax import data, models
-from coach_jax.data import cache as cache_module
 from coach_jax.data.pipeline import (Pipeline, PipelineConfig, PipelineError, SourceConfig,
                                      packing_efficiency)
 from coach_jax.models.attention import attention_mask
@@ -164,16 +163,9 @@ def test_mixture_weights_and_source_ids(tmp_path, tokenizer):
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, tokenizer, tokenizer_dir, monkeypatch,
-                                         realworld):
+                                         realworld, encode_calls):
     path = write_chats(tmp_path / "a.jsonl", 20)
-    calls = collections.Counter()
-    original = cache_module.encode_one
-
-    def counting(*args, **kwargs):
-        calls["encode"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(cache_module, "encode_one", counting)
+    calls = encode_calls
     cfg = config(tmp_path, [SourceConfig("a", path)])
     first = Pipeline(cfg, tokenizer)
     assert calls["encode"] == 20 and not first.sources[0].from_cache

@@ -132,21 +132,18 @@ def test_a_corrupt_latest_checkpoint_is_skipped_with_a_warning(uninterrupted):
     assert_same_run(workdir, uninterrupted)
 
 
-def test_a_changed_model_in_the_same_workdir_is_refused(uninterrupted, tmp_path):
+@pytest.mark.parametrize("override, changed", [
+    ("--config.model.init.num_hidden_layers=3", "model.num_layers: 2 -> 3"),
+    ("--config.data.max_seq_len=128", "(data.max_seq_len: 256 -> 128)"),  # only that field
+])
+def test_a_changed_model_or_data_in_the_same_workdir_is_refused(uninterrupted, tmp_path,
+                                                                 override, changed):
     workdir = tmp_path / "changed"
     shutil.copytree(uninterrupted / "checkpoints", workdir / "checkpoints")
-    result = run(workdir, "--config.model.init.num_hidden_layers=3", check=False)
+    result = run(workdir, override, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds checkpoints of a different run (" in result.stderr
-    assert "model.num_layers: 2 -> 3" in result.stderr
-
-
-def test_a_changed_data_setting_is_refused_naming_the_field(uninterrupted, tmp_path):
-    workdir = tmp_path / "changed_data"
-    shutil.copytree(uninterrupted / "checkpoints", workdir / "checkpoints")
-    result = run(workdir, "--config.data.max_seq_len=128", check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "holds checkpoints of a different run (data.max_seq_len: 256 -> 128)" in result.stderr
+    assert changed in result.stderr
 
 
 def test_export_from_any_saved_step(uninterrupted, tmp_path):
