@@ -25,7 +25,8 @@ _STEP = flags.DEFINE_integer("step", None,
 # --mode=generate / chat
 _MODEL = flags.DEFINE_string("model", None, "An HF model folder to generate with (instead of "
                              "--config/--workdir's checkpoint).")
-_INPUT = flags.DEFINE_string("input", None, "--mode=generate: a JSONL of conversations.")
+_INPUT = flags.DEFINE_string("input", None, "--mode=generate: a JSONL of conversations "
+                             "and/or {\"text\": ...} prompts.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=generate: where to write the outputs.")
 _SYSTEM = flags.DEFINE_string("system", None, "--mode=chat: a system prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Generation: new tokens at most.")
