@@ -14,6 +14,10 @@ _COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden
                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                max_position_embeddings=256)
 
+# SmolLM3's defaults name token ids of its 128k vocabulary.
+_SMOLLM3 = dict(_COMMON, num_hidden_layers=4, no_rope_layer_interval=2, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
+
 # One config per family, each with non-default rope_theta / eps and GQA ratio 2.
 FAMILIES = {
     "llama3": lambda: transformers.LlamaConfig(
@@ -31,6 +35,12 @@ FAMILIES = {
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     "qwen3": lambda: transformers.Qwen3Config(
         **_COMMON, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 30000.0}),
+    # Layers 1 and 3 without RoPE; in the second, those layers also slide (window 8).
+    "smollm3": lambda: transformers.SmolLM3Config(
+        **_SMOLLM3, rope_parameters={"rope_type": "default", "rope_theta": 30000.0}),
+    "smollm3_window": lambda: transformers.SmolLM3Config(
+        **_SMOLLM3, use_sliding_window=True, sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 30000.0}),
 }
 
 

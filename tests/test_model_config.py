@@ -77,3 +77,18 @@ def test_export_refuses_what_the_hf_class_cannot_express():
     cfg = models.ModelConfig.from_hf_dict({**BASE, "model_type": "mistral"})
     with pytest.raises(models.UnsupportedModelError, match="qk_norm=True"):
         dataclasses.replace(cfg, qk_norm=True).to_hf_dict()
+
+
+def test_smollm3_defaults_are_transformers_own():
+    """A config.json without rope_theta or tie_word_embeddings: the values SmolLM3Config
+    assumes (2e6, tied), and its rule of every 4th layer without RoPE."""
+    import transformers
+    hf = {"model_type": "smollm3", "vocab_size": 160, "hidden_size": 64,
+          "intermediate_size": 112, "num_hidden_layers": 8, "num_attention_heads": 4,
+          "num_key_value_heads": 2}
+    reference = transformers.SmolLM3Config(**hf)
+    cfg = models.ModelConfig.from_hf_dict(hf)
+    assert cfg.rope_theta == reference.rope_parameters["rope_theta"] == 2e6
+    assert cfg.tie_word_embeddings is reference.tie_word_embeddings is True
+    assert cfg.rope_layers == tuple(bool(f) for f in reference.no_rope_layers)
+    assert cfg.rope_layers == (True, True, True, False) * 2

@@ -48,6 +48,8 @@ NEGATIVE_CONTROLS = {
     "qwen2": dict(qkv_bias=False),
     "qwen3": dict(qk_norm=False),
     "llama_biases": dict(qkv_bias=False, o_bias=False, mlp_bias=False),
+    "smollm3": dict(rope_layers=(True,) * 4),  # the NoPE layers given RoPE
+    "smollm3_window": dict(layer_windows=(0,) * 4),
 }
 
 

@@ -58,6 +58,8 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     layer_windows: tuple[int, ...] = ()
+    # rope_layers[i]: layer i rotates queries and keys (SmolLM3 has layers without RoPE).
+    rope_layers: tuple[bool, ...] = ()
     initializer_range: float = 0.02
     # Runtime switches: not part of the architecture, never written to config.json.
     compute_dtype: str = "float32"
@@ -96,6 +98,11 @@ class ModelConfig:
         if len(self.layer_windows) != self.num_layers:
             raise UnsupportedModelError(
                 f"{len(self.layer_windows)} layer windows given for {self.num_layers} layers")
+        if not self.rope_layers:
+            object.__setattr__(self, "rope_layers", (True,) * self.num_layers)
+        if len(self.rope_layers) != self.num_layers:
+            raise UnsupportedModelError(
+                f"{len(self.rope_layers)} rope flags given for {self.num_layers} layers")
 
     @property
     def has_sliding_window(self) -> bool:
@@ -115,6 +122,7 @@ class ModelConfig:
     def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> "ModelConfig":
         """Parses a HF `config.json` dict; `overrides` set runtime fields (dtypes, scan)."""
         family = families.family(hf.get("model_type"))
+        hf = {**family.config_defaults, **hf}
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only 'silu')")

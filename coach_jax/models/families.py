@@ -105,9 +105,52 @@ class LayerTypes:
         hf.pop("max_window_layers", None)
 
 
+def no_rope_flags(hf: Mapping[str, Any], num_layers: int) -> tuple[bool, ...]:
+    """SmolLM3's `no_rope_layers` (1 = the layer uses RoPE) or, without it, its rule that
+    every `no_rope_layer_interval`-th layer (3, 7, ... by default) has none."""
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        interval = hf.get("no_rope_layer_interval", 4)
+        flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if len(flags) < num_layers:
+        raise UnsupportedModelError(f"no_rope_layers has {len(flags)} entries for "
+                                    f"{num_layers} layers")
+    return tuple(bool(f) for f in flags[:num_layers])
+
+
+class NoPeSliding:
+    """`layer_types`, or SmolLM3's rule: with `use_sliding_window`, the layers without RoPE
+    slide and the others attend fully."""
+
+    def parse(self, hf: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
+        window = hf.get("sliding_window")
+        layer_types = hf.get("layer_types")
+        if layer_types is None:
+            rope = no_rope_flags(hf, num_layers)
+            layer_types = ["sliding_attention" if hf.get("use_sliding_window") and window
+                           and not rope[i] else "full_attention" for i in range(num_layers)]
+        unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+        if unknown or len(layer_types) < num_layers:
+            raise UnsupportedModelError(f"layer_types {layer_types!r} are not supported")
+        if "sliding_attention" in layer_types[:num_layers] and not window:
+            raise UnsupportedModelError("layer_types slide but sliding_window is not set")
+        return tuple(int(window) if t == "sliding_attention" else 0
+                     for t in layer_types[:num_layers])
+
+    def problems(self, layer_windows: tuple[int, ...]) -> list[str]:
+        return _several_sizes(layer_windows)
+
+    def export(self, hf: dict[str, Any], layer_windows: tuple[int, ...]) -> None:
+        sizes = _sizes(layer_windows)
+        hf.update(use_sliding_window=bool(sizes), sliding_window=sizes[0] if sizes else None,
+                  layer_types=["sliding_attention" if w else "full_attention"
+                               for w in layer_windows])
+
+
 FULL_ATTENTION = FullAttention()
 EVERY_LAYER = EveryLayer()
 LAYER_TYPES = LayerTypes()
+NOPE_SLIDING = NoPeSliding()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +202,11 @@ class Family:
     rope_types: tuple[str, ...] = ("default",)  # the rope types its config can express
     windows: Windows = FULL_ATTENTION
     tensors: TensorNames = TensorNames()
+    # Layers without RoPE read from `no_rope_layers` (SmolLM3); False: RoPE in every layer.
+    nope_layers: bool = False
+    # config.json values transformers assumes when the key is absent, where they differ
+    # from Llama's (SmolLM3: rope_theta 2e6, tied embeddings).
+    config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         unknown = set(self.switches) - set(SWITCHES)
@@ -173,6 +221,8 @@ class Family:
             source = self.switches.get(name, False)
             fields[name] = source if isinstance(source, bool) else bool(hf.get(source, False))
         fields["layer_windows"] = self.windows.parse(hf, num_layers)
+        if self.nope_layers:
+            fields["rope_layers"] = no_rope_flags(hf, num_layers)
         return fields
 
     def problems(self, cfg: ModelConfig) -> list[str]:
@@ -190,6 +240,8 @@ class Family:
                 problems.append(", ".join(f"{name}={getattr(cfg, name)}" for name in names))
         if cfg.rope_type not in self.rope_types:
             problems.append(f"{cfg.rope_type} rope scaling")
+        if not self.nope_layers and not all(cfg.rope_layers):
+            problems.append(f"layers without RoPE ({cfg.rope_layers})")
         return problems + self.windows.problems(cfg.layer_windows)
 
     def export(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
@@ -198,6 +250,8 @@ class Family:
             if isinstance(source, str):
                 hf[source] = getattr(cfg, name)
         self.windows.export(hf, cfg.layer_windows)
+        if self.nope_layers:
+            hf["no_rope_layers"] = [int(r) for r in cfg.rope_layers]
 
 
 FAMILIES: dict[str, Family] = {}
@@ -226,3 +280,7 @@ register(Family("qwen2", "Qwen2ForCausalLM", switches=dict(qkv_bias=True),
                 windows=LAYER_TYPES))
 register(Family("qwen3", "Qwen3ForCausalLM", windows=LAYER_TYPES, switches=dict(
     qk_norm=True, qkv_bias="attention_bias", o_bias="attention_bias")))
+register(Family("smollm3", "SmolLM3ForCausalLM", windows=NOPE_SLIDING, nope_layers=True,
+                switches=dict(qkv_bias="attention_bias", o_bias="attention_bias",
+                              mlp_bias="mlp_bias"),
+                config_defaults={"rope_theta": 2000000.0, "tie_word_embeddings": True}))

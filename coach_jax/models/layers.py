@@ -108,6 +108,19 @@ def _projections(cfg: ModelConfig, parent: str) -> Callable[..., Projection]:
     return make
 
 
+def _rotate(cfg: ModelConfig, layer: jax.Array | int, rope_tables: tuple[jax.Array, jax.Array],
+            q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """RoPE on queries and keys, in the layers `cfg.rope_layers` gives it to (all, unless
+    the family has layers without position encoding: SmolLM3)."""
+    rotated = rope.rotate(q_BxTxNxH, rope_tables), rope.rotate(k_BxTxKxH, rope_tables)
+    if all(cfg.rope_layers):
+        return rotated
+    if isinstance(layer, int):  # unrolled layers: known here
+        return rotated if cfg.rope_layers[layer] else (q_BxTxNxH, k_BxTxKxH)
+    use = jnp.asarray(cfg.rope_layers)[layer]  # scanned layers: this layer's flag
+    return jnp.where(use, rotated[0], q_BxTxNxH), jnp.where(use, rotated[1], k_BxTxKxH)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, optional q/k RMSNorm and sliding window.
 
@@ -133,8 +146,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q_BxTxNxH = RMSNorm(cfg, "head_dim", name="q_norm")(q_BxTxNxH)
             k_BxTxKxH = RMSNorm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
-        q_BxTxNxH = rope.rotate(q_BxTxNxH, rope_tables)
-        k_BxTxKxH = rope.rotate(k_BxTxKxH, rope_tables)
+        q_BxTxNxH, k_BxTxKxH = _rotate(cfg, layer, rope_tables, q_BxTxNxH, k_BxTxKxH)
         layer_window = window if cfg.has_sliding_window else None
         if kv is not None:
             kv_positions_BxS, kv_segment_ids_BxS, index = slots

@@ -183,6 +183,10 @@ class Trainer:
             del model["projection"]
         model["rope_scaling"] = str(model["rope_scaling"])
         model["layer_windows"] = list(model["layer_windows"])
+        if all(model["rope_layers"]):  # as checkpoints from before the field say
+            del model["rope_layers"]
+        else:
+            model["rope_layers"] = list(model["rope_layers"])
         data_ids = ([s.fingerprint for s in self.pipeline.sources] if self.pipeline else None)
         return {"model": model, "tokenizer": tokenizer_fingerprint(self.tokenizer),
                 "data": data_ids}
