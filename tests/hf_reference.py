@@ -41,6 +41,10 @@ FAMILIES = {
     "smollm3_window": lambda: transformers.SmolLM3Config(
         **_SMOLLM3, use_sliding_window=True, sliding_window=8,
         rope_parameters={"rope_type": "default", "rope_theta": 30000.0}),
+    # Norms after attention and MLP, q/k norms over all heads, biases, untied embeddings.
+    "olmo2": lambda: transformers.Olmo2Config(
+        **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 40000.0}),
 }
 
 
@@ -58,6 +62,13 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32
                 p.copy_(0.5 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
+        if family == "olmo2":
+            # Heads of different magnitude, so a norm over all heads differs from a norm per
+            # head (the feature's negative control).
+            for layer in model.model.layers:
+                head_dim = config.hidden_size // config.num_attention_heads
+                layer.self_attn.q_proj.weight[:head_dim].mul_(10.0)
+                layer.self_attn.k_proj.weight[:head_dim].mul_(10.0)
     return model.to(dtype).eval()
 
 

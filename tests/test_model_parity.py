@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hf_reference
-from coach_jax import models
+from coach_jax import models, parallel
 
 TOLERANCE = 1e-4
 SEQ_LEN = 48  # beyond llama3's original_max_position_embeddings (16) and Mistral's window (8)
@@ -41,7 +41,8 @@ def test_logits_match_hf(checkpoints, family, scan_layers):
 
 
 # Each feature switched off in coach_jax must break parity by far more than the tolerance:
-# this proves the tests above exercise the feature.
+# this proves the tests above exercise the feature. "family/feature" keys give a family
+# more than one control.
 NEGATIVE_CONTROLS = {
     "llama3": dict(rope_scaling=None),
     "mistral": dict(layer_windows=(0, 0)),
@@ -50,20 +51,46 @@ NEGATIVE_CONTROLS = {
     "llama_biases": dict(qkv_bias=False, o_bias=False, mlp_bias=False),
     "smollm3": dict(rope_layers=(True,) * 4),  # the NoPE layers given RoPE
     "smollm3_window": dict(layer_windows=(0,) * 4),
+    "olmo2/post_norms": dict(post_norms=False),
+    "olmo2/qk_norm_all_heads": dict(qk_norm_all_heads=False),
 }
 
 
-@pytest.mark.parametrize("family", list(NEGATIVE_CONTROLS))
-def test_feature_switched_off_breaks_parity(checkpoints, family):
+def _pre_norm_params(params):
+    """OLMo 2's two norms as a pre-norm layer's (the same scales, applied before)."""
+    layers = dict(params["layers"])
+    layers["input_layernorm"] = layers["post_attention_layernorm"]
+    layers["post_attention_layernorm"] = layers.pop("post_feedforward_layernorm")
+    return {**params, "layers": layers}
+
+
+def _per_head_norm_params(params):
+    """OLMo 2's all-heads q/k norm scales cut to one head's width: a per-head norm."""
+    attention = dict(params["layers"]["self_attn"])
+    for name in ("q_norm", "k_norm"):
+        scale = attention[name]["scale"]
+        attention[name] = {"scale": scale[:, :16]}  # [layers, head_dim]
+    return {**params, "layers": {**params["layers"], "self_attn": attention}}
+
+
+# Controls that change the parameter tree the crippled layers expect.
+CONTROL_PARAMS = {"olmo2/post_norms": _pre_norm_params,
+                  "olmo2/qk_norm_all_heads": _per_head_norm_params}
+
+
+@pytest.mark.parametrize("control", list(NEGATIVE_CONTROLS))
+def test_feature_switched_off_breaks_parity(checkpoints, control):
+    family = control.split("/")[0]
     hf_model, folder = checkpoints[family]
     cfg, params = models.load_hf(folder)
-    assert all(getattr(cfg, k) != v for k, v in NEGATIVE_CONTROLS[family].items()), \
+    assert all(getattr(cfg, k) != v for k, v in NEGATIVE_CONTROLS[control].items()), \
         "the HF config did not turn the feature on"
-    crippled = dataclasses.replace(cfg, **NEGATIVE_CONTROLS[family])
+    crippled = dataclasses.replace(cfg, **NEGATIVE_CONTROLS[control])
+    params = CONTROL_PARAMS.get(control, lambda p: p)(params)
     tokens = _tokens()
     diff = np.abs(np.asarray(models.apply(crippled, params, tokens))
                   - hf_reference.logits(hf_model, tokens)).max()
-    print(f"{family} without {NEGATIVE_CONTROLS[family]}: max diff {diff:.2e}")
+    print(f"{control} without {NEGATIVE_CONTROLS[control]}: max diff {diff:.2e}")
     assert diff > 100 * TOLERANCE
 
 
@@ -149,3 +176,18 @@ def test_query_blocks_match_hf(checkpoints, family):
     unpacked = _tokens(batch=1, length=128, seed=7)
     assert np.abs(np.asarray(models.apply(cfg, params, unpacked))
                   - hf_reference.logits(hf_model, unpacked)).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["olmo2", "smollm3_window"])
+def test_a_data_fsdp_tensor_mesh_gives_one_devices_logits(checkpoints, family):
+    """Parameters sharded over a (2, 2, 2) mesh as in training: OLMo 2's norm over all heads
+    spans the tensor-split heads, SmolLM3's per-layer RoPE flags ride the scan."""
+    _, folder = checkpoints[family]
+    cfg, params = models.load_hf(folder)
+    tokens = _tokens(batch=4)
+    expected = np.asarray(models.apply(cfg, params, tokens))
+    mesh = parallel.make_mesh((2, 2, 2))
+    sharded = parallel.place(params, parallel.tree_shardings(params, cfg, mesh))
+    assert "tensor" in sharded["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec
+    got = np.asarray(models.apply(cfg, sharded, tokens))
+    np.testing.assert_allclose(got, expected, atol=1e-5)

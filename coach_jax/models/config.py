@@ -57,6 +57,11 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    # OLMo 2: q/k RMSNorm over all heads at once (the whole projection width), not per head.
+    qk_norm_all_heads: bool = False
+    # OLMo 2: no pre-norms; the attention and MLP outputs are normalised before each
+    # residual add (post_attention_layernorm, post_feedforward_layernorm).
+    post_norms: bool = False
     layer_windows: tuple[int, ...] = ()
     # rope_layers[i]: layer i rotates queries and keys (SmolLM3 has layers without RoPE).
     rope_layers: tuple[bool, ...] = ()

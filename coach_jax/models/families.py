@@ -22,7 +22,7 @@ class UnsupportedModelError(ValueError):
 
 
 # The boolean feature fields of `ModelConfig` a family fixes or reads from its config.json.
-SWITCHES = ("qk_norm", "qkv_bias", "o_bias", "mlp_bias")
+SWITCHES = ("qk_norm", "qkv_bias", "o_bias", "mlp_bias", "qk_norm_all_heads", "post_norms")
 
 
 def _sizes(layer_windows: tuple[int, ...]) -> list[int]:
@@ -280,6 +280,9 @@ register(Family("qwen2", "Qwen2ForCausalLM", switches=dict(qkv_bias=True),
                 windows=LAYER_TYPES))
 register(Family("qwen3", "Qwen3ForCausalLM", windows=LAYER_TYPES, switches=dict(
     qk_norm=True, qkv_bias="attention_bias", o_bias="attention_bias")))
+register(Family("olmo2", "Olmo2ForCausalLM", switches=dict(
+    qk_norm=True, qk_norm_all_heads=True, post_norms=True, qkv_bias="attention_bias",
+    o_bias="attention_bias")))
 register(Family("smollm3", "SmolLM3ForCausalLM", windows=NOPE_SLIDING, nope_layers=True,
                 switches=dict(qkv_bias="attention_bias", o_bias="attention_bias",
                               mlp_bias="mlp_bias"),

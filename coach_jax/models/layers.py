@@ -108,6 +108,15 @@ def _projections(cfg: ModelConfig, parent: str) -> Callable[..., Projection]:
     return make
 
 
+def _norm_all_heads(cfg: ModelConfig, name: str, x_BxTxNxH: jax.Array) -> jax.Array:
+    """OLMo 2's q/k norm: one RMSNorm over the whole projection (heads x head_dim), its scale
+    of that width. The scale is replicated ("all_heads" has no mesh axis); with heads split
+    over the tensor axis, XLA reduces the mean across it."""
+    b, t, n, h = x_BxTxNxH.shape
+    normed = RMSNorm(cfg, "all_heads", name=name)(x_BxTxNxH.reshape(b, t, n * h))
+    return normed.reshape(b, t, n, h)
+
+
 def _rotate(cfg: ModelConfig, layer: jax.Array | int, rope_tables: tuple[jax.Array, jax.Array],
             q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array) -> tuple[jax.Array, jax.Array]:
     """RoPE on queries and keys, in the layers `cfg.rope_layers` gives it to (all, unless
@@ -143,7 +152,10 @@ class Attention(nn.Module):
         q_BxTxNxH = proj("q_proj", "heads", cfg.num_heads)(x_BxTxD)
         k_BxTxKxH = proj("k_proj", "kv_heads", cfg.num_kv_heads)(x_BxTxD)
         v_BxTxKxH = proj("v_proj", "kv_heads", cfg.num_kv_heads)(x_BxTxD)
-        if cfg.qk_norm:
+        if cfg.qk_norm and cfg.qk_norm_all_heads:
+            q_BxTxNxH = _norm_all_heads(cfg, "q_norm", q_BxTxNxH)
+            k_BxTxKxH = _norm_all_heads(cfg, "k_norm", k_BxTxKxH)
+        elif cfg.qk_norm:
             q_BxTxNxH = RMSNorm(cfg, "head_dim", name="q_norm")(q_BxTxNxH)
             k_BxTxKxH = RMSNorm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
         q_BxTxNxH, k_BxTxKxH = _rotate(cfg, layer, rope_tables, q_BxTxNxH, k_BxTxKxH)
@@ -187,7 +199,7 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block. Its carry is (x, kv) so `nn.scan` can thread the hidden
+    """Pre-norm residual block (post-norm with `cfg.post_norms`). Its carry is (x, kv) so `nn.scan` can thread the hidden
     states and the KV cache (None in training) through the layers; `layer` is its index."""
 
     cfg: ModelConfig
@@ -199,9 +211,17 @@ class DecoderLayer(nn.Module):
                  ) -> tuple[tuple[jax.Array, KV], None]:
         cfg = self.cfg
         x_BxTxD, kv = carry
+        attend = Attention(cfg, name="self_attn")
+        if cfg.post_norms:  # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x))
+            attended, kv = attend(x_BxTxD, positions_BxT, segment_ids_BxT, rope_tables, window,
+                                  slots, kv, layer)
+            x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_attention_layernorm")(attended)
+            mlp_out = Mlp(cfg, name="mlp")(x_BxTxD)
+            x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_feedforward_layernorm")(mlp_out)
+            return (x_BxTxD, kv), None
         h = RMSNorm(cfg, name="input_layernorm")(x_BxTxD)
-        attended, kv = Attention(cfg, name="self_attn")(
-            h, positions_BxT, segment_ids_BxT, rope_tables, window, slots, kv, layer)
+        attended, kv = attend(h, positions_BxT, segment_ids_BxT, rope_tables, window, slots,
+                              kv, layer)
         x_BxTxD = x_BxTxD + attended
         h = RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + Mlp(cfg, name="mlp")(h)
