@@ -41,6 +41,11 @@ FAMILIES = {
     "smollm3_window": lambda: transformers.SmolLM3Config(
         **_SMOLLM3, use_sliding_window=True, sliding_window=8,
         rope_parameters={"rope_type": "default", "rope_theta": 30000.0}),
+    # Fused qkv and gate_up tensors, half of each head rotated, a window of 8.
+    "phi3": lambda: transformers.Phi3Config(
+        **_COMMON, partial_rotary_factor=0.5, sliding_window=8, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
     # Norms after attention and MLP, q/k norms over all heads, biases, untied embeddings.
     "olmo2": lambda: transformers.Olmo2Config(
         **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,

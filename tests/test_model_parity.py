@@ -51,6 +51,8 @@ NEGATIVE_CONTROLS = {
     "llama_biases": dict(qkv_bias=False, o_bias=False, mlp_bias=False),
     "smollm3": dict(rope_layers=(True,) * 4),  # the NoPE layers given RoPE
     "smollm3_window": dict(layer_windows=(0,) * 4),
+    "phi3": dict(partial_rotary_factor=1.0),
+    "phi3/window": dict(layer_windows=(0, 0)),
     "olmo2/post_norms": dict(post_norms=False),
     "olmo2/qk_norm_all_heads": dict(qk_norm_all_heads=False),
 }

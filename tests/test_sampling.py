@@ -53,7 +53,7 @@ def _hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], fl
     return out.sequences[0, len(prompt):].tolist(), min(float(a - b) for a, b in top2)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "smollm3_window", "olmo2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "smollm3_window", "olmo2", "phi3"])
 def test_greedy_equals_transformers_generate(family, tmp_path):
     model, cfg, params = _separated(family, tmp_path)
     prompts = _prompts(cfg.vocab_size)

@@ -51,6 +51,8 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_scaling: Llama3RopeScaling | None = None
+    # The share of each head's channels RoPE rotates (the first ones; Phi-3, Phi-4-mini).
+    partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -114,6 +116,11 @@ class ModelConfig:
         return any(self.layer_windows)
 
     @property
+    def rotary_dim(self) -> int:
+        """How many leading channels of each head RoPE rotates (as transformers rounds)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def rope_type(self) -> str:
         return "default" if self.rope_scaling is None else "llama3"
 
@@ -137,7 +144,10 @@ class ModelConfig:
                 raise UnsupportedModelError(f"config.json has no {key!r}")
         num_layers = hf["num_hidden_layers"]
         num_heads = hf["num_attention_heads"]
-        rope_theta, rope_scaling = _parse_rope(hf)
+        rope_theta, rope_scaling, partial = _parse_rope(hf)
+        if partial != 1.0 and not family.partial_rotary:
+            raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported "
+                                        f"for {family.model_type}")
         fields: dict[str, Any] = dict(
             model_type=family.model_type,
             vocab_size=hf["vocab_size"],
@@ -150,6 +160,7 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
+            partial_rotary_factor=float(partial),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             initializer_range=hf.get("initializer_range", 0.02),
@@ -184,6 +195,9 @@ class ModelConfig:
         if self.rope_scaling is not None:
             rope = {"rope_type": "llama3", "rope_theta": self.rope_theta,
                     **dataclasses.asdict(self.rope_scaling)}
+        if self.partial_rotary_factor != 1.0:
+            rope["partial_rotary_factor"] = self.partial_rotary_factor
+            hf["partial_rotary_factor"] = self.partial_rotary_factor
         if self.real_vocab_size not in (None, self.vocab_size):
             raise UnsupportedModelError("cut the padded vocabulary back before export "
                                         "(models.unpad_vocab)")
@@ -214,8 +228,9 @@ class ModelConfig:
         return hf
 
 
-def _parse_rope(hf: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
-    """Reads RoPE settings from transformers 5 (`rope_parameters`) or legacy keys."""
+def _parse_rope(hf: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None, float]:
+    """Reads RoPE settings from transformers 5 (`rope_parameters`) or legacy keys: theta,
+    llama3 scaling, and the partial rotary factor."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -224,10 +239,10 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
             f"rope scaling type {rope_type!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported")
+    if not 0 < partial <= 1:
+        raise UnsupportedModelError(f"partial_rotary_factor={partial} must be in (0, 1]")
     if rope_type == "default":
-        return float(theta), None
+        return float(theta), None, float(partial)
     try:
         scaling = Llama3RopeScaling(
             factor=float(params["factor"]),
@@ -236,4 +251,4 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
             original_max_position_embeddings=int(params["original_max_position_embeddings"]))
     except KeyError as e:
         raise UnsupportedModelError(f"llama3 rope scaling lacks {e.args[0]!r}") from e
-    return float(theta), scaling
+    return float(theta), scaling, float(partial)

@@ -202,6 +202,7 @@ class Family:
     rope_types: tuple[str, ...] = ("default",)  # the rope types its config can express
     windows: Windows = FULL_ATTENTION
     tensors: TensorNames = TensorNames()
+    partial_rotary: bool = False  # its config may rotate only part of each head
     # Layers without RoPE read from `no_rope_layers` (SmolLM3); False: RoPE in every layer.
     nope_layers: bool = False
     # config.json values transformers assumes when the key is absent, where they differ
@@ -240,6 +241,8 @@ class Family:
                 problems.append(", ".join(f"{name}={getattr(cfg, name)}" for name in names))
         if cfg.rope_type not in self.rope_types:
             problems.append(f"{cfg.rope_type} rope scaling")
+        if not self.partial_rotary and cfg.partial_rotary_factor != 1.0:
+            problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor}")
         if not self.nope_layers and not all(cfg.rope_layers):
             problems.append(f"layers without RoPE ({cfg.rope_layers})")
         return problems + self.windows.problems(cfg.layer_windows)
@@ -280,6 +283,12 @@ register(Family("qwen2", "Qwen2ForCausalLM", switches=dict(qkv_bias=True),
                 windows=LAYER_TYPES))
 register(Family("qwen3", "Qwen3ForCausalLM", windows=LAYER_TYPES, switches=dict(
     qk_norm=True, qkv_bias="attention_bias", o_bias="attention_bias")))
+register(Family("phi3", "Phi3ForCausalLM", windows=EVERY_LAYER, partial_rotary=True,
+                tensors=TensorNames(fused=(
+                    Fused("self_attn.qkv_proj", ("self_attn/q_proj", "self_attn/k_proj",
+                                                 "self_attn/v_proj"), group="qkv"),
+                    Fused("mlp.gate_up_proj", ("mlp/gate_proj", "mlp/up_proj"),
+                          group="gate_up")))))
 register(Family("olmo2", "Olmo2ForCausalLM", switches=dict(
     qk_norm=True, qk_norm_all_heads=True, post_norms=True, qkv_bias="attention_bias",
     o_bias="attention_bias")))

@@ -12,8 +12,9 @@ from coach_jax.models.config import ModelConfig
 
 
 def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """float32 [head_dim // 2], computed as transformers does so angles match bit for bit."""
-    dim = cfg.head_dim
+    """float32 [rotary_dim // 2], computed as transformers does so angles match bit for
+    bit (rotary_dim = head_dim unless the family rotates only part of each head)."""
+    dim = cfg.rotary_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
     scaling = cfg.rope_scaling
@@ -39,12 +40,18 @@ def tables(positions_BxT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, j
 
 
 def rotate(x_BxTxNxH: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Rotates each head by its token's position; math in float32, result in x's dtype."""
+    """Rotates each head by its token's position; math in float32, result in x's dtype.
+    Tables narrower than the head rotate its first channels and pass the rest (partial
+    rotary, as transformers' Phi-3)."""
     cos, sin = cos_sin
-    x = x_BxTxNxH.astype(jnp.float32)
-    half = x.shape[-1] // 2
+    width = cos.shape[-1]
+    x = x_BxTxNxH[..., :width].astype(jnp.float32)
+    half = width // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+    out = (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+    if width == x_BxTxNxH.shape[-1]:
+        return out
+    return jnp.concatenate([out, x_BxTxNxH[..., width:]], axis=-1)
 
 
 def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
