@@ -46,6 +46,14 @@ FAMILIES = {
         **_COMMON, partial_rotary_factor=0.5, sliding_window=8, pad_token_id=0,
         bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+    # Gemma 2: (1 + w) norms, four per layer, GeGLU, scaled embeddings, a query scale that
+    # is not head_dim's, soft-capped scores and logits (small caps, so they bend), window 8
+    # on layer 0 only.
+    "gemma2": lambda: transformers.Gemma2Config(
+        **_COMMON, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+        attn_logit_softcapping=1.0, final_logit_softcapping=4.0, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
     # Norms after attention and MLP, q/k norms over all heads, biases, untied embeddings.
     "olmo2": lambda: transformers.Olmo2Config(
         **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -53,11 +61,14 @@ FAMILIES = {
 }
 
 
-def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32
+def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **config_changes
           ) -> transformers.PreTrainedModel:
-    """A randomly weighted model of `family` in eval mode (eager attention, no dropout)."""
+    """A randomly weighted model of `family` in eval mode (eager attention, no dropout);
+    `config_changes` set config attributes first."""
     torch.manual_seed(seed)
     config = FAMILIES[family]()
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -27,14 +27,16 @@ def packed_inputs(seed=0):
     return q, k, v, positions, segments
 
 
-@pytest.mark.parametrize("window", [None, 32])
-def test_splash_equals_xla_forward_and_backward(window):
+@pytest.mark.parametrize("window, scale, softcap", [(None, None, None), (32, None, None),
+                                                    (32, 0.2, 2.0)])  # Gemma's scale and cap
+def test_splash_equals_xla_forward_and_backward(window, scale, softcap):
     q, k, v, positions, segments = packed_inputs()
     real = jnp.asarray(segments > 0)[..., None, None]
     weights = jax.random.normal(jax.random.key(1), (B, T, N, H))
 
     def loss(impl, q, k, v):
-        out = attention.attend(impl, q, k, v, positions, segments, window, window)
+        out = attention.attend(impl, q, k, v, positions, segments, window, window,
+                               scale=scale, softcap=softcap)
         return (out * weights * real).sum(), out
 
     (xla_loss, xla_out), xla_grads = jax.value_and_grad(
@@ -78,3 +80,27 @@ def test_cudnn_equals_xla_on_gpu():
     mask = np.asarray(segments > 0)
     np.testing.assert_allclose(np.asarray(cudnn, np.float32)[mask],
                                np.asarray(xla, np.float32)[mask], atol=2e-2)
+
+
+def test_soft_capping_never_silently_drops_to_cudnn():
+    """cuDNN's fused kernel has no logit soft-cap: asked for by name it is an error; `auto`
+    picks a kernel that has one (XLA here, and never cuDNN on a GPU)."""
+    with pytest.raises(ValueError, match="model.attention='cudnn' cannot soft-cap"):
+        attention.choose("cudnn", "bfloat16", softcap=50.0)
+    assert attention.choose("auto", "bfloat16", softcap=50.0) != "cudnn"
+
+
+def test_capped_attention_equals_a_hand_computation():
+    """scores * scale -> cap * tanh(s / cap) -> causal mask -> softmax -> values, in numpy."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.normal(size=(1, 6, 2, 4)).astype(np.float32) for _ in range(3))
+    positions = np.arange(6, dtype=np.int32)[None]
+    segments = np.ones((1, 6), np.int32)
+    out = np.asarray(attention.attend("xla", q, k, v, positions, segments, None, scale=0.3,
+                                      softcap=1.5))
+    scores = np.einsum("thd,shd->hts", q[0], k[0]) * 0.3
+    scores = 1.5 * np.tanh(scores / 1.5)
+    scores = np.where(np.tril(np.ones((6, 6), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out[0], np.einsum("hts,shd->thd", weights, v[0]), atol=1e-6)

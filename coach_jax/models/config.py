@@ -20,6 +20,7 @@ SUPPORTED_MODEL_TYPES = families.FAMILIES.keys()  # a live view: registered fami
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 ATTENTION = ("auto", "xla", "cudnn", "splash")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,15 @@ class ModelConfig:
     # OLMo 2: no pre-norms; the attention and MLP outputs are normalised before each
     # residual add (post_attention_layernorm, post_feedforward_layernorm).
     post_norms: bool = False
+    # Gemma: RMSNorm scales by (1 + w) in float32; four norms per layer (input, after
+    # attention, before and after the MLP); embeddings times sqrt(hidden_size).
+    norm_unit_offset: bool = False
+    sandwich_norms: bool = False
+    scale_embeddings: bool = False
+    activation: str = "silu"  # one of ACTIVATIONS: the MLP's gate activation
+    query_pre_attn_scalar: float | None = None  # attention scale s**-0.5; None: head_dim
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
     layer_windows: tuple[int, ...] = ()
     # rope_layers[i]: layer i rotates queries and keys (SmolLM3 has layers without RoPE).
     rope_layers: tuple[bool, ...] = ()
@@ -94,6 +104,9 @@ class ModelConfig:
         if self.attention not in ATTENTION:
             raise UnsupportedModelError(f"attention={self.attention!r}; expected one of "
                                         f"{', '.join(ATTENTION)}")
+        if self.activation not in ACTIVATIONS:
+            raise UnsupportedModelError(f"hidden_act {self.activation!r} is not supported "
+                                        f"(only {', '.join(ACTIVATIONS)})")
         if self.projection not in projection.STRATEGIES:
             raise UnsupportedModelError(f"projection={self.projection!r}; expected one of "
                                         f"{', '.join(projection.STRATEGIES)}")
@@ -135,9 +148,6 @@ class ModelConfig:
         """Parses a HF `config.json` dict; `overrides` set runtime fields (dtypes, scan)."""
         family = families.family(hf.get("model_type"))
         hf = {**family.config_defaults, **hf}
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only 'silu')")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
             if key not in hf:
@@ -211,7 +221,7 @@ class ModelConfig:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            hidden_act="silu",
+            hidden_act=self.activation,
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta,

@@ -71,7 +71,11 @@ class Decoder(nn.Module):
         """Hidden states of T new tokens; with a cache, they attend to everything already
         in it and are written into it at `cache.index`."""
         cfg = self.cfg
-        x_BxTxD = jnp.take(self.embed_tokens, tokens_BxT, axis=0).astype(cfg.compute_dtype)
+        x_BxTxD = jnp.take(self.embed_tokens, tokens_BxT, axis=0)
+        if cfg.scale_embeddings:  # Gemma: times sqrt(hidden_size), in the weights' dtype
+            x_BxTxD = x_BxTxD * jnp.asarray(np.float32(cfg.hidden_size ** 0.5),
+                                            x_BxTxD.dtype)
+        x_BxTxD = x_BxTxD.astype(cfg.compute_dtype)
         rope_tables = rope.tables(positions_BxT, rope.inverse_frequencies(cfg))
         slots = kv = None
         if cache is not None:
@@ -103,6 +107,9 @@ class Decoder(nn.Module):
             logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, self.embed_tokens.astype(dtype))
         else:
             logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, self.lm_head.astype(dtype))
+        if cfg.final_logit_softcapping:  # Gemma 2: cap * tanh(logits / cap)
+            cap = cfg.final_logit_softcapping
+            logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(dtype)
         if cfg.real_vocab_size is not None and cfg.real_vocab_size < cfg.vocab_size:
             real = jnp.arange(cfg.vocab_size) < cfg.real_vocab_size
             logits = jnp.where(real, logits, jnp.finfo(dtype).min)

@@ -22,7 +22,14 @@ class UnsupportedModelError(ValueError):
 
 
 # The boolean feature fields of `ModelConfig` a family fixes or reads from its config.json.
-SWITCHES = ("qk_norm", "qkv_bias", "o_bias", "mlp_bias", "qk_norm_all_heads", "post_norms")
+SWITCHES = ("qk_norm", "qkv_bias", "o_bias", "mlp_bias", "qk_norm_all_heads", "post_norms",
+            "norm_unit_offset", "sandwich_norms", "scale_embeddings")
+# The non-boolean feature fields a family reads from its config.json: field -> (key, the
+# value transformers assumes when the key is absent). Fields a family does not name keep
+# ModelConfig's default (and export refuses any other value).
+VALUES = ("activation", "query_pre_attn_scalar", "attn_logit_softcapping",
+          "final_logit_softcapping")
+LLAMA_VALUES = {"activation": ("hidden_act", "silu")}
 
 
 def _sizes(layer_windows: tuple[int, ...]) -> list[int]:
@@ -147,6 +154,35 @@ class NoPeSliding:
                                for w in layer_windows])
 
 
+class AlternatingLayers:
+    """`layer_types`, or Gemma's rule without it: every `period`-th layer attends fully
+    and the others slide over `sliding_window` (Gemma 2: period 2, layers 0, 2, ... slide)."""
+
+    def __init__(self, period: int):
+        self.period = period
+
+    def parse(self, hf: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
+        window = hf.get("sliding_window")
+        layer_types = hf.get("layer_types") or [
+            "sliding_attention" if (i + 1) % self.period else "full_attention"
+            for i in range(num_layers)]
+        unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+        if unknown or len(layer_types) != num_layers:
+            raise UnsupportedModelError(f"layer_types {layer_types!r} are not supported")
+        if "sliding_attention" in layer_types and not window:
+            raise UnsupportedModelError("layer_types slide but sliding_window is not set")
+        return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
+
+    def problems(self, layer_windows: tuple[int, ...]) -> list[str]:
+        return _several_sizes(layer_windows)
+
+    def export(self, hf: dict[str, Any], layer_windows: tuple[int, ...]) -> None:
+        sizes = _sizes(layer_windows)
+        hf.update(sliding_window=sizes[0] if sizes else None,
+                  layer_types=["sliding_attention" if w else "full_attention"
+                               for w in layer_windows])
+
+
 FULL_ATTENTION = FullAttention()
 EVERY_LAYER = EveryLayer()
 LAYER_TYPES = LayerTypes()
@@ -202,6 +238,8 @@ class Family:
     rope_types: tuple[str, ...] = ("default",)  # the rope types its config can express
     windows: Windows = FULL_ATTENTION
     tensors: TensorNames = TensorNames()
+    values: Mapping[str, tuple[str, Any]] = dataclasses.field(
+        default_factory=lambda: dict(LLAMA_VALUES))
     partial_rotary: bool = False  # its config may rotate only part of each head
     # Layers without RoPE read from `no_rope_layers` (SmolLM3); False: RoPE in every layer.
     nope_layers: bool = False
@@ -214,6 +252,10 @@ class Family:
         if unknown:
             raise ValueError(f"{self.model_type}: unknown switches {sorted(unknown)}; "
                              f"expected some of {', '.join(SWITCHES)}")
+        unknown = set(self.values) - set(VALUES)
+        if unknown:
+            raise ValueError(f"{self.model_type}: unknown values {sorted(unknown)}; "
+                             f"expected some of {', '.join(VALUES)}")
 
     def features(self, hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
         """The `ModelConfig` feature fields a config.json of this family asks for."""
@@ -221,6 +263,8 @@ class Family:
         for name in SWITCHES:
             source = self.switches.get(name, False)
             fields[name] = source if isinstance(source, bool) else bool(hf.get(source, False))
+        for name, (key, default) in self.values.items():
+            fields[name] = hf.get(key, default)
         fields["layer_windows"] = self.windows.parse(hf, num_layers)
         if self.nope_layers:
             fields["rope_layers"] = no_rope_flags(hf, num_layers)
@@ -241,6 +285,9 @@ class Family:
                 problems.append(", ".join(f"{name}={getattr(cfg, name)}" for name in names))
         if cfg.rope_type not in self.rope_types:
             problems.append(f"{cfg.rope_type} rope scaling")
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+        problems += [f"{name}={getattr(cfg, name)!r}" for name in VALUES
+                     if name not in self.values and getattr(cfg, name) != defaults[name]]
         if not self.partial_rotary and cfg.partial_rotary_factor != 1.0:
             problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor}")
         if not self.nope_layers and not all(cfg.rope_layers):
@@ -252,6 +299,8 @@ class Family:
         for name, source in self.switches.items():
             if isinstance(source, str):
                 hf[source] = getattr(cfg, name)
+        for name, (key, _) in self.values.items():
+            hf[key] = getattr(cfg, name)
         self.windows.export(hf, cfg.layer_windows)
         if self.nope_layers:
             hf["no_rope_layers"] = [int(r) for r in cfg.rope_layers]
@@ -292,6 +341,15 @@ register(Family("phi3", "Phi3ForCausalLM", windows=EVERY_LAYER, partial_rotary=T
 register(Family("olmo2", "Olmo2ForCausalLM", switches=dict(
     qk_norm=True, qk_norm_all_heads=True, post_norms=True, qkv_bias="attention_bias",
     o_bias="attention_bias")))
+register(Family("gemma2", "Gemma2ForCausalLM", windows=AlternatingLayers(2),
+                switches=dict(norm_unit_offset=True, sandwich_norms=True,
+                              scale_embeddings=True, qkv_bias="attention_bias",
+                              o_bias="attention_bias"),
+                values={"activation": ("hidden_activation", "gelu_pytorch_tanh"),
+                        "query_pre_attn_scalar": ("query_pre_attn_scalar", 256),
+                        "attn_logit_softcapping": ("attn_logit_softcapping", 50.0),
+                        "final_logit_softcapping": ("final_logit_softcapping", 30.0)},
+                config_defaults={"head_dim": 256, "tie_word_embeddings": True}))
 register(Family("smollm3", "SmolLM3ForCausalLM", windows=NOPE_SLIDING, nope_layers=True,
                 switches=dict(qkv_bias="attention_bias", o_bias="attention_bias",
                               mlp_bias="mlp_bias"),

@@ -7,6 +7,7 @@ without touching this file.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -32,19 +33,23 @@ def _param(module: nn.Module, name: str, init, shape: Sequence[int],
 
 
 class RMSNorm(nn.Module):
-    """Normalises in float32, then scales in the compute dtype (as HF Llama does)."""
+    """Normalises in float32, then scales in the compute dtype (as HF Llama does), or by
+    (1 + w) in float32 with `cfg.norm_unit_offset` (Gemma)."""
 
     cfg: ModelConfig
     axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,),
-                       self.cfg)
+        offset = self.cfg.norm_unit_offset  # Gemma: scale by (1 + w), w starting at 0
+        init = nn.initializers.zeros if offset else nn.initializers.ones
+        scale = _param(self, "scale", init, (x.shape[-1],), (self.axis_name,), self.cfg)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
                                      + self.cfg.rms_norm_eps)
         dtype = jnp.dtype(self.cfg.compute_dtype)
+        if offset:  # scaled in float32, cast after (as transformers' Gemma)
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(dtype)
         return scale.astype(dtype) * normed.astype(dtype)
 
 
@@ -160,6 +165,8 @@ class Attention(nn.Module):
             k_BxTxKxH = RMSNorm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
         q_BxTxNxH, k_BxTxKxH = _rotate(cfg, layer, rope_tables, q_BxTxNxH, k_BxTxKxH)
         layer_window = window if cfg.has_sliding_window else None
+        scale = (cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar is not None
+                 else None)
         if kv is not None:
             kv_positions_BxS, kv_segment_ids_BxS, index = slots
             keys, k_BxSxKxH = kv_cache.write(kv[0], k_BxTxKxH, layer, index)
@@ -169,21 +176,28 @@ class Attention(nn.Module):
                                             kv_segment_ids_BxS, layer_window)
             out_BxTxNxH = attention.dot_product_attention(
                 q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype),
-                v_BxSxKxH.astype(q_BxTxNxH.dtype), mask)
+                v_BxSxKxH.astype(q_BxTxNxH.dtype), mask, scale=scale,
+                softcap=cfg.attn_logit_softcapping)
         else:
             windows = set(cfg.layer_windows)
             out_BxTxNxH = attention.attend(
-                attention.choose(cfg.attention, cfg.compute_dtype), q_BxTxNxH, k_BxTxKxH,
-                v_BxTxKxH, positions_BxT, segment_ids_BxT, layer_window,
+                attention.choose(cfg.attention, cfg.compute_dtype, cfg.attn_logit_softcapping),
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT, layer_window,
                 static_window=windows.pop() if len(windows) == 1 and cfg.has_sliding_window
-                else None)
+                else None, scale=scale, softcap=cfg.attn_logit_softcapping)
         out_BxTxNxH = checkpoint_name(out_BxTxNxH, "attention_out")
         return make("o_proj", ("heads", "head_dim"), ("embed",), (cfg.hidden_size,),
                     cfg.o_bias)(out_BxTxNxH), kv
 
 
+# transformers' activation names; gelu_pytorch_tanh is the tanh approximation (Gemma's
+# GeGLU), which differs from exact gelu by ~1e-3 in the logits.
+_ACTIVATIONS = {"silu": nn.silu,
+                "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
 class Mlp(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """A gated MLP: down(act(gate(x)) * up(x)); SwiGLU, or GeGLU for Gemma."""
 
     cfg: ModelConfig
 
@@ -195,12 +209,14 @@ class Mlp(nn.Module):
             return make(name, (in_axis,), (out_axis,), (size,), cfg.mlp_bias)
         gate = proj("gate_proj", "embed", "mlp", cfg.intermediate_size)(x_BxTxD)
         up = proj("up_proj", "embed", "mlp", cfg.intermediate_size)(x_BxTxD)
-        return proj("down_proj", "mlp", "embed", cfg.hidden_size)(nn.silu(gate) * up)
+        hidden = _ACTIVATIONS[cfg.activation](gate) * up
+        return proj("down_proj", "mlp", "embed", cfg.hidden_size)(hidden)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block (post-norm with `cfg.post_norms`). Its carry is (x, kv) so `nn.scan` can thread the hidden
-    states and the KV cache (None in training) through the layers; `layer` is its index."""
+    """Pre-norm residual block (post-norms: OLMo 2; sandwich norms: Gemma). Its carry is
+    (x, kv) so `nn.scan` can thread the hidden states and the KV cache (None in training)
+    through the layers; `layer` is its index."""
 
     cfg: ModelConfig
 
@@ -217,6 +233,15 @@ class DecoderLayer(nn.Module):
                                   slots, kv, layer)
             x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_attention_layernorm")(attended)
             mlp_out = Mlp(cfg, name="mlp")(x_BxTxD)
+            x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_feedforward_layernorm")(mlp_out)
+            return (x_BxTxD, kv), None
+        if cfg.sandwich_norms:  # Gemma: a norm before and after attention and MLP each
+            h = RMSNorm(cfg, name="input_layernorm")(x_BxTxD)
+            attended, kv = attend(h, positions_BxT, segment_ids_BxT, rope_tables, window,
+                                  slots, kv, layer)
+            x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_attention_layernorm")(attended)
+            h = RMSNorm(cfg, name="pre_feedforward_layernorm")(x_BxTxD)
+            mlp_out = Mlp(cfg, name="mlp")(h)
             x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_feedforward_layernorm")(mlp_out)
             return (x_BxTxD, kv), None
         h = RMSNorm(cfg, name="input_layernorm")(x_BxTxD)
