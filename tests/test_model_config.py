@@ -92,3 +92,23 @@ def test_smollm3_defaults_are_transformers_own():
     assert cfg.tie_word_embeddings is reference.tie_word_embeddings is True
     assert cfg.rope_layers == tuple(bool(f) for f in reference.no_rope_layers)
     assert cfg.rope_layers == (True, True, True, False) * 2
+
+
+def test_gemma2_defaults_are_transformers_own():
+    """A minimal Gemma 2 config.json: head_dim, caps, query scale, window, alternating
+    layers, activation and tying as Gemma2Config assumes them."""
+    import transformers
+    hf = {"model_type": "gemma2", "vocab_size": 160, "hidden_size": 64,
+          "intermediate_size": 112, "num_hidden_layers": 4, "num_attention_heads": 4,
+          "num_key_value_heads": 2}
+    reference = transformers.Gemma2Config(**hf)
+    cfg = models.ModelConfig.from_hf_dict(hf)
+    assert cfg.head_dim == reference.head_dim == 256
+    assert cfg.query_pre_attn_scalar == reference.query_pre_attn_scalar
+    assert cfg.attn_logit_softcapping == reference.attn_logit_softcapping == 50.0
+    assert cfg.final_logit_softcapping == reference.final_logit_softcapping == 30.0
+    assert cfg.activation == reference.hidden_activation
+    assert cfg.tie_word_embeddings is reference.tie_word_embeddings is True
+    assert cfg.layer_windows == tuple(reference.sliding_window if t == "sliding_attention"
+                                      else 0 for t in reference.layer_types)
+    assert cfg.layer_windows == (4096, 0, 4096, 0)

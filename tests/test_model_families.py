@@ -134,3 +134,22 @@ def test_registry_entries_round_trip_their_configs(model_type):
     assert hasattr(transformers, family.architecture)
     rebuilt = transformers.AutoConfig.for_model(**exported).to_dict()
     assert models.ModelConfig.from_hf_dict(rebuilt) == cfg
+
+
+def test_checkpoints_of_earlier_versions_keep_their_identity():
+    """A Llama-style model records exactly the fields checkpoints recorded before the
+    family features of step 14 existed, so those checkpoints still resume; a Gemma 2
+    model records its features."""
+    from coach_jax.train.loop import LATER_MODEL_FIELDS, model_identity
+    import dataclasses as dc
+    defaults = {f.name: f.default for f in dc.fields(models.ModelConfig)}
+    assert all(defaults[k] == v for k, v in LATER_MODEL_FIELDS.items())
+    cfg = models.ModelConfig.from_hf_dict({**BASE, "model_type": "llama"})
+    assert set(model_identity(cfg)) == {
+        "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+        "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings", "rope_theta",
+        "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "qkv_bias", "o_bias",
+        "mlp_bias", "qk_norm", "layer_windows", "initializer_range", "param_dtype",
+        "real_vocab_size"}
+    gemma = models.ModelConfig.from_hf_dict({**BASE, "model_type": "gemma2"})
+    assert model_identity(gemma)["sandwich_norms"] is True

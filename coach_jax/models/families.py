@@ -349,7 +349,8 @@ register(Family("gemma2", "Gemma2ForCausalLM", windows=AlternatingLayers(2),
                         "query_pre_attn_scalar": ("query_pre_attn_scalar", 256),
                         "attn_logit_softcapping": ("attn_logit_softcapping", 50.0),
                         "final_logit_softcapping": ("final_logit_softcapping", 30.0)},
-                config_defaults={"head_dim": 256, "tie_word_embeddings": True}))
+                config_defaults={"head_dim": 256, "tie_word_embeddings": True,
+                                 "sliding_window": 4096}))
 register(Family("smollm3", "SmolLM3ForCausalLM", windows=NOPE_SLIDING, nope_layers=True,
                 switches=dict(qkv_bias="attention_bias", o_bias="attention_bias",
                               mlp_bias="mlp_bias"),

@@ -118,6 +118,31 @@ def build_evals(settings: Settings, model_cfg: ModelConfig, tokenizer: Any, eval
     return EvalSuite(e, model_cfg, tokenizer, eval_step, held_out, reference, base_params, mesh)
 
 
+# ModelConfig fields newer than checkpoint metadata, with their defaults (see _identity).
+LATER_MODEL_FIELDS = {
+    "projection": "dense", "rope_layers": (), "partial_rotary_factor": 1.0,
+    "qk_norm_all_heads": False, "post_norms": False, "norm_unit_offset": False,
+    "sandwich_norms": False, "scale_embeddings": False, "activation": "silu",
+    "query_pre_attn_scalar": None, "attn_logit_softcapping": None,
+    "final_logit_softcapping": None}
+
+
+def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The architecture a checkpoint records, as JSON values. Fields added after
+    checkpoints began to carry it are left out at their default, as those checkpoints say
+    (so they still resume)."""
+    model = {k: v for k, v in dataclasses.asdict(model_cfg).items()
+             if k not in ("hf_source", "compute_dtype", "scan_layers", "remat", "attention")}
+    for name, default in LATER_MODEL_FIELDS.items():
+        if model[name] == default or (name == "rope_layers" and all(model[name])):
+            del model[name]
+    model["rope_scaling"] = str(model["rope_scaling"])
+    model["layer_windows"] = list(model["layer_windows"])
+    if "rope_layers" in model:
+        model["rope_layers"] = list(model["rope_layers"])
+    return model
+
+
 class Trainer:
     """Everything a run builds before its first step; also used by --mode=eval/export."""
 
@@ -177,16 +202,7 @@ class Trainer:
     def _identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: architecture, tokenizer, data.
         Computed once: fingerprinting a large tokenizer is not free."""
-        model = {k: v for k, v in dataclasses.asdict(self.model_cfg).items()
-                 if k not in ("hf_source", "compute_dtype", "scan_layers", "remat", "attention")}
-        if model["projection"] == "dense":  # as checkpoints from before the field say
-            del model["projection"]
-        model["rope_scaling"] = str(model["rope_scaling"])
-        model["layer_windows"] = list(model["layer_windows"])
-        if all(model["rope_layers"]):  # as checkpoints from before the field say
-            del model["rope_layers"]
-        else:
-            model["rope_layers"] = list(model["rope_layers"])
+        model = model_identity(self.model_cfg)
         data_ids = ([s.fingerprint for s in self.pipeline.sources] if self.pipeline else None)
         return {"model": model, "tokenizer": tokenizer_fingerprint(self.tokenizer),
                 "data": data_ids}
