@@ -54,6 +54,15 @@ FAMILIES = {
         attn_logit_softcapping=1.0, final_logit_softcapping=4.0, pad_token_id=0,
         bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+    # Gemma 3: Gemma 2 without caps, plus q/k norms, and RoPE per layer type: the sliding
+    # layer's own base, the full layer's linear scaling.
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        **_COMMON, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 1000000.0}}),
     # Norms after attention and MLP, q/k norms over all heads, biases, untied embeddings.
     "olmo2": lambda: transformers.Olmo2Config(
         **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,

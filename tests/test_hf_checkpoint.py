@@ -40,7 +40,7 @@ TOKENS = np.random.RandomState(5).randint(0, 160, (2, 24)).astype(np.int32)
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral", "smollm3_window",
-                                    "olmo2", "phi3", "gemma2"])
+                                    "olmo2", "phi3", "gemma2", "gemma3_text"])
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, family, scan_layers):
     hf_model = _saved(family, tmp_path / "hf")
@@ -291,3 +291,31 @@ def test_params_not_matching_config_are_refused_on_save(tmp_path):
     params["embed_tokens"] = params["embed_tokens"][:8]
     with pytest.raises(models.CheckpointError, match=r"embed_tokens: \(8, 16\) vs expected"):
         models.save_hf(cfg, params, tmp_path)
+
+
+@pytest.mark.parametrize("tied, original_format", [(True, True), (False, False)])
+def test_a_gemma3_multimodal_checkpoint_loads_its_text_decoder(tmp_path, tied,
+                                                               original_format):
+    """Gemma 3 4B and up are Gemma3ForConditionalGeneration: text weights under a
+    language-model prefix (as transformers writes them by default, or in its in-memory
+    names), a vision tower beside them. coach_jax loads the text decoder, which gives the
+    wrapper's logits on text."""
+    text = hf_reference.FAMILIES["gemma3_text"]()
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=8, patch_size=4)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                       mm_tokens_per_image=4, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.08 * torch.randn_like(p))
+    model.eval().save_pretrained(tmp_path, save_original_format=original_format)
+    names = _tensors(tmp_path).keys()
+    assert any(n.startswith("vision_tower.") or n.startswith("model.vision_tower.")
+               for n in names)
+    cfg, params = models.load_hf(tmp_path)
+    assert cfg.model_type == "gemma3_text" and cfg.tie_word_embeddings is tied
+    ours = np.asarray(models.apply(cfg, params, TOKENS))
+    np.testing.assert_allclose(ours, hf_reference.logits(model, TOKENS), atol=1e-4)

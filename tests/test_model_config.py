@@ -112,3 +112,23 @@ def test_gemma2_defaults_are_transformers_own():
     assert cfg.layer_windows == tuple(reference.sliding_window if t == "sliding_attention"
                                       else 0 for t in reference.layer_types)
     assert cfg.layer_windows == (4096, 0, 4096, 0)
+
+
+@pytest.mark.parametrize("rope", [
+    {},  # transformers' defaults: local 1e4, global 1e6
+    {"rope_theta": 500000.0, "rope_local_base_freq": 20000.0,  # an older config.json
+     "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+])
+def test_gemma3_rope_per_layer_type_is_read_as_transformers_reads_it(rope):
+    import transformers
+    hf = {"model_type": "gemma3_text", "vocab_size": 160, "hidden_size": 64,
+          "intermediate_size": 112, "num_hidden_layers": 8, "num_attention_heads": 4,
+          "num_key_value_heads": 2, **rope}
+    reference = transformers.Gemma3TextConfig(**hf)
+    cfg = models.ModelConfig.from_hf_dict(hf)
+    full, local = (reference.rope_parameters[t] for t in ("full_attention", "sliding_attention"))
+    assert cfg.rope_theta == full["rope_theta"] and cfg.local_rope_theta == local["rope_theta"]
+    assert cfg.rope_type == full["rope_type"]
+    assert cfg.layer_windows == tuple(reference.sliding_window if t == "sliding_attention"
+                                      else 0 for t in reference.layer_types)
+    assert cfg.attn_logit_softcapping is None and cfg.final_logit_softcapping is None

@@ -56,6 +56,7 @@ def _hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], fl
 @pytest.mark.parametrize("family, changes", [
     ("llama3", {}), ("qwen2", {}), ("smollm3_window", {}), ("olmo2", {}), ("phi3", {}),
     ("gemma2", {"final_logit_softcapping": 30.0}),  # the parity fixture's cap 4 makes ties
+    ("gemma3_text", {}),
 ])
 def test_greedy_equals_transformers_generate(family, changes, tmp_path):
     model, cfg, params = _separated(family, tmp_path, **changes)

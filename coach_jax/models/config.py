@@ -17,7 +17,7 @@ from coach_jax.models import families, projection
 from coach_jax.models.families import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = families.FAMILIES.keys()  # a live view: registered families count
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names
@@ -31,6 +31,13 @@ class Llama3RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRopeScaling:
+    """Positions divided by `factor` (`rope_type: linear`; Gemma 3's global layers)."""
+
+    factor: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +58,9 @@ class ModelConfig:
     head_dim: int
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
-    rope_scaling: Llama3RopeScaling | None = None
+    rope_scaling: Llama3RopeScaling | LinearRopeScaling | None = None
+    # Gemma 3: sliding-window layers use default RoPE at this base instead (None: one RoPE).
+    local_rope_theta: float | None = None
     # The share of each head's channels RoPE rotates (the first ones; Phi-3, Phi-4-mini).
     partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-6
@@ -135,7 +144,9 @@ class ModelConfig:
 
     @property
     def rope_type(self) -> str:
-        return "default" if self.rope_scaling is None else "llama3"
+        if self.rope_scaling is None:
+            return "default"
+        return "linear" if isinstance(self.rope_scaling, LinearRopeScaling) else "llama3"
 
     def projection_group(self, module: str) -> str | None:
         """The group ("qkv") of a projection ("self_attn/q_proj") that the checkpoint
@@ -145,7 +156,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> "ModelConfig":
-        """Parses a HF `config.json` dict; `overrides` set runtime fields (dtypes, scan)."""
+        """Parses a HF `config.json` dict; `overrides` set runtime fields (dtypes, scan). A
+        multimodal config (Gemma 3 4B and up) gives its text decoder's."""
+        if hf.get("model_type") in families.MULTIMODAL:
+            hf = families.text_decoder_config(hf)
         family = families.family(hf.get("model_type"))
         hf = {**family.config_defaults, **hf}
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -154,6 +168,9 @@ class ModelConfig:
                 raise UnsupportedModelError(f"config.json has no {key!r}")
         num_layers = hf["num_hidden_layers"]
         num_heads = hf["num_attention_heads"]
+        local_rope_theta = None
+        if family.rope_by_layer_type:
+            hf, local_rope_theta = _split_rope_by_layer_type(hf)
         rope_theta, rope_scaling, partial = _parse_rope(hf)
         if partial != 1.0 and not family.partial_rotary:
             raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported "
@@ -170,6 +187,7 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
+            local_rope_theta=local_rope_theta,
             partial_rotary_factor=float(partial),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -203,7 +221,7 @@ class ModelConfig:
             hf.pop(legacy, None)
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
-            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta,
+            rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
                     **dataclasses.asdict(self.rope_scaling)}
         if self.partial_rotary_factor != 1.0:
             rope["partial_rotary_factor"] = self.partial_rotary_factor
@@ -238,7 +256,29 @@ class ModelConfig:
         return hf
 
 
-def _parse_rope(hf: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None, float]:
+def _split_rope_by_layer_type(hf: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """Gemma 3's RoPE per layer type: the full-attention layers' settings as a flat
+    config (what `_parse_rope` reads) and the sliding layers' base. transformers 5 nests
+    them in `rope_parameters`; older config.json files have `rope_theta` (+ `rope_scaling`,
+    applied to full layers only) and `rope_local_base_freq`."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = params.get("full_attention", {"rope_type": "default", "rope_theta": 1e6})
+        local = params.get("sliding_attention", {"rope_type": "default", "rope_theta": 1e4})
+    else:
+        full = {"rope_type": "default", "rope_theta": hf.get("rope_theta", 1e6),
+                **(hf.get("rope_scaling") or {})}
+        local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 1e4)}
+    local_type = local.get("rope_type", local.get("type", "default"))
+    if local_type != "default":
+        raise UnsupportedModelError(f"sliding layers' rope type {local_type!r} is not "
+                                    "supported (only default)")
+    flat = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta")}
+    return {**flat, "rope_parameters": full}, float(local["rope_theta"])
+
+
+def _parse_rope(hf: dict[str, Any]
+                ) -> tuple[float, Llama3RopeScaling | LinearRopeScaling | None, float]:
     """Reads RoPE settings from transformers 5 (`rope_parameters`) or legacy keys: theta,
     llama3 scaling, and the partial rotary factor."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -253,6 +293,10 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None, fl
         raise UnsupportedModelError(f"partial_rotary_factor={partial} must be in (0, 1]")
     if rope_type == "default":
         return float(theta), None, float(partial)
+    if rope_type == "linear":
+        if "factor" not in params:
+            raise UnsupportedModelError("linear rope scaling lacks 'factor'")
+        return float(theta), LinearRopeScaling(float(params["factor"])), float(partial)
     try:
         scaling = Llama3RopeScaling(
             factor=float(params["factor"]),

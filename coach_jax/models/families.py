@@ -156,15 +156,17 @@ class NoPeSliding:
 
 class AlternatingLayers:
     """`layer_types`, or Gemma's rule without it: every `period`-th layer attends fully
-    and the others slide over `sliding_window` (Gemma 2: period 2, layers 0, 2, ... slide)."""
+    and the others slide over `sliding_window` (Gemma 2: period 2, layers 0, 2, ... slide;
+    Gemma 3: `sliding_window_pattern`, 6 by default, layers 5, 11, ... full)."""
 
-    def __init__(self, period: int):
-        self.period = period
+    def __init__(self, period: int, period_key: str | None = None):
+        self.period, self.period_key = period, period_key
 
     def parse(self, hf: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
         window = hf.get("sliding_window")
+        period = hf.get(self.period_key, self.period) if self.period_key else self.period
         layer_types = hf.get("layer_types") or [
-            "sliding_attention" if (i + 1) % self.period else "full_attention"
+            "sliding_attention" if (i + 1) % period else "full_attention"
             for i in range(num_layers)]
         unknown = set(layer_types) - {"sliding_attention", "full_attention"}
         if unknown or len(layer_types) != num_layers:
@@ -241,6 +243,9 @@ class Family:
     values: Mapping[str, tuple[str, Any]] = dataclasses.field(
         default_factory=lambda: dict(LLAMA_VALUES))
     partial_rotary: bool = False  # its config may rotate only part of each head
+    # RoPE per layer type in config.json (Gemma 3): full layers `rope_theta` and scaling,
+    # sliding layers `local_rope_theta`.
+    rope_by_layer_type: bool = False
     # Layers without RoPE read from `no_rope_layers` (SmolLM3); False: RoPE in every layer.
     nope_layers: bool = False
     # config.json values transformers assumes when the key is absent, where they differ
@@ -259,6 +264,9 @@ class Family:
 
     def features(self, hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
         """The `ModelConfig` feature fields a config.json of this family asks for."""
+        if hf.get("use_bidirectional_attention"):
+            raise UnsupportedModelError("use_bidirectional_attention=True is not supported "
+                                        "(a causal decoder)")
         fields: dict[str, Any] = {}
         for name in SWITCHES:
             source = self.switches.get(name, False)
@@ -288,6 +296,8 @@ class Family:
         defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
         problems += [f"{name}={getattr(cfg, name)!r}" for name in VALUES
                      if name not in self.values and getattr(cfg, name) != defaults[name]]
+        if (cfg.local_rope_theta is not None) != self.rope_by_layer_type:
+            problems.append(f"local_rope_theta={cfg.local_rope_theta}")
         if not self.partial_rotary and cfg.partial_rotary_factor != 1.0:
             problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor}")
         if not self.nope_layers and not all(cfg.rope_layers):
@@ -301,12 +311,42 @@ class Family:
                 hf[source] = getattr(cfg, name)
         for name, (key, _) in self.values.items():
             hf[key] = getattr(cfg, name)
+        if self.rope_by_layer_type:
+            hf["rope_parameters"] = {
+                "full_attention": hf["rope_parameters"],
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": cfg.local_rope_theta}}
+            for legacy in ("rope_theta", "rope_local_base_freq", "sliding_window_pattern"):
+                hf.pop(legacy, None)
         self.windows.export(hf, cfg.layer_windows)
         if self.nope_layers:
             hf["no_rope_layers"] = [int(r) for r in cfg.rope_layers]
 
 
 FAMILIES: dict[str, Family] = {}
+
+# Multimodal checkpoints whose text decoder is a registered family: their config.json
+# model_type -> the decoder's. The decoder's config is their `text_config`; its tensors sit
+# under a language-model prefix (MULTIMODAL_LAYOUTS, both ways transformers writes them)
+# and the vision tensors are left alone: coach_jax loads, trains and exports the text
+# decoder only.
+MULTIMODAL = {"gemma3": "gemma3_text"}
+MULTIMODAL_LAYOUTS = (
+    TensorNames(body="language_model.model", lm_head="language_model.lm_head"),
+    TensorNames(body="model.language_model", lm_head="lm_head"))
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                   "model.multi_modal_projector.")
+
+
+def text_decoder_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The text decoder's config.json of a multimodal one (as transformers' wrapper class
+    runs it: the wrapper's tie_word_embeddings, no final logit soft-capping)."""
+    text = dict(hf.get("text_config") or {})
+    text["model_type"] = MULTIMODAL[hf["model_type"]]
+    text["tie_word_embeddings"] = hf.get("tie_word_embeddings",
+                                         text.get("tie_word_embeddings", True))
+    text["final_logit_softcapping"] = None
+    return text
 
 
 def register(family: Family) -> Family:
@@ -349,6 +389,18 @@ register(Family("gemma2", "Gemma2ForCausalLM", windows=AlternatingLayers(2),
                         "query_pre_attn_scalar": ("query_pre_attn_scalar", 256),
                         "attn_logit_softcapping": ("attn_logit_softcapping", 50.0),
                         "final_logit_softcapping": ("final_logit_softcapping", 30.0)},
+                config_defaults={"head_dim": 256, "tie_word_embeddings": True,
+                                 "sliding_window": 4096}))
+register(Family("gemma3_text", "Gemma3ForCausalLM",
+                windows=AlternatingLayers(6, "sliding_window_pattern"),
+                rope_types=("default", "linear"), rope_by_layer_type=True,
+                switches=dict(norm_unit_offset=True, sandwich_norms=True,
+                              scale_embeddings=True, qk_norm=True,
+                              qkv_bias="attention_bias", o_bias="attention_bias"),
+                values={"activation": ("hidden_activation", "gelu_pytorch_tanh"),
+                        "query_pre_attn_scalar": ("query_pre_attn_scalar", 256),
+                        "attn_logit_softcapping": ("attn_logit_softcapping", None),
+                        "final_logit_softcapping": ("final_logit_softcapping", None)},
                 config_defaults={"head_dim": 256, "tie_word_embeddings": True,
                                  "sliding_window": 4096}))
 register(Family("smollm3", "SmolLM3ForCausalLM", windows=NOPE_SLIDING, nope_layers=True,

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -111,9 +112,11 @@ def _hf_leaf(leaf: str) -> str:
     return "weight" if leaf in ("kernel", "scale") else leaf
 
 
-def _tensor_plan(cfg: ModelConfig) -> list[_Unit]:
-    """Every parameter's HF tensors, grouped into units, in parameter order."""
-    names = families.family(cfg.model_type).tensors
+def _tensor_plan(cfg: ModelConfig, names: families.TensorNames | None = None
+                 ) -> list[_Unit]:
+    """Every parameter's HF tensors, grouped into units, in parameter order; `names`: the
+    checkpoint's layout when it is not the family's own (a multimodal wrapper's)."""
+    names = names or families.family(cfg.model_type).tensors
     tensors: dict[str, dict[int, _Piece]] = {}  # HF name -> {position among parts: piece}
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -221,17 +224,30 @@ def _open(file: str) -> Iterator[Any]:
         yield handle
 
 
+def _layout(cfg: ModelConfig, files: dict[str, str]) -> families.TensorNames:
+    """The family's tensor names, or a multimodal wrapper's when the checkpoint holds its
+    text decoder under a language-model prefix."""
+    own = families.family(cfg.model_type).tensors
+    for layout in families.MULTIMODAL_LAYOUTS:
+        if f"{layout.top('embed_tokens')}.weight" in files:
+            logging.warning("loading only the text decoder of a multimodal checkpoint: its "
+                            "vision tower is not loaded, trained or exported")
+            return dataclasses.replace(layout, fused=own.fused)
+    return own
+
+
 def _check_tensors(plan: list[_Unit], files: dict[str, str], handles: dict[str, Any],
-                   cfg: ModelConfig, folder: str) -> None:
+                   cfg: ModelConfig, folder: str, names: families.TensorNames) -> None:
     """Raises one error listing every missing, unexpected or wrongly shaped tensor."""
     expected = {t.name: t.hf_shape for unit in plan for t in unit.tensors}
     # A tied checkpoint may still carry the LM head (a copy of the embeddings).
-    redundant = {f"{families.family(cfg.model_type).tensors.top('lm_head')}.weight"
-                 } if cfg.tie_word_embeddings else set()
+    redundant = {f"{names.top('lm_head')}.weight"} if cfg.tie_word_embeddings else set()
+    ignored = families.VISION_PREFIXES if names is not families.family(
+        cfg.model_type).tensors else ()
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(
         name for name in set(files) - set(expected) - redundant
-        if not name.endswith(_IGNORED_SUFFIXES))
+        if not name.endswith(_IGNORED_SUFFIXES) and not (ignored and name.startswith(ignored)))
     wrong_shape = []
     for name in sorted(set(expected) & set(files)):
         handle = handles[files[name]]
@@ -297,12 +313,13 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     if cfg is None:
         cfg = ModelConfig.from_hf_dir(folder, param_dtype=jnp.dtype(dtype).name,
                                       **config_overrides)
-    plan = _tensor_plan(cfg)
     files = _weight_files(folder)
+    names = _layout(cfg, files)
+    plan = _tensor_plan(cfg, names)
     np_dtype = np.dtype(jnp.dtype(dtype))
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(_open(f)) for f in sorted(set(files.values()))}
-        _check_tensors(plan, files, handles, cfg, folder)
+        _check_tensors(plan, files, handles, cfg, folder, names)
     leaves = {}
     for unit in plan:
         for our_path, host in _read_unit(unit, files, np_dtype).items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -122,10 +122,19 @@ def _norm_all_heads(cfg: ModelConfig, name: str, x_BxTxNxH: jax.Array) -> jax.Ar
     return normed.reshape(b, t, n, h)
 
 
-def _rotate(cfg: ModelConfig, layer: jax.Array | int, rope_tables: tuple[jax.Array, jax.Array],
-            q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _rotate(cfg: ModelConfig, layer: jax.Array | int, window: jax.Array | int,
+            rope_tables: Any, q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array
+            ) -> tuple[jax.Array, jax.Array]:
     """RoPE on queries and keys, in the layers `cfg.rope_layers` gives it to (all, unless
-    the family has layers without position encoding: SmolLM3)."""
+    the family has layers without position encoding: SmolLM3). With Gemma 3's two tables
+    (global, local), sliding-window layers take the local one."""
+    if cfg.local_rope_theta is not None:
+        (global_cos, global_sin), (local_cos, local_sin) = rope_tables
+        if isinstance(window, int):
+            rope_tables = (local_cos, local_sin) if window else (global_cos, global_sin)
+        else:
+            rope_tables = (jnp.where(window > 0, local_cos, global_cos),
+                           jnp.where(window > 0, local_sin, global_sin))
     rotated = rope.rotate(q_BxTxNxH, rope_tables), rope.rotate(k_BxTxKxH, rope_tables)
     if all(cfg.rope_layers):
         return rotated
@@ -163,7 +172,8 @@ class Attention(nn.Module):
         elif cfg.qk_norm:
             q_BxTxNxH = RMSNorm(cfg, "head_dim", name="q_norm")(q_BxTxNxH)
             k_BxTxKxH = RMSNorm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
-        q_BxTxNxH, k_BxTxKxH = _rotate(cfg, layer, rope_tables, q_BxTxNxH, k_BxTxKxH)
+        q_BxTxNxH, k_BxTxKxH = _rotate(cfg, layer, window, rope_tables, q_BxTxNxH,
+                                       k_BxTxKxH)
         layer_window = window if cfg.has_sliding_window else None
         scale = (cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar is not None
                  else None)

@@ -8,18 +8,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coach_jax.models.config import ModelConfig
+from coach_jax.models.config import LinearRopeScaling, ModelConfig
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+def inverse_frequencies(cfg: ModelConfig, theta: float | None = None,
+                        scaled: bool = True) -> np.ndarray:
     """float32 [rotary_dim // 2], computed as transformers does so angles match bit for
-    bit (rotary_dim = head_dim unless the family rotates only part of each head)."""
+    bit (rotary_dim = head_dim unless the family rotates only part of each head). `theta`
+    and `scaled=False` give Gemma 3's local layers their own base without scaling."""
     dim = cfg.rotary_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
-    scaling = cfg.rope_scaling
+    base = np.float32(cfg.rope_theta if theta is None else theta)
+    inv_freq = (1.0 / (base ** exponents)).astype(np.float32)
+    scaling = cfg.rope_scaling if scaled else None
     if scaling is None:
         return inv_freq
+    if isinstance(scaling, LinearRopeScaling):
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
     old_context = scaling.original_max_position_embeddings
     low_freq_wavelen = old_context / scaling.low_freq_factor
     high_freq_wavelen = old_context / scaling.high_freq_factor

@@ -124,7 +124,7 @@ LATER_MODEL_FIELDS = {
     "qk_norm_all_heads": False, "post_norms": False, "norm_unit_offset": False,
     "sandwich_norms": False, "scale_embeddings": False, "activation": "silu",
     "query_pre_attn_scalar": None, "attn_logit_softcapping": None,
-    "final_logit_softcapping": None}
+    "final_logit_softcapping": None, "local_rope_theta": None}
 
 
 def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
