@@ -41,6 +41,29 @@ def _several_sizes(layer_windows: tuple[int, ...]) -> list[str]:
     return [f"layer_windows={layer_windows}"] if len(_sizes(layer_windows)) > 1 else []
 
 
+def _windows_of(layer_types: list[str], window: Any, num_layers: int) -> tuple[int, ...]:
+    """Per-layer windows from transformers' `layer_types` (extra entries ignored)."""
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown or len(layer_types) < num_layers:
+        raise UnsupportedModelError(f"layer_types {layer_types!r} are not supported")
+    layer_types = layer_types[:num_layers]
+    if "sliding_attention" in layer_types and not window:
+        raise UnsupportedModelError("layer_types slide but sliding_window is not set")
+    return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
+
+
+def _export_layer_types(hf: dict[str, Any], layer_windows: tuple[int, ...],
+                        use_sliding_window: bool) -> None:
+    """Writes `sliding_window` and `layer_types` (and `use_sliding_window` where the
+    family's config.json has the switch)."""
+    sizes = _sizes(layer_windows)
+    hf.update(sliding_window=sizes[0] if sizes else None,
+              layer_types=["sliding_attention" if w else "full_attention"
+                           for w in layer_windows])
+    if use_sliding_window:
+        hf["use_sliding_window"] = bool(sizes)
+
+
 class Windows(Protocol):
     """How a family's config.json says which layers attend through a sliding window."""
 
@@ -96,19 +119,13 @@ class LayerTypes:
         layer_types = hf.get("layer_types") or [
             "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else
             "full_attention" for i in range(num_layers)]
-        unknown = set(layer_types) - {"sliding_attention", "full_attention"}
-        if unknown or len(layer_types) != num_layers:
-            raise UnsupportedModelError(f"layer_types {layer_types!r} are not supported")
-        return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
+        return _windows_of(layer_types, window, num_layers)
 
     def problems(self, layer_windows: tuple[int, ...]) -> list[str]:
         return _several_sizes(layer_windows)
 
     def export(self, hf: dict[str, Any], layer_windows: tuple[int, ...]) -> None:
-        sizes = _sizes(layer_windows)
-        hf.update(use_sliding_window=bool(sizes), sliding_window=sizes[0] if sizes else None,
-                  layer_types=["sliding_attention" if w else "full_attention"
-                               for w in layer_windows])
+        _export_layer_types(hf, layer_windows, use_sliding_window=True)
         hf.pop("max_window_layers", None)
 
 
@@ -136,22 +153,13 @@ class NoPeSliding:
             rope = no_rope_flags(hf, num_layers)
             layer_types = ["sliding_attention" if hf.get("use_sliding_window") and window
                            and not rope[i] else "full_attention" for i in range(num_layers)]
-        unknown = set(layer_types) - {"sliding_attention", "full_attention"}
-        if unknown or len(layer_types) < num_layers:
-            raise UnsupportedModelError(f"layer_types {layer_types!r} are not supported")
-        if "sliding_attention" in layer_types[:num_layers] and not window:
-            raise UnsupportedModelError("layer_types slide but sliding_window is not set")
-        return tuple(int(window) if t == "sliding_attention" else 0
-                     for t in layer_types[:num_layers])
+        return _windows_of(layer_types, window, num_layers)
 
     def problems(self, layer_windows: tuple[int, ...]) -> list[str]:
         return _several_sizes(layer_windows)
 
     def export(self, hf: dict[str, Any], layer_windows: tuple[int, ...]) -> None:
-        sizes = _sizes(layer_windows)
-        hf.update(use_sliding_window=bool(sizes), sliding_window=sizes[0] if sizes else None,
-                  layer_types=["sliding_attention" if w else "full_attention"
-                               for w in layer_windows])
+        _export_layer_types(hf, layer_windows, use_sliding_window=True)
 
 
 class AlternatingLayers:
@@ -168,21 +176,13 @@ class AlternatingLayers:
         layer_types = hf.get("layer_types") or [
             "sliding_attention" if (i + 1) % period else "full_attention"
             for i in range(num_layers)]
-        unknown = set(layer_types) - {"sliding_attention", "full_attention"}
-        if unknown or len(layer_types) != num_layers:
-            raise UnsupportedModelError(f"layer_types {layer_types!r} are not supported")
-        if "sliding_attention" in layer_types and not window:
-            raise UnsupportedModelError("layer_types slide but sliding_window is not set")
-        return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
+        return _windows_of(layer_types, window, num_layers)
 
     def problems(self, layer_windows: tuple[int, ...]) -> list[str]:
         return _several_sizes(layer_windows)
 
     def export(self, hf: dict[str, Any], layer_windows: tuple[int, ...]) -> None:
-        sizes = _sizes(layer_windows)
-        hf.update(sliding_window=sizes[0] if sizes else None,
-                  layer_types=["sliding_attention" if w else "full_attention"
-                               for w in layer_windows])
+        _export_layer_types(hf, layer_windows, use_sliding_window=False)
 
 
 FULL_ATTENTION = FullAttention()
