@@ -14,7 +14,8 @@ SECTIONS = tuple(base_config().keys())
 KEY = re.compile(r"(?<![\w./-])(?:--config\.)?((?:%s)(?:\.[a-z_][a-z0-9_]*)+)(?![\w/(-])"
                  % "|".join(SECTIONS))
 # Hugging Face tensor names ("model.layers.0.mlp...") share the "model." prefix.
-HF_TENSORS = ("model.layers", "model.norm", "model.embed_tokens", "model.language_model")
+HF_TENSORS = ("model.layers", "model.norm", "model.embed_tokens", "model.language_model",
+              "model.vision_tower", "model.multi_modal_projector")
 FILE_SUFFIXES = ("json", "jsonl", "py", "md", "png", "txt", "parquet", "safetensors", "bin",
                  "jinja", "csv", "yaml", "log")
 
