@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import ml_collections
 from ml_collections import config_dict
@@ -359,6 +360,9 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
     _choice(c.train.loss_normalization, NORMALIZATIONS, "train.loss_normalization")
     _choice(c.schedule.name, SCHEDULES, "schedule.name")
     _choice(c.train.on_divergence, ("stop", "warn", "off"), "train.on_divergence")
+    if c.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb_project is set but wandb is not installed: "
+                          "pip install 'coach_jax[wandb]'")
     if not c.data.train:
         raise ConfigError("data.train is empty: name the training data")
     train_sources = parse_sources(c.data.train, "data.train", c.data.format)
@@ -520,19 +524,21 @@ def mesh_dims(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int
     return tuple(dims)
 
 
-def optional_keys() -> tuple[str, ...]:
-    """Keys whose default is None: the ones `--config.<key>=None` may set back to None."""
-    flat = base_config().to_dict()
-    found = []
-
-    def walk(prefix: str, tree: dict[str, Any]) -> None:
+def flat_config(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as flat JSON values ("data.max_seq_len": 256): checkpoint metadata, and
+    the keys' defaults."""
+    def walk(prefix: str, tree: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         for key, value in tree.items():
             if isinstance(value, dict):
-                walk(f"{prefix}{key}.", value)
-            elif value is None:
-                found.append(f"{prefix}{key}")
-    walk("", flat)
-    return tuple(found)
+                yield from walk(f"{prefix}{key}.", value)
+            else:
+                yield f"{prefix}{key}", value
+    return dict(walk("", json.loads(c.to_json_best_effort())))
+
+
+def optional_keys() -> tuple[str, ...]:
+    """Keys whose default is None: the ones `--config.<key>=None` may set back to None."""
+    return tuple(k for k, v in flat_config(base_config()).items() if v is None)
 
 
 def load_saved(path: str) -> ml_collections.ConfigDict:

@@ -82,12 +82,14 @@ def test_cudnn_equals_xla_on_gpu():
                                np.asarray(xla, np.float32)[mask], atol=2e-2)
 
 
-def test_soft_capping_never_silently_drops_to_cudnn():
+def test_soft_capping_never_silently_drops_to_cudnn(monkeypatch):
     """cuDNN's fused kernel has no logit soft-cap: asked for by name it is an error; `auto`
-    picks a kernel that has one (XLA here, and never cuDNN on a GPU)."""
+    on a GPU picks it only without a cap."""
     with pytest.raises(ValueError, match="model.attention='cudnn' cannot soft-cap"):
         attention.choose("cudnn", "bfloat16", softcap=50.0)
-    assert attention.choose("auto", "bfloat16", softcap=50.0) != "cudnn"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention.choose("auto", "bfloat16") == "cudnn"
+    assert attention.choose("auto", "bfloat16", softcap=50.0) == "xla"
 
 
 def test_capped_attention_equals_a_hand_computation():

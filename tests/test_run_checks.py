@@ -88,3 +88,16 @@ def test_did_you_mean_has_plain_quotes():
     result = _parsed("--config.optimizer.nme=lion")
     assert result.returncode == 2
     assert "\\'" not in result.stderr and "'nme'" in result.stderr
+
+
+def test_a_wandb_project_without_wandb_installed_is_refused_before_anything_loads(
+        tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    config = tiny_config(tmp_path)
+    config.logging.wandb_project = "coach"
+    with pytest.raises(ConfigError, match=r"logging.wandb_project is set but wandb is not "
+                                          r"installed: pip install 'coach_jax\[wandb\]'"):
+        resolve(config, 1)

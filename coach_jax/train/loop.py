@@ -15,7 +15,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from coach_jax import data, memory, parallel, train
 from coach_jax.checkpoint import Checkpointer, abstract, config_changes
-from coach_jax.config import Settings, resolve
+from coach_jax.config import Settings, flat_config, resolve
 from coach_jax.data.cache import tokenizer_fingerprint
 from coach_jax.data.pipeline import Pipeline, PipelineConfig, SourceConfig
 from coach_jax.errors import RunAborted
@@ -310,17 +310,6 @@ def schedule_change(saved: dict[str, Any] | None, now: dict[str, Any], step: int
     return (f"the learning-rate schedule changed since the checkpoint ("
             f"{'; '.join(fields) or 'run length'}): the learning rate at step {step} moves "
             f"from {old:.3e} to {new:.3e}")
-
-
-def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config as flat JSON values ("data.max_seq_len": 256), for checkpoint metadata."""
-    def walk(prefix: str, tree: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                yield from walk(f"{prefix}{key}.", value)
-            else:
-                yield f"{prefix}{key}", value
-    return dict(walk("", json.loads(config.to_json_best_effort())))
 
 
 def count_examples(segment_ids: np.ndarray) -> int:

@@ -13,10 +13,9 @@ from typing import Any, Iterator
 import jax
 from jax.experimental import multihost_utils
 
-from coach_jax.config import ConfigError
 from coach_jax.errors import RunAborted
 from coach_jax.train.reporting import MetricsWriter
-from coach_jax.train.wandb_run import WandbMissingError, WandbRun
+from coach_jax.train.wandb_run import WandbRun
 
 
 
@@ -82,13 +81,10 @@ def run_resources(trainer: Any, resume_step: int
         writer = MetricsWriter(trainer.workdir, trainer.source_names, enabled=trainer.is_main,
                                resume_step=resume_step)
         stack.callback(writer.close)
-        wandb = None
+        wandb = None  # config.resolve checked that wandb is installed when asked for
         if trainer.is_main:
-            try:
-                wandb = WandbRun.start(trainer.settings.logging, trainer.workdir,
-                                       trainer.config_values, resume_step)
-            except WandbMissingError as e:
-                raise ConfigError(f"logging.wandb_project is set but {e}") from None
+            wandb = WandbRun.start(trainer.settings.logging, trainer.workdir,
+                                   trainer.config_values, resume_step)
         if wandb is not None:
             stack.enter_context(wandb)
         yield (RunOutputs(writer, wandb),
