@@ -49,7 +49,7 @@ def run(mode: str, config, workdir: str) -> int:
         from coach_jax.train.loop import train_and_evaluate
         from coach_jax.train.reporting import summary_line
         record = train_and_evaluate(config, workdir)
-        print(summary_line(record, record.get("report"), record.get("export")), flush=True)
+        print(summary_line(record), flush=True)
         return 0
     return getattr(modes, mode)(
         config, workdir, inspect_examples=_INSPECT.value, step=_STEP.value, model=_MODEL.value,

@@ -131,7 +131,7 @@ FINAL = {"step": 30, "loss": 3.5204, "learning_rate": 2e-6, "eval_loss": 3.5842,
 
 
 def test_summary_line_reads_like_a_sentence():
-    line = summary_line(FINAL, "/r/report.md", "/r/export")
+    line = summary_line({**FINAL, "report": "/r/report.md", "export": "/r/export"})
     assert line == ("done: 30 steps | train loss 3.5204 | eval loss 3.5842 | "
                     "eval: exact_match 0%, schema_valid 50% | chat: schema_valid 100% | "
                     "forgetting +0.0197 nats (KL 0.0586) | report /r/report.md | "

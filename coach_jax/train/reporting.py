@@ -113,10 +113,10 @@ def _behaviour_shares(record: dict[str, Any]) -> list[str]:
     return [f"{source}: " + ", ".join(shares) for source, shares in by_source.items()]
 
 
-def summary_line(record: dict[str, Any], report_path: str | None = None,
-                 export_path: str | None = None) -> str:
+def summary_line(record: dict[str, Any]) -> str:
     """The last line a run prints, for a person: how it ended and what it reached, and
-    where to look next (the full record stays in metrics.jsonl)."""
+    where to look next (`report` and `export`, which train_and_evaluate adds to its
+    record; the full record stays in metrics.jsonl)."""
     if "preempted_at" in record:
         parts = [f"preempted at step {record['preempted_at']} (run the same command again "
                  "to continue)"]
@@ -133,10 +133,9 @@ def summary_line(record: dict[str, Any], report_path: str | None = None,
         kl = record.get("forgetting/kl")
         parts.append(f"forgetting {record['forgetting/reference_loss_delta']:+.4f} nats"
                      + (f" (KL {kl:.4f})" if kl is not None else ""))
-    if report_path:
-        parts.append(f"report {report_path}")
-    if export_path:
-        parts.append(f"export {export_path}")
+    for key in ("report", "export"):
+        if record.get(key):
+            parts.append(f"{key} {record[key]}")
     return " | ".join(parts)
 
 
