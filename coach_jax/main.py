@@ -92,23 +92,12 @@ def run_config(mode: str, workdir: str | None):
     saved = os.path.join(workdir or "", "config.json")
     if mode in ("eval", "export") and os.path.isfile(saved):
         config = load_saved(saved)
-        with config.unlocked():
-            for key, value in overrides.items():
-                _set(config, key, value)
+        config.update_from_flattened_dict(overrides)
         logging.info("--mode=%s: the config of %s, with %d overrides", mode, saved,
                      len(overrides))
     elif config is not None:
-        for key in _NONE_OVERRIDES:
-            _set(config, key, None)
+        config.update_from_flattened_dict({key: None for key in _NONE_OVERRIDES})
     return config
-
-
-def _set(config, key: str, value) -> None:
-    *parents, leaf = key.split(".")
-    node = config
-    for parent in parents:
-        node = node[parent]
-    setattr(node, leaf, value)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
