@@ -98,6 +98,22 @@ def _generate(params: Params, tokens_BxP: jax.Array, lengths_B: jax.Array,
                                       cache)
         return models.logits_from_hidden(cfg, params, hidden[:, -1:])[:, 0], cache
 
+    def recompute(step, out_BxN):
+        """Logits of the newest token from every row run again from its first token, into
+        a new cache: a row that just grew past LongRoPE's switch needs its earlier keys
+        rotated the long way (transformers' Phi-3 generate also starts over there).
+        Generated slots not yet written are padding until the loop reaches them."""
+        slot_N = jnp.arange(steps, dtype=jnp.int32)
+        tokens = jnp.concatenate([tokens_BxP, out_BxN], axis=1)
+        positions = jnp.concatenate([positions_BxP, lengths_B[:, None] + slot_N], axis=1)
+        written = jnp.broadcast_to(slot_N < step, (batch, steps)).astype(jnp.int32)
+        segments = jnp.concatenate([segment_ids_BxP, written], axis=1)
+        hidden, cache = models.decode(cfg, params, tokens, positions, segments,
+                                      models.init_cache(cfg, batch, prompt_len + steps))
+        newest = jax.lax.dynamic_slice_in_dim(hidden, prompt_len + step - 1, 1, axis=1)
+        return (models.logits_from_hidden(cfg, params, newest)[:, 0],
+                cache.replace(index=prompt_len + step))
+
     cache = models.init_cache(cfg, batch, prompt_len + steps)
     logits_BxV, cache = forward(tokens_BxP, positions_BxP, segment_ids_BxP, cache)
     first = next_tokens(logits_BxV, jax.random.fold_in(rng, 0), config)
@@ -111,8 +127,14 @@ def _generate(params: Params, tokens_BxP: jax.Array, lengths_B: jax.Array,
     def one_step(carry):
         step, previous_B, cache, out_BxN, done_B = carry
         positions = (lengths_B + step - 1)[:, None]
-        logits_BxV, cache = forward(previous_B[:, None], positions,
-                                    jnp.ones_like(positions), cache)
+        one_token = lambda: forward(previous_B[:, None], positions, jnp.ones_like(positions),
+                                    cache)
+        if cfg.rope_switch_length is None:
+            logits_BxV, cache = one_token()
+        else:
+            crossing = jnp.any(positions == cfg.rope_switch_length)
+            logits_BxV, cache = jax.lax.cond(crossing, lambda: recompute(step, out_BxN),
+                                             one_token)
         token_B = next_tokens(logits_BxV, jax.random.fold_in(rng, step), config)
         token_B = jnp.where(done_B, previous_B, token_B)  # a finished row repeats its stop
         out_BxN = jax.lax.dynamic_update_slice(out_BxN, token_B[:, None], (0, step))

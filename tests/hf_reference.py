@@ -63,6 +63,15 @@ FAMILIES = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0,
                                             "rope_theta": 1000000.0}}),
+    # Phi-4-mini's shape of Phi-3: LongRoPE, 3/4 of each head rotated, tied embeddings. The
+    # switch to the long factors comes after 32 tokens (max_position_embeddings / 32 = 8
+    # gives the attention factor sqrt(1 + ln 8 / ln 32)).
+    "phi4_mini": lambda: transformers.Phi3Config(
+        **_COMMON, partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, original_max_position_embeddings=32,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0, 1.2, 1.5, 1.9, 2.4, 3.0],
+                         "long_factor": [1.5, 3.0, 6.0, 12.0, 24.0, 48.0]}),
     # Norms after attention and MLP, q/k norms over all heads, biases, untied embeddings.
     "olmo2": lambda: transformers.Olmo2Config(
         **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,

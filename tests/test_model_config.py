@@ -132,3 +132,63 @@ def test_gemma3_rope_per_layer_type_is_read_as_transformers_reads_it(rope):
     assert cfg.layer_windows == tuple(reference.sliding_window if t == "sliding_attention"
                                       else 0 for t in reference.layer_types)
     assert cfg.attn_logit_softcapping is None and cfg.final_logit_softcapping is None
+
+
+PHI3 = {"model_type": "phi3", "vocab_size": 160, "hidden_size": 64, "intermediate_size": 112,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 1024, "partial_rotary_factor": 0.75}
+SHORT, LONG = [1.0, 1.1, 1.3, 1.7, 2.2, 2.9], [1.4, 2.5, 5.0, 9.0, 17.0, 33.0]
+
+
+@pytest.mark.parametrize("rope", [
+    # transformers 5 keys; the top-level original length wins over the nested one.
+    {"original_max_position_embeddings": 64,
+     "rope_parameters": {"rope_type": "longrope", "rope_theta": 20000.0, "short_factor": SHORT,
+                         "long_factor": LONG, "original_max_position_embeddings": 128}},
+    # Phi-3-mini-128k's older config.json: `su`, and no top-level length (4096 assumed).
+    {"rope_theta": 20000.0, "rope_scaling": {"type": "su", "short_factor": SHORT,
+                                             "long_factor": LONG}},
+    {"original_max_position_embeddings": 64,  # Phi-3.5's `yarn` alias, explicit factors
+     "rope_scaling": {"type": "yarn", "short_factor": SHORT, "long_factor": LONG,
+                      "factor": 3.0, "attention_factor": 1.3}},
+])
+def test_phi3_longrope_is_computed_as_transformers_computes_it(rope):
+    """Short and long frequencies (to a float32 rounding: torch's pow is not numpy's) and
+    the attention factor, from what
+    transformers' own LongRoPE initialiser makes of the same config.json; the exported
+    config.json means the same to both."""
+    import numpy as np
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from coach_jax.models import rope as coach_rope
+    hf = {**PHI3, **rope}
+    cfg = models.ModelConfig.from_hf_dict(hf)
+    assert cfg.rope_type == "longrope"
+    # transformers 5 renames su/yarn only after it checks the keys longrope needs (and
+    # fails): its reference is the same config.json with the type renamed up front.
+    renamed = {**hf, **{k: {**v, "type": "longrope"} for k, v in hf.items() if k == "rope_scaling"}}
+    for config in (transformers.Phi3Config(**renamed),
+                   transformers.AutoConfig.for_model(**cfg.to_hf_dict())):
+        original = config.rope_parameters["original_max_position_embeddings"]
+        assert cfg.rope_switch_length == original
+        short, attention = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
+        long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=original + 1)
+        np.testing.assert_allclose(coach_rope.inverse_frequencies(cfg), short.numpy(),
+                                   rtol=3e-7)
+        np.testing.assert_allclose(coach_rope.inverse_frequencies(cfg, long=True),
+                                   long.numpy(), rtol=3e-7)
+        assert cfg.rope_scaling.attention_factor == pytest.approx(attention, rel=1e-12)
+    assert models.ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "llama", "partial_rotary_factor": 1.0},
+     r"'longrope' is not supported for llama; supported: default, llama3"),
+    ({"rope_scaling": {"type": "longrope", "short_factor": SHORT[:4], "long_factor": LONG}},
+     r"longrope short_factor must be 6 positive numbers"),
+    ({"rope_scaling": {"type": "longrope", "short_factor": SHORT}}, r"lacks 'long_factor'"),
+])
+def test_bad_longrope_configs_name_the_problem(change, message):
+    hf = {**PHI3, "rope_scaling": {"type": "longrope", "short_factor": SHORT[:2] * 3,
+                                   "long_factor": LONG}, **change}
+    with pytest.raises(models.UnsupportedModelError, match=message):
+        models.ModelConfig.from_hf_dict(hf)

@@ -42,7 +42,7 @@ def test_logits_match_hf(checkpoints, family, scan_layers):
 
 # Each feature switched off in coach_jax must break parity by far more than the tolerance:
 # this proves the tests above exercise the feature. "family/feature" keys give a family
-# more than one control.
+# more than one control; a function of the loaded config gives changes that depend on it.
 NEGATIVE_CONTROLS = {
     "llama3": dict(rope_scaling=None),
     "mistral": dict(layer_windows=(0, 0)),
@@ -65,6 +65,12 @@ NEGATIVE_CONTROLS = {
     "gemma3_text/local_rope": dict(local_rope_theta=None),
     "gemma3_text/linear_rope": dict(rope_scaling=None),
     "gemma3_text/window": dict(layer_windows=(0, 0)),
+    # LongRoPE (48 tokens, past the switch at 32): the long factors ignored, the
+    # attention factor ignored.
+    "phi4_mini/longrope_switch": lambda cfg: dict(rope_scaling=dataclasses.replace(
+        cfg.rope_scaling, long_factor=cfg.rope_scaling.short_factor)),
+    "phi4_mini/attention_factor": lambda cfg: dict(rope_scaling=dataclasses.replace(
+        cfg.rope_scaling, attention_factor=1.0)),
     "olmo2/post_norms": dict(post_norms=False),
     "olmo2/qk_norm_all_heads": dict(qk_norm_all_heads=False),
 }
@@ -97,14 +103,16 @@ def test_feature_switched_off_breaks_parity(checkpoints, control):
     family = control.split("/")[0]
     hf_model, folder = checkpoints[family]
     cfg, params = models.load_hf(folder)
-    assert all(getattr(cfg, k) != v for k, v in NEGATIVE_CONTROLS[control].items()), \
+    changes = NEGATIVE_CONTROLS[control]
+    changes = changes(cfg) if callable(changes) else changes
+    assert all(getattr(cfg, k) != v for k, v in changes.items()), \
         "the HF config did not turn the feature on"
-    crippled = dataclasses.replace(cfg, **NEGATIVE_CONTROLS[control])
+    crippled = dataclasses.replace(cfg, **changes)
     params = CONTROL_PARAMS.get(control, lambda p: p)(params)
     tokens = _tokens()
     diff = np.abs(np.asarray(models.apply(crippled, params, tokens))
                   - hf_reference.logits(hf_model, tokens)).max()
-    print(f"{control} without {NEGATIVE_CONTROLS[control]}: max diff {diff:.2e}")
+    print(f"{control}: max diff {diff:.2e}")
     assert diff > 100 * TOLERANCE
 
 
@@ -133,6 +141,29 @@ def test_packed_row_matches_each_example_alone(checkpoints, family):
     for start, end in spans:
         alone = hf_reference.logits(hf_model, tokens[:, start:end])
         assert np.abs(packed[:, start:end] - alone).max() <= TOLERANCE
+
+
+def test_longrope_switches_per_example_in_a_packed_row(checkpoints):
+    """coach_jax's LongRoPE rule: an example longer than original_max_position_embeddings
+    (32 here) rotates with the long factors, a shorter one packed beside it with the short
+    ones; each gets what transformers computes for it alone."""
+    hf_model, folder = checkpoints["phi4_mini"]
+    cfg, params = models.load_hf(folder)
+    assert cfg.rope_switch_length == 32
+    tokens, positions, segments, spans = _packed_row([40, 14, 32, 33], [2, 0, 1, 0],
+                                                     np.random.RandomState(8), pad_token=5)
+    packed = np.asarray(models.apply(cfg, params, tokens, positions, segments))
+    for start, end in spans:
+        alone = hf_reference.logits(hf_model, tokens[:, start:end])
+        assert np.abs(packed[:, start:end] - alone).max() <= TOLERANCE, (start, end)
+
+
+def test_example_lengths_follow_segments_and_restarting_positions():
+    from coach_jax.models import rope
+    segments = np.asarray([[1, 1, 1, 2, 2, 0, 0, 3], [4, 4, 4, 4, 4, 4, 0, 0]], np.int32)
+    positions = np.asarray([[0, 1, 2, 0, 1, 0, 0, 0], [0, 1, 2, 0, 1, 2, 5, 6]], np.int32)
+    np.testing.assert_array_equal(rope.example_lengths(positions, segments),
+                                  [[3, 3, 3, 2, 2, 1, 1, 1], [3, 3, 3, 3, 3, 3, 7, 7]])
 
 
 @pytest.mark.parametrize("family", ["llama3", "mistral"])

@@ -57,6 +57,7 @@ def _hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], fl
     ("llama3", {}), ("qwen2", {}), ("smollm3_window", {}), ("olmo2", {}), ("phi3", {}),
     ("gemma2", {"final_logit_softcapping": 30.0}),  # the parity fixture's cap 4 makes ties
     ("gemma3_text", {}),
+    ("phi4_mini", {}),  # LongRoPE: three prompts grow past its switch at 32, one starts past
 ])
 def test_greedy_equals_transformers_generate(family, changes, tmp_path):
     model, cfg, params = _separated(family, tmp_path, **changes)
@@ -93,13 +94,15 @@ def test_stop_token_ends_each_row_where_transformers_stops(tmp_path):
 
 def _recompute_greedy(cfg, params, prompt, new_tokens):
     """The reference without a cache: the whole sequence through the model at every step
-    (right-padded to one width, so it compiles once)."""
+    (right-padded to one width, so it compiles once; the padding is segment 0)."""
     sequence = list(prompt)
     width = len(prompt) + new_tokens
+    positions = np.arange(width, dtype=np.int32)[None]
     for _ in range(new_tokens):
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :len(sequence)] = sequence
-        logits = models.apply(cfg, params, tokens)
+        segments = (positions < len(sequence)).astype(np.int32)
+        logits = models.apply(cfg, params, tokens, positions, segments)
         sequence.append(int(np.argmax(np.asarray(logits)[0, len(sequence) - 1])))
     return sequence[len(prompt):]
 
@@ -117,6 +120,29 @@ def test_kv_cache_decoding_equals_full_recompute(scan_layers):
                                     config=sampling.SamplingConfig(max_new_tokens=20))
     for prompt, completion in zip(prompts, ours):
         assert completion.token_ids == _recompute_greedy(cfg, params, prompt, 20)
+
+
+def test_longrope_generation_recomputes_the_cache_at_the_switch(monkeypatch):
+    """Rows cross LongRoPE's switch (16 tokens) at different steps; each decodes as the
+    whole sequence through the model would. Keeping the cached short-factor keys instead
+    (no recompute at the switch) gives other tokens."""
+    cfg = ModelConfig.from_hf_dict(dict(
+        model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, original_max_position_embeddings=16,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 8,
+                      "long_factor": [2.0 ** i for i in range(8)]}))
+    params = jax.tree.map(lambda x: 4 * x, models.init(cfg, 1))
+    prompts = [p[:n] for p, n in zip(_prompts(96, seed=5), (3, 9, 17, 33))]
+    expected = [_recompute_greedy(cfg, params, prompt, 20) for prompt in prompts]
+    config = sampling.SamplingConfig(max_new_tokens=20)
+    ours = sampling.generate_tokens(cfg, params, prompts, config=config)
+    assert [c.token_ids for c in ours] == expected
+    monkeypatch.setattr(ModelConfig, "rope_switch_length", property(lambda self: None))
+    sampling._generate.clear_cache()
+    stale = sampling.generate_tokens(cfg, params, prompts, config=config)
+    crossing = [c.token_ids == e for c, e in zip(stale, expected)][:2]
+    assert crossing == [False, False]
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -17,7 +18,7 @@ from coach_jax.models import families, projection
 from coach_jax.models.families import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = families.FAMILIES.keys()  # a live view: registered families count
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names
@@ -41,6 +42,25 @@ class LinearRopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LongRopeScaling:
+    """Phi-3's LongRoPE (`rope_type: longrope`): per-frequency divisors, `short_factor`
+    for examples up to `original_max_position_embeddings` tokens and `long_factor` beyond,
+    and cos/sin scaled by `attention_factor`. Which set applies is decided per example
+    (rope.example_lengths), so packed examples stay independent."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position_embeddings: int
+    factor: float  # max_position_embeddings / original unless config.json sets it
+    attention_factor: float  # sqrt(1 + ln(factor) / ln(original)) unless set
+
+
+RopeScaling = Llama3RopeScaling | LinearRopeScaling | LongRopeScaling
+ROPE_TYPE_NAMES = {Llama3RopeScaling: "llama3", LinearRopeScaling: "linear",
+                   LongRopeScaling: "longrope"}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture plus runtime switches (dtypes, scan) of one decoder.
 
@@ -58,7 +78,7 @@ class ModelConfig:
     head_dim: int
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
-    rope_scaling: Llama3RopeScaling | LinearRopeScaling | None = None
+    rope_scaling: RopeScaling | None = None
     # Gemma 3: sliding-window layers use default RoPE at this base instead (None: one RoPE).
     local_rope_theta: float | None = None
     # The share of each head's channels RoPE rotates (the first ones; Phi-3, Phi-4-mini).
@@ -146,7 +166,16 @@ class ModelConfig:
     def rope_type(self) -> str:
         if self.rope_scaling is None:
             return "default"
-        return "linear" if isinstance(self.rope_scaling, LinearRopeScaling) else "llama3"
+        return ROPE_TYPE_NAMES[type(self.rope_scaling)]
+
+    @property
+    def rope_switch_length(self) -> int | None:
+        """The length past which a sequence's RoPE changes for all its tokens (LongRoPE's
+        short -> long factors), so cached keys of a growing sequence must be recomputed
+        there; None when positions always rotate the same way."""
+        if isinstance(self.rope_scaling, LongRopeScaling):
+            return self.rope_scaling.original_max_position_embeddings
+        return None
 
     def projection_group(self, module: str) -> str | None:
         """The group ("qkv") of a projection ("self_attn/q_proj") that the checkpoint
@@ -171,7 +200,7 @@ class ModelConfig:
         local_rope_theta = None
         if family.rope_by_layer_type:
             hf, local_rope_theta = _split_rope_by_layer_type(hf)
-        rope_theta, rope_scaling, partial = _parse_rope(hf)
+        rope_theta, rope_scaling, partial = _parse_rope(hf, family)
         if partial != 1.0 and not family.partial_rotary:
             raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported "
                                         f"for {family.model_type}")
@@ -222,7 +251,10 @@ class ModelConfig:
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
             rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
-                    **dataclasses.asdict(self.rope_scaling)}
+                    **dataclasses.asdict(self.rope_scaling, dict_factory=_json_fields)}
+            # transformers reads a top-level value first (Phi-3 always has one: 4096).
+            if self.rope_type == "longrope" or "original_max_position_embeddings" in hf:
+                hf["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
         if self.partial_rotary_factor != 1.0:
             rope["partial_rotary_factor"] = self.partial_rotary_factor
             hf["partial_rotary_factor"] = self.partial_rotary_factor
@@ -256,6 +288,11 @@ class ModelConfig:
         return hf
 
 
+def _json_fields(fields: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A dataclass as config.json writes it: tuples as lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields}
+
+
 def _split_rope_by_layer_type(hf: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """Gemma 3's RoPE per layer type: the full-attention layers' settings as a flat
     config (what `_parse_rope` reads) and the sliding layers' base. transformers 5 nests
@@ -277,17 +314,19 @@ def _split_rope_by_layer_type(hf: dict[str, Any]) -> tuple[dict[str, Any], float
     return {**flat, "rope_parameters": full}, float(local["rope_theta"])
 
 
-def _parse_rope(hf: dict[str, Any]
-                ) -> tuple[float, Llama3RopeScaling | LinearRopeScaling | None, float]:
+def _parse_rope(hf: dict[str, Any], family: families.Family
+                ) -> tuple[float, RopeScaling | None, float]:
     """Reads RoPE settings from transformers 5 (`rope_parameters`) or legacy keys: theta,
-    llama3 scaling, and the partial rotary factor."""
+    scaling (of a type the family's config class computes; its legacy aliases, Phi-3's
+    `su` and `yarn`, renamed as transformers does), and the partial rotary factor."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    rope_type = family.rope_aliases.get(rope_type, rope_type)
+    if rope_type not in SUPPORTED_ROPE_TYPES or rope_type not in family.rope_types:
         raise UnsupportedModelError(
-            f"rope scaling type {rope_type!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+            f"rope scaling type {rope_type!r} is not supported for {family.model_type}; "
+            f"supported: {', '.join(family.rope_types)}")
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if not 0 < partial <= 1:
         raise UnsupportedModelError(f"partial_rotary_factor={partial} must be in (0, 1]")
@@ -297,12 +336,45 @@ def _parse_rope(hf: dict[str, Any]
         if "factor" not in params:
             raise UnsupportedModelError("linear rope scaling lacks 'factor'")
         return float(theta), LinearRopeScaling(float(params["factor"])), float(partial)
+    # transformers gives a top-level original_max_position_embeddings priority (Phi-3).
+    original = hf.get("original_max_position_embeddings",
+                      params.get("original_max_position_embeddings"))
     try:
+        if rope_type == "longrope":
+            return float(theta), _longrope(hf, params, original, partial), float(partial)
         scaling = Llama3RopeScaling(
             factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]),
             high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]
+                                                 if original is None else original))
     except KeyError as e:
-        raise UnsupportedModelError(f"llama3 rope scaling lacks {e.args[0]!r}") from e
+        raise UnsupportedModelError(f"{rope_type} rope scaling lacks {e.args[0]!r}") from e
     return float(theta), scaling, float(partial)
+
+
+def _longrope(hf: dict[str, Any], params: dict[str, Any], original: Any,
+              partial: float) -> LongRopeScaling:
+    """LongRoPE's factors, checked against the rotated width, and the attention factor
+    transformers derives when config.json does not set it."""
+    original = int(original if original is not None else hf.get("max_position_embeddings", 4096))
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    pairs = int(head_dim * partial) // 2
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        values = params[key]
+        if (not isinstance(values, (list, tuple)) or len(values) != pairs
+                or not all(isinstance(v, (int, float)) and v > 0 for v in values)):
+            raise UnsupportedModelError(
+                f"longrope {key} must be {pairs} positive numbers (one per rotated channel "
+                f"pair), got {values!r}")
+        factors[key] = tuple(float(v) for v in values)
+    factor = params.get("factor")
+    if factor is None:
+        factor = hf.get("max_position_embeddings", 4096) / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (1.0 if factor <= 1.0 else
+                            math.sqrt(1 + math.log(factor) / math.log(original)))
+    return LongRopeScaling(original_max_position_embeddings=original, factor=float(factor),
+                           attention_factor=float(attention_factor), **factors)

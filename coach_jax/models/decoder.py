@@ -76,10 +76,7 @@ class Decoder(nn.Module):
             x_BxTxD = x_BxTxD * jnp.asarray(np.float32(cfg.hidden_size ** 0.5),
                                             x_BxTxD.dtype)
         x_BxTxD = x_BxTxD.astype(cfg.compute_dtype)
-        rope_tables = rope.tables(positions_BxT, rope.inverse_frequencies(cfg))
-        if cfg.local_rope_theta is not None:  # Gemma 3: sliding layers have their own
-            local = rope.inverse_frequencies(cfg, cfg.local_rope_theta, scaled=False)
-            rope_tables = (rope_tables, rope.tables(positions_BxT, local))
+        rope_tables = rope.position_tables(cfg, positions_BxT, segment_ids_BxT)
         slots = kv = None
         if cache is not None:
             cache = cache.written(positions_BxT, segment_ids_BxT)

@@ -238,6 +238,8 @@ class Family:
     architecture: str  # the transformers class written to config.json `architectures`
     switches: Mapping[str, bool | str] = dataclasses.field(default_factory=dict)
     rope_types: tuple[str, ...] = ("default",)  # the rope types its config can express
+    # Legacy rope type names its config class renames (Phi-3: su, yarn -> longrope).
+    rope_aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
     windows: Windows = FULL_ATTENTION
     tensors: TensorNames = TensorNames()
     values: Mapping[str, tuple[str, Any]] = dataclasses.field(
@@ -373,6 +375,9 @@ register(Family("qwen2", "Qwen2ForCausalLM", switches=dict(qkv_bias=True),
 register(Family("qwen3", "Qwen3ForCausalLM", windows=LAYER_TYPES, switches=dict(
     qk_norm=True, qkv_bias="attention_bias", o_bias="attention_bias")))
 register(Family("phi3", "Phi3ForCausalLM", windows=EVERY_LAYER, partial_rotary=True,
+                rope_types=("default", "longrope"),
+                rope_aliases={"su": "longrope", "yarn": "longrope"},
+                config_defaults={"original_max_position_embeddings": 4096},
                 tensors=TensorNames(fused=(
                     Fused("self_attn.qkv_proj", ("self_attn/q_proj", "self_attn/k_proj",
                                                  "self_attn/v_proj"), group="qkv"),
