@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from coach_jax.models import families, projection
+from coach_jax.models.lora import LoraSpec
 from coach_jax.models.families import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = families.FAMILIES.keys()  # a live view: registered families count
@@ -115,6 +116,8 @@ class ModelConfig:
     attention: str = "auto"  # one of ATTENTION; auto picks the fastest for the backend
     # How projections hold and apply their weights: a name in projection.STRATEGIES.
     projection: str = "dense"
+    # With projection="lora": the adapter's rank, scale and target modules.
+    lora: LoraSpec | None = None
     # With a vocabulary padded (for sharding) beyond the tokenizer's, the real size: logits
     # of the padding ids are masked and export cuts them off. None: vocab_size is real.
     real_vocab_size: int | None = None
@@ -139,6 +142,9 @@ class ModelConfig:
         if self.projection not in projection.STRATEGIES:
             raise UnsupportedModelError(f"projection={self.projection!r}; expected one of "
                                         f"{', '.join(projection.STRATEGIES)}")
+        if (self.projection == "lora") != (self.lora is not None):
+            raise UnsupportedModelError("projection='lora' and a LoraSpec go together "
+                                        f"(projection={self.projection!r}, lora={self.lora})")
         if self.real_vocab_size is not None and not 0 < self.real_vocab_size <= self.vocab_size:
             raise UnsupportedModelError(f"real_vocab_size={self.real_vocab_size} must be in "
                                         f"(0, vocab_size={self.vocab_size}]")

@@ -124,7 +124,7 @@ LATER_MODEL_FIELDS = {
     "qk_norm_all_heads": False, "post_norms": False, "norm_unit_offset": False,
     "sandwich_norms": False, "scale_embeddings": False, "activation": "silu",
     "query_pre_attn_scalar": None, "attn_logit_softcapping": None,
-    "final_logit_softcapping": None, "local_rope_theta": None}
+    "final_logit_softcapping": None, "local_rope_theta": None, "lora": None}
 
 
 def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -137,6 +137,8 @@ def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
         if model[name] == default or (name == "rope_layers" and all(model[name])):
             del model[name]
     model["rope_scaling"] = str(model["rope_scaling"])
+    if "lora" in model:
+        model["lora"] = str(model_cfg.lora)
     model["layer_windows"] = list(model["layer_windows"])
     if "rope_layers" in model:
         model["rope_layers"] = list(model["rope_layers"])

@@ -1,0 +1,273 @@
+"""LoRA adapters in Hugging Face PEFT's format, both ways, and merged into the base.
+
+A PEFT adapter folder is `adapter_config.json` + `adapter_model.safetensors`, whose
+tensors are named after the HF module they adapt:
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` [r, in] and
+`...lora_B.weight` [out, r]. Ours are A [in..., r] and B [r, out...] per projection (a
+stacked `layers` axis in front when scanned), and one A per fused group: PEFT's LoRA on
+Phi-3's `qkv_proj` is our shared `qkv` A with q, k and v's B rows stacked in that order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from coach_jax.adapters import targets as adapter_targets
+from coach_jax.models import families
+from coach_jax.models.config import ModelConfig
+from coach_jax.models.decoder import Params, param_shapes, path_str
+from coach_jax.models.lora import LoraSpec, is_adapter_path
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """A PEFT adapter folder that does not fit the model, in words that say why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """Where one of our adapter arrays (one layer of it) lives in PEFT's tensors."""
+
+    path: str  # ours: "layers/self_attn/q_proj/lora_b"
+    layer: int
+    peft_name: str
+    row: int  # the first of its rows in a stacked B (fused modules), 0 otherwise
+
+
+def _layer_arrays(flat: dict[str, Any], path: str, layer: int) -> Any:
+    """Layer `layer` of our adapter leaf `path` ("layers/..." stacked, "layers_i/..." not)."""
+    if path.startswith("layers/"):
+        return flat[path][layer]
+    return flat[path]
+
+
+def _paths(cfg: ModelConfig, layer: int) -> dict[str, tuple[str, str]]:
+    """Our adapter paths of `layer` (stacked paths when scanned) -> (HF module, leaf)."""
+    root = "layers" if cfg.scan_layers else f"layers_{layer}"
+    groups = families.family(cfg.model_type).tensors.groups()
+    out = {}
+    for module in cfg.lora.modules:
+        hf = adapter_targets.hf_module(cfg, layer, module)
+        out[f"{root}/{module}/lora_b"] = (hf, "lora_B")
+        group = groups.get(module)
+        parent = module.split("/")[0]
+        owner = f"{parent}/{group}" if group else module
+        out[f"{root}/{owner}/lora_a"] = (hf, "lora_A")
+    return out
+
+
+def _b_rows(cfg: ModelConfig, module: str) -> int:
+    """How many output rows our projection `module` has (its share of a fused B)."""
+    sizes = {"self_attn/q_proj": cfg.num_heads * cfg.head_dim,
+             "self_attn/k_proj": cfg.num_kv_heads * cfg.head_dim,
+             "self_attn/v_proj": cfg.num_kv_heads * cfg.head_dim,
+             "self_attn/o_proj": cfg.hidden_size, "mlp/gate_proj": cfg.intermediate_size,
+             "mlp/up_proj": cfg.intermediate_size, "mlp/down_proj": cfg.hidden_size}
+    return sizes[module]
+
+
+def _slots(cfg: ModelConfig) -> list[_Slot]:
+    names = families.family(cfg.model_type).tensors
+    slots = []
+    for layer in range(cfg.num_layers):
+        for path, (hf, leaf) in _paths(cfg, layer).items():
+            row = 0
+            if leaf == "lora_B":
+                module = "/".join(path.split("/")[1:3])
+                fused_module, position = names.in_layer(layer, module)
+                fused = [f for f in names.fused if module in f.parts]
+                if fused:
+                    row = sum(_b_rows(cfg, p) for p in fused[0].parts[:position])
+            slots.append(_Slot(path, layer, f"{PREFIX}{hf}.{leaf}.weight", row))
+    return slots
+
+
+def to_peft(cfg: ModelConfig, adapter: Params) -> dict[str, np.ndarray]:
+    """PEFT's tensors (float32 as stored by the run's param dtype) from our adapter tree."""
+    flat = {path_str(p): np.asarray(jax.device_get(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(adapter)[0]}
+    pieces: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for slot in _slots(cfg):
+        ours = _layer_arrays(flat, slot.path, slot.layer)
+        if slot.path.endswith("lora_a"):  # [in..., r] -> [r, in]
+            tensor = ours.reshape(-1, ours.shape[-1]).T
+        else:  # [r, out...] -> [out, r]
+            tensor = ours.reshape(ours.shape[0], -1).T
+        pieces.setdefault(slot.peft_name, []).append((slot.row, tensor))
+    out = {}
+    for name, parts in pieces.items():
+        parts = sorted(parts, key=lambda p: p[0])
+        out[name] = np.ascontiguousarray(np.concatenate([t for _, t in parts])
+                                         if len(parts) > 1 else parts[0][1])
+    return out
+
+
+def from_peft(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -> Params:
+    """Our adapter tree from PEFT's tensors (each checked for presence and shape)."""
+    shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(
+        adapter_shapes(cfg))[0]}
+    host = {path: np.zeros(shape, np.dtype(jnp.dtype(dtype))) for path, shape in shapes.items()}
+    for slot in _slots(cfg):
+        target = host[slot.path]
+        per_layer = target[slot.layer] if slot.path.startswith("layers/") else target
+        tensor = tensors[slot.peft_name]
+        if slot.path.endswith("lora_a"):
+            per_layer[...] = tensor.T.reshape(per_layer.shape)
+        else:
+            rows = math.prod(per_layer.shape[1:])
+            per_layer[...] = tensor[slot.row:slot.row + rows].T.reshape(per_layer.shape)
+    return jax.tree_util.tree_map_with_path(lambda p, _: jnp.asarray(host[path_str(p)]),
+                                            adapter_shapes(cfg))
+
+
+def adapter_shapes(cfg: ModelConfig) -> Params:
+    """The adapter part of the parameter tree, as shapes."""
+    return split(param_shapes(cfg))[1]
+
+
+def split(params: Params) -> tuple[Params, Params]:
+    """(base, adapter): the tree's dense leaves and its LoRA leaves, as two nested dicts."""
+    base: dict[str, Any] = {}
+    adapter: dict[str, Any] = {}
+    for key_path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = path_str(key_path)
+        node = adapter if is_adapter_path(path) else base
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = x
+    return base, adapter
+
+
+def union(base: Params, adapter: Params) -> Params:
+    """One parameter tree of both (the tree a LoRA model applies)."""
+    out = dict(base)
+    for key, value in adapter.items():
+        out[key] = union(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def save_peft(cfg: ModelConfig, adapter: Params, out_dir: str | os.PathLike,
+              base_model: str, dropout: float = 0.0) -> None:
+    """Writes a PEFT LoRA folder that `peft.PeftModel.from_pretrained` loads."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    spec = cfg.lora
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank,
+        "lora_alpha": spec.alpha, "lora_dropout": dropout, "use_rslora": spec.use_rslora,
+        "target_modules": adapter_targets.hf_names(cfg, spec.modules), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "use_dora": False,
+        "base_model_name_or_path": base_model}
+    save_file(to_peft(cfg, adapter), os.path.join(out_dir, WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+# adapter_config.json settings whose other values change what the adapter computes.
+_MUST_BE = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+            "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
+            "alpha_pattern": {}}
+
+
+def read_spec(folder: str, cfg: ModelConfig) -> tuple[LoraSpec, float]:
+    """The LoraSpec (and dropout) an adapter folder's config describes for model `cfg`."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise AdapterError(f"{folder}: no {CONFIG_FILE} (expected a PEFT LoRA adapter folder)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from e
+    for key, expected in _MUST_BE.items():
+        value = config.get(key, expected)
+        if value != expected and not (expected in ({}, None) and not value):
+            raise AdapterError(f"{path}: {key}={value!r} is not supported (only {expected!r})")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise AdapterError(f"{path}: no {key!r}")
+    raw = config["target_modules"]
+    wanted = f"re:{raw}" if isinstance(raw, str) and raw != adapter_targets.ALL_LINEAR else raw
+    try:
+        modules = adapter_targets.resolve(cfg, adapter_targets.parse(wanted))
+    except adapter_targets.TargetError as e:
+        raise AdapterError(f"{path}: target_modules: {e}") from e
+    spec = LoraSpec(int(config["r"]), float(config["lora_alpha"]), modules,
+                    bool(config.get("use_rslora", False)))
+    return spec, float(config.get("lora_dropout", 0.0))
+
+
+def load_peft(folder: str | os.PathLike, cfg: ModelConfig) -> tuple[LoraSpec, Params]:
+    """An adapter folder for base model `cfg`: its spec and our adapter tree (param dtype
+    of `cfg`). Every tensor must be there with its shape; extra ones are refused."""
+    folder = os.fspath(folder)
+    spec, _ = read_spec(folder, cfg)
+    lora_cfg = dataclasses.replace(cfg, projection="lora", lora=spec)
+    file = os.path.join(folder, WEIGHTS_FILE)
+    try:
+        with safe_open(file, framework="numpy") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, FileNotFoundError) as e:
+        raise AdapterError(f"{file}: cannot read as safetensors ({e})") from e
+    expected = {name: t.shape for name, t in to_peft(lora_cfg, adapter_shapes_zeros(lora_cfg)).items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(f"{n}: {list(tensors[n].shape)}, expected {list(expected[n])}"
+                   for n in set(expected) & set(tensors) if tensors[n].shape != expected[n])
+    if missing or unexpected or wrong:
+        lines = [f"{title} ({len(items)}): " + ", ".join(items[:4])
+                 + (" ..." if len(items) > 4 else "")
+                 for title, items in (("missing", missing), ("unexpected", unexpected),
+                                      ("wrong shape", wrong)) if items]
+        raise AdapterError(f"{file}: the adapter does not fit this {cfg.model_type} model "
+                           f"(rank {spec.rank}, {cfg.num_layers} layers)\n  " + "\n  ".join(lines))
+    return spec, from_peft(lora_cfg, tensors, cfg.param_dtype)
+
+
+def adapter_shapes_zeros(cfg: ModelConfig) -> Params:
+    """Zero arrays in the adapter's shapes (host numpy), to name and size PEFT tensors."""
+    return jax.tree.map(lambda s: np.zeros(s.shape, np.float32), adapter_shapes(cfg))
+
+
+def merge(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
+    """The dense model with every adapter folded into its kernel: W + scale * A B, summed
+    in float32 and cast back to the kernel's dtype."""
+    base, adapter = split(params)
+    flat_adapter = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(adapter)[0]}
+    groups = families.family(cfg.model_type).tensors.groups()
+    scale = cfg.lora.scale
+
+    def fold(key_path, kernel):
+        parts = path_str(key_path).split("/")
+        root, module = parts[0], "/".join(parts[1:-1])
+        if parts[-1] != "kernel" or module not in cfg.lora.modules:
+            return kernel
+        group = groups.get(module)
+        owner = f"{module.split('/')[0]}/{group}" if group else module
+        a = flat_adapter[f"{root}/{owner}/lora_a"].astype(jnp.float32)
+        b = flat_adapter[f"{root}/{module}/lora_b"].astype(jnp.float32)
+        stacked = root == "layers"
+        lead = a.shape[:1] if stacked else ()
+        a2 = a.reshape(*lead, -1, a.shape[-1])
+        b2 = b.reshape(*lead, b.shape[len(lead)], -1)
+        delta = jnp.matmul(a2, b2).reshape(kernel.shape)
+        return (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+
+    merged = jax.tree_util.tree_map_with_path(fold, base)
+    return dataclasses.replace(cfg, projection="dense", lora=None), merged

@@ -1,0 +1,120 @@
+"""LoRA as a projection strategy: y = x W + scale * (x A) B on the targeted projections.
+
+A is [in..., r] and starts Kaiming-uniform as PEFT starts it (bound 1/sqrt(fan_in)); B is
+[r, out...] and starts at zero, so an adapter at init computes the base model exactly.
+Both carry the logical axes of the base kernel's input and output dims (A's input is
+sharded like the kernel's, B's output like the kernel's) and a replicated `lora_rank`.
+Projections the checkpoint fuses (Phi-3's qkv_proj) share one A on their parent module,
+as PEFT's single LoRA on the fused module does, and each keeps its rows of B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from coach_jax.models import families, projection
+
+if TYPE_CHECKING:
+    from coach_jax.models.config import ModelConfig
+    from coach_jax.models.layers import Projection
+
+LEAVES = ("lora_a", "lora_b")  # the parameter names an adapter adds
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Which projections get an adapter and its size. `modules` are ours
+    ("self_attn/q_proj"), resolved from Hugging Face target names by adapters.targets."""
+
+    rank: int
+    alpha: float
+    modules: tuple[str, ...]
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"adapter.rank={self.rank} must be at least 1")
+        if not self.modules:
+            raise ValueError("an adapter needs at least one target module")
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's `scaling`)."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """PEFT's A init (torch's kaiming_uniform_ with a=sqrt(5)): U(-b, b), b = 1/sqrt(fan_in),
+    fan_in being every dim but the last (the rank)."""
+    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def is_adapter_path(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] in LEAVES
+
+
+def _module(proj: Projection) -> str:
+    """Our name of the projection: "self_attn/q_proj"."""
+    return "/".join(proj.scope.path[-2:])
+
+
+class SharedA(nn.Module):
+    """One A for the projections of a fused group: x A computed from their shared input."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, rows_NxI: jax.Array, in_shape: tuple[int, ...],
+                 in_axes: tuple[str, ...]) -> jax.Array:
+        a = _a(self, self.cfg, in_shape, in_axes)
+        return rows_NxI @ a.reshape(rows_NxI.shape[-1], -1).astype(rows_NxI.dtype)
+
+
+def _a(module: nn.Module, cfg: ModelConfig, in_shape: tuple[int, ...],
+       in_axes: tuple[str, ...]) -> jax.Array:
+    return module.param("lora_a", nn.with_logical_partitioning(kaiming_uniform,
+                                                               (*in_axes, "lora_rank")),
+                        (*in_shape, cfg.lora.rank), jnp.dtype(cfg.param_dtype))
+
+
+class Lora(projection.Strategy):
+    """The dense kernel plus a low-rank update on the modules `cfg.lora` names."""
+
+    def adapt(self, proj: Projection, rows_NxI: jax.Array, y_NxO: jax.Array) -> jax.Array:
+        spec = proj.cfg.lora
+        if _module(proj) not in spec.modules:
+            return y_NxO
+        in_shape = _in_shape(proj, rows_NxI)
+        if proj.shared is not None:
+            xa_NxR = proj.shared(rows_NxI, in_shape, proj.in_axes)
+        else:
+            a = _a(proj, proj.cfg, in_shape, proj.in_axes)
+            xa_NxR = rows_NxI @ a.reshape(rows_NxI.shape[-1], -1).astype(rows_NxI.dtype)
+        b = proj.declare("lora_b", nn.initializers.zeros, (spec.rank, *proj.out_shape),
+                         ("lora_rank", *proj.out_axes))
+        delta = xa_NxR @ b.reshape(spec.rank, -1).astype(y_NxO.dtype)
+        return y_NxO + jnp.asarray(spec.scale, y_NxO.dtype) * delta
+
+    def shared(self, cfg: ModelConfig, group: str) -> nn.Module | None:
+        members = [m for m, g in families.family(cfg.model_type).tensors.groups().items()
+                   if g == group]
+        if not any(m in cfg.lora.modules for m in members):
+            return None
+        return SharedA(cfg, name=group)
+
+
+def _in_shape(proj: Projection, rows_NxI: jax.Array) -> tuple[int, ...]:
+    """The kernel's input dims: o_proj contracts (heads, head_dim), the others one dim."""
+    if len(proj.in_axes) == 1:
+        return (rows_NxI.shape[-1],)
+    return (proj.cfg.num_heads, proj.cfg.head_dim)
+
+
+projection.register("lora", Lora())
