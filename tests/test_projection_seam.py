@@ -129,5 +129,5 @@ def test_strategy_adds_parameters_and_equals_dense_while_they_are_zero(scan_laye
 
 def test_unknown_strategy_is_named():
     with pytest.raises(models.UnsupportedModelError,
-                       match=r"projection='lora'; expected one of dense"):
-        _cfg(projection="lora")
+                       match=r"projection='bitnet'; expected one of dense, lora"):
+        _cfg(projection="bitnet")
