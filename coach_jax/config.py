@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import ml_collections
 from ml_collections import config_dict
 
+from coach_jax.adapters import targets as adapter_targets
 from coach_jax.data.encoded import OVERLONG, EncodeOptions
 from coach_jax.data.chat_encoding import TRAIN_ON
 from coach_jax.data.formats import FORMATS
@@ -175,6 +176,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.hf = True  # write DIR/export in Hugging Face format at the end
     c.export.dtype = ""  # "" = the parameter dtype
+    # Adapter runs: also write DIR/export/merged, the base with the adapter folded in.
+    c.export.merge_adapters = False
+
+    # LoRA: train low-rank adapters on a frozen base (docs/adapters.md).
+    c.adapter = ml_collections.ConfigDict()
+    c.adapter.kind = "none"  # none | lora
+    c.adapter.rank = 16
+    c.adapter.alpha = 32.0  # the update is scaled by alpha / rank (alpha / sqrt(rank): rsLoRA)
+    c.adapter.use_rslora = False
+    c.adapter.dropout = 0.0  # dropout on the adapter's input while training
+    # HF module names as PEFT matches them ("q_proj,v_proj"), "re:<regex>" over HF module
+    # paths, or "all-linear".
+    c.adapter.targets = "all-linear"
+    c.adapter.init_from = ""  # a PEFT LoRA adapter folder to continue training
 
     return c
 
@@ -238,6 +253,24 @@ class ExportSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterSettings:
+    """The adapter section, checked; kind "none" is full fine-tuning."""
+
+    kind: str = "none"
+    rank: int = 16
+    alpha: float = 32.0
+    use_rslora: bool = False
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = "all-linear"
+    init_from: str = ""
+    merge_on_export: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingSettings:
     """Where metrics go besides metrics.jsonl and TensorBoard."""
 
@@ -264,6 +297,37 @@ class Settings:
     eval: EvalConfig
     export: ExportSettings
     logging: LoggingSettings = LoggingSettings()
+    adapter: AdapterSettings = AdapterSettings()
+
+
+def _adapter_settings(c: ml_collections.ConfigDict) -> AdapterSettings:
+    a = c.adapter
+    _choice(a.kind, ("none", "lora"), "adapter.kind")
+    if a.kind == "none":
+        if a.init_from:
+            raise ConfigError("adapter.init_from is set but adapter.kind='none': set "
+                              "adapter.kind=lora to train the adapter further")
+        return AdapterSettings(merge_on_export=c.export.merge_adapters)
+    if a.rank < 1:
+        raise ConfigError(f"adapter.rank={a.rank} must be at least 1")
+    if a.alpha <= 0:
+        raise ConfigError(f"adapter.alpha={a.alpha} must be positive")
+    if not 0.0 <= a.dropout < 1.0:
+        raise ConfigError(f"adapter.dropout={a.dropout} must be in [0, 1)")
+    if a.dropout:
+        raise ConfigError("adapter.dropout > 0 is not implemented yet; set adapter.dropout=0")
+    try:
+        targets = adapter_targets.parse(a.targets)
+    except adapter_targets.TargetError as e:
+        raise ConfigError(str(e)) from None
+    if a.init_from and not os.path.isfile(os.path.join(a.init_from, "adapter_config.json")):
+        raise ConfigError(f"adapter.init_from={a.init_from!r}: no adapter_config.json there "
+                          "(expected a PEFT LoRA adapter folder)")
+    if c.train.trainable_last_layers >= 0 or c.train.freeze:
+        raise ConfigError("adapter.kind=lora trains only the adapter: train.freeze and "
+                          "train.trainable_last_layers do not apply (use adapter.targets)")
+    return AdapterSettings(a.kind, a.rank, float(a.alpha), a.use_rslora, a.dropout, targets,
+                           a.init_from, c.export.merge_adapters)
 
 
 def parse_sources(spec: Any, field: str, format: str) -> tuple[SourceConfig, ...]:
@@ -449,7 +513,8 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
         eval=eval_config,
         export=ExportSettings(c.export.hf, c.export.dtype or None),
         logging=LoggingSettings(c.logging.wandb_project, c.logging.wandb_entity,
-                                c.logging.wandb_run_name, tuple(c.logging.wandb_tags)))
+                                c.logging.wandb_run_name, tuple(c.logging.wandb_tags)),
+        adapter=_adapter_settings(c))
 
 
 def _model_positions(c: ml_collections.ConfigDict) -> tuple[int | None, str]:
@@ -565,6 +630,18 @@ def load_saved(path: str) -> ml_collections.ConfigDict:
                 raise ConfigError(f"{path}: {name}={value!r}: {e}") from None
     fill(c, saved, "")
     c.lock()
+    return c
+
+
+def lora_config(hf_path: str, *, learning_rate: float = 2e-4, rank: int = 16,
+                alpha: float = 32.0, **finetune: Any) -> ml_collections.ConfigDict:
+    """`finetune_config` with LoRA on every projection (the common recipe: rank 16, alpha
+    32, learning rate 2e-4); docs/adapters.md."""
+    c = finetune_config(hf_path, learning_rate=learning_rate, **finetune)
+    c.adapter.kind = "lora"
+    c.adapter.rank = rank
+    c.adapter.alpha = alpha
+    c.adapter.targets = "all-linear"
     return c
 
 

@@ -73,8 +73,12 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
 
 
 def estimate(abstract_state: Any, state_shardings: Any, trainable: Any, cfg: ModelConfig,
-             rows_per_device: int, seq_len: int, chunk_tokens: int) -> MemoryEstimate:
+             rows_per_device: int, seq_len: int, chunk_tokens: int,
+             base: Any = None) -> MemoryEstimate:
+    """`base`: an adapter run's frozen base (placed arrays), outside the state."""
     params = _per_device(abstract_state.params, state_shardings.params)
+    if base is not None:
+        params += _per_device(base, jax.tree.map(lambda x: x.sharding, base))
     trainable_leaves = [(x, s) for x, s, keep in zip(
         jax.tree.leaves(abstract_state.params), jax.tree.leaves(state_shardings.params),
         jax.tree.leaves(trainable, is_leaf=lambda v: v is None)) if keep is not None]

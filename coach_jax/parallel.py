@@ -88,10 +88,12 @@ def state_shardings(create: Callable[[Params], Any], params: Params, cfg: ModelC
     another rank (factored statistics) or without axes (step counts, the RNG) is
     replicated."""
     is_spec = lambda x: isinstance(x, P)
-    boxed = jax.tree.map(
-        lambda spec, x: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                                tuple(spec)),
-        logical_axes(cfg), params, is_leaf=is_spec)
+    specs = {path_str(p): spec for p, spec in jax.tree_util.tree_flatten_with_path(
+        logical_axes(cfg), is_leaf=is_spec)[0]}
+    # `params` may be part of the model's tree (an adapter's).
+    boxed = jax.tree_util.tree_map_with_path(
+        lambda p, x: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                             tuple(specs[path_str(p)])), params)
     abstract = jax.eval_shape(create, boxed)
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
 

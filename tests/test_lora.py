@@ -218,3 +218,28 @@ def test_adapter_of_another_shape_is_refused_with_the_tensors_named(tmp_path):
     config.write_text(config.read_text().replace('"use_dora": false', '"use_dora": true'))
     with pytest.raises(adapters.AdapterError, match="use_dora=True is not supported"):
         adapters.load_peft(tmp_path / "adapter", cfg)
+
+
+def test_a_data_fsdp_tensor_mesh_gives_one_devices_loss_and_gradients(tmp_path):
+    """Adapters placed by their logical axes (A like the kernel's input, B like its
+    output, rank replicated) on a (2, 2, 2) mesh, the base sharded as in training."""
+    from coach_jax import parallel
+    cfg, base, adapter = _ours(_peft_model("llama3", tmp_path / "base"), tmp_path)
+    batch = _batch()
+
+    def loss(adapter_params, base_params):
+        sums = train.loss.batch_sums(cfg, adapters.union(base_params, adapter_params), batch,
+                                     train.LossConfig())
+        return sums["numerator"] / sums["denominator"]
+
+    expected = jax.value_and_grad(loss)(adapter, base)
+    mesh = parallel.make_mesh((2, 2, 2))
+    placed = parallel.place(adapters.union(base, adapter), parallel.tree_shardings(
+        adapters.union(base, adapter), cfg, mesh))
+    sharded_base, sharded_adapter = peft_io.split(placed)
+    spec = sharded_adapter["layers"]["self_attn"]["q_proj"]["lora_b"].sharding.spec
+    assert "tensor" in spec and "tensor" not in (spec[1] or ())  # heads split, rank not
+    got = jax.value_and_grad(loss)(sharded_adapter, sharded_base)
+    assert abs(float(got[0]) - float(expected[0])) <= 1e-6
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -25,8 +25,8 @@ from safetensors.numpy import save_file
 from coach_jax.adapters import targets as adapter_targets
 from coach_jax.models import families
 from coach_jax.models.config import ModelConfig
-from coach_jax.models.decoder import Params, param_shapes, path_str
-from coach_jax.models.lora import LoraSpec, is_adapter_path
+from coach_jax.models.decoder import Params, param_shapes, path_str, select
+from coach_jax.models.lora import LoraSpec, is_adapter_path, join_base
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -140,24 +140,13 @@ def adapter_shapes(cfg: ModelConfig) -> Params:
 
 def split(params: Params) -> tuple[Params, Params]:
     """(base, adapter): the tree's dense leaves and its LoRA leaves, as two nested dicts."""
-    base: dict[str, Any] = {}
-    adapter: dict[str, Any] = {}
-    for key_path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = path_str(key_path)
-        node = adapter if is_adapter_path(path) else base
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = x
-    return base, adapter
+    return (select(params, lambda p: not is_adapter_path(p)),
+            select(params, is_adapter_path))
 
 
 def union(base: Params, adapter: Params) -> Params:
-    """One parameter tree of both (the tree a LoRA model applies)."""
-    out = dict(base)
-    for key, value in adapter.items():
-        out[key] = union(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
+    """One parameter tree of both (the tree a LoRA model applies); shares the arrays."""
+    return join_base(base, adapter)
 
 
 def save_peft(cfg: ModelConfig, adapter: Params, out_dir: str | os.PathLike,

@@ -192,20 +192,41 @@ def path_str(key_path: tuple[Any, ...]) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in key_path)
 
 
+def select(tree: Params, keep: Callable[[str], bool]) -> Params:
+    """The leaves whose path `keep` accepts, as a nested dict of their own."""
+    out: dict[str, Any] = {}
+    for key_path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        path = path_str(key_path)
+        if keep(path):
+            *parents, leaf = path.split("/")
+            node = out
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = x
+    return out
+
+
 def kernel_input_dims(path: str) -> int:
     """How many leading (non-`layers`) dims of a Projection kernel are its inputs: o_proj
     contracts (heads, head_dim), every other projection one dim."""
     return 2 if path.split("/")[-2:-1] == ["o_proj"] else 1
 
 
-def init(cfg: ModelConfig, seed: int, sharding: ShardingFn | None = None) -> Params:
+def init(cfg: ModelConfig, seed: int, sharding: ShardingFn | None = None,
+         only: Callable[[str], bool] | None = None) -> Params:
     """Random parameters, created directly where `sharding(path)` says (never whole on one
-    device first when a sharding is given)."""
+    device first when a sharding is given). `only(path)` keeps just those parameters (an
+    adapter's): the rest is never computed, as nothing returned depends on it."""
+    def keep(tree: Params) -> Params:
+        return tree if only is None else select(tree, only)
+
+    shapes = keep(param_shapes(cfg))
     out_shardings = None
     if sharding is not None:
         out_shardings = jax.tree_util.tree_map_with_path(
-            lambda path, _: sharding(path_str(path)), param_shapes(cfg))
-    make = jax.jit(lambda rng: nn.unbox(_boxed_init(cfg, rng)), out_shardings=out_shardings)
+            lambda path, _: sharding(path_str(path)), shapes)
+    make = jax.jit(lambda rng: keep(nn.unbox(_boxed_init(cfg, rng))),
+                   out_shardings=out_shardings)
     return make(jax.random.key(seed))
 
 

@@ -60,6 +60,14 @@ def is_adapter_path(path: str) -> bool:
     return path.rsplit("/", 1)[-1] in LEAVES
 
 
+def join_base(base: dict, adapter: dict) -> dict:
+    """One parameter tree of a frozen base and an adapter's leaves (shares the arrays)."""
+    out = dict(base)
+    for key, value in adapter.items():
+        out[key] = join_base(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
 def _module(proj: Projection) -> str:
     """Our name of the projection: "self_attn/q_proj"."""
     return "/".join(proj.scope.path[-2:])

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from coach_jax import data, memory, parallel, train
+from coach_jax import data, memory, models, parallel, train
 from coach_jax.checkpoint import Checkpointer, abstract, config_changes
 from coach_jax.config import Settings, flat_config, resolve
 from coach_jax.data.cache import tokenizer_fingerprint
@@ -36,7 +36,8 @@ from coach_jax.export import export_hf
 from coach_jax.models.builder import build_model
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
-from coach_jax.train import param_groups
+from coach_jax.models.lora import join_base
+from coach_jax.train import adapter_run, param_groups
 from coach_jax.train.divergence import PATIENCE, DivergedError, DivergenceGuard
 from coach_jax.train.evaluation import compile_eval_step
 from coach_jax.train.schedules import ScheduleConfig, make_schedule
@@ -160,9 +161,20 @@ class Trainer:
         if with_data:
             self.pipeline, self.total_steps = build_pipeline(s, self.tokenizer)
         self.model_cfg, params = build_params(s, self.tokenizer, self.mesh)
-        # The forgetting monitor's reference point: the parameters before any step.
-        base_params = (compute_dtype_copy(params, self.model_cfg.compute_dtype)
-                       if s.eval.reference is not None else None)
+        # An adapter run trains an adapter on this frozen base, kept outside the state.
+        self.base = base_sharding = None
+        if s.adapter.enabled:
+            self.base = params
+            base_sharding = parallel.tree_shardings(params, self.model_cfg, self.mesh)
+            self.model_cfg, params = adapter_run.build_adapter(s, self.model_cfg,
+                                                               len(self.tokenizer), self.mesh)
+        # The forgetting monitor's reference point: the parameters before any step (an
+        # adapter run's base itself, joined with a zero adapter).
+        base_params = None
+        if s.eval.reference is not None:
+            base_params = (compute_dtype_copy(params, self.model_cfg.compute_dtype)
+                           if self.base is None else
+                           join_base(self.base, adapter_run.zero_adapter(params)))
 
         step_config, self.parts = train.prepare(
             self.model_cfg, params, s.optimizer, s.train.groups, self.total_steps,
@@ -176,9 +188,12 @@ class Trainer:
         # Created straight into its shards: never whole on one device.
         self.state = jax.jit(create, out_shardings=self.state_sharding, donate_argnums=0)(params)
         self.train_step = train.compile_train_step(step_config, self.parts, self.state_sharding,
-                                                   self.batch_sharding)
+                                                   self.batch_sharding, base_sharding)
+        params_sharding = self.state_sharding.params
+        if self.base is not None:
+            params_sharding = join_base(base_sharding, params_sharding)
         eval_step = compile_eval_step(train.StepConfig(self.model_cfg, s.train.loss),
-                                      self.state_sharding.params, self.batch_sharding)
+                                      params_sharding, self.batch_sharding)
         self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"),
                                         s.checkpoint.every_steps, s.checkpoint.keep)
         self.evals = build_evals(s, self.model_cfg, self.tokenizer, eval_step,
@@ -192,7 +207,7 @@ class Trainer:
             s.train.micro_batches * self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         self.memory = memory.estimate(abstract_state, self.state_sharding, trainable,
                                       self.model_cfg, max(rows, 1), s.data.max_seq_len,
-                                      s.train.loss.chunk_tokens)
+                                      s.train.loss.chunk_tokens, self.base)
         budget = s.memory.device_bytes or memory.device_bytes()
         logging.info("memory estimate: %s (device: %s)", self.memory.describe(),
                      memory.human(budget) if budget else "unknown")
@@ -205,6 +220,8 @@ class Trainer:
         """What a checkpoint must match to be resumed: architecture, tokenizer, data.
         Computed once: fingerprinting a large tokenizer is not free."""
         model = model_identity(self.model_cfg)
+        if self.base is not None:  # an adapter only resumes on the base it was trained on
+            model["base"] = adapter_run.base_fingerprint(self.settings)
         data_ids = ([s.fingerprint for s in self.pipeline.sources] if self.pipeline else None)
         return {"model": model, "tokenizer": tokenizer_fingerprint(self.tokenizer),
                 "data": data_ids}
@@ -226,6 +243,8 @@ class Trainer:
         """What the run prints before its first step: parameter counts, schedule warnings."""
         counts = param_groups.describe(self.parts.label_tree, self.state.params)
         frozen = counts.pop(param_groups.FROZEN, 0)
+        if self.base is not None:
+            frozen += models.count_params(self.base)
         groups = (" (" + ", ".join(f"{n:,} at lr x{param_groups.multiplier(l):g}"
                                    for l, n in sorted(counts.items())) + ")"
                   if len(counts) > 1 else "")
@@ -268,7 +287,8 @@ class Trainer:
         """What to evaluate and export (schedule-free optimizers keep an average)."""
         trainable, frozen = param_groups.split(self.state.params, self.parts.label_tree)
         averaged = train.eval_params(self.settings.optimizer, self.state.opt_state, trainable)
-        return param_groups.merge(averaged, frozen)
+        params = param_groups.merge(averaged, frozen)
+        return params if self.base is None else join_base(self.base, params)
 
     def evaluate(self, step: int | None = None) -> dict[str, float]:
         """Every eval the config asks for; with `step`, the generations are written to
@@ -286,6 +306,9 @@ class Trainer:
         params = multihost_utils.process_allgather(self.eval_params(), tiled=True)
         if not self.is_main:
             return None
+        if self.base is not None:
+            return adapter_run.export_adapter(self.workdir, self.model_cfg, params,
+                                              self.tokenizer, self.settings)
         out = os.path.join(self.workdir, "export")
         return export_hf(out, self.model_cfg, params, self.tokenizer,
                          self.settings.export.dtype, self.settings.data.encode.end_of_turn)
@@ -419,8 +442,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     break
                 if profile and step + 1 == profile[0]:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                t.state, metrics = t.train_step(t.state,
-                                                parallel.global_batch(batch, t.batch_sharding))
+                t.state, metrics = t.train_step(
+                    t.state, parallel.global_batch(batch, t.batch_sharding), t.base)
                 step += 1
                 local_tokens = int((batch["segment_ids"] > 0).sum())
                 read["tokens"] += local_tokens

@@ -19,6 +19,7 @@ import optax
 
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
+from coach_jax.models.lora import join_base
 from coach_jax.train import param_groups
 from coach_jax.train.loss import LossConfig, batch_sums
 from coach_jax.train.optimizers import OptimizerConfig, make_optimizer
@@ -54,13 +55,19 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
     return {name: x.reshape(k, rows // k, *x.shape[1:]) for name, x in batch.items()}
 
 
-def train_step(state: TrainState, batch: Batch, *, config: StepConfig, parts: StepParts
-               ) -> tuple[TrainState, Metrics]:
+def train_step(state: TrainState, batch: Batch, base: Params | None = None, *,
+               config: StepConfig, parts: StepParts) -> tuple[TrainState, Metrics]:
+    """`base`: an adapter run's frozen base weights, kept outside the state (never copied,
+    donated or checkpointed); the model applies them joined with `state.params`."""
     trainable, frozen = param_groups.split(state.params, parts.label_tree)
+
+    def model_params(p: Params) -> Params:
+        params = param_groups.merge(p, frozen)
+        return params if base is None else join_base(base, params)
 
     def sums_and_grads(trainable_params: Params, micro: Batch) -> tuple[dict, Params]:
         def numerator(p):
-            sums = batch_sums(config.model, param_groups.merge(p, frozen), micro, config.loss,
+            sums = batch_sums(config.model, model_params(p), micro, config.loss,
                               config.num_sources)
             return sums["numerator"], sums
         (_, sums), grads = jax.value_and_grad(numerator, has_aux=True)(trainable_params)
@@ -107,13 +114,15 @@ def train_step(state: TrainState, batch: Batch, *, config: StepConfig, parts: St
 
 
 def compile_train_step(config: StepConfig, parts: StepParts, state_sharding: Any = None,
-                       batch_sharding: Any = None):
-    """`train_step` jitted once: the state is donated, shardings explicit when given."""
+                       batch_sharding: Any = None, base_sharding: Any = None):
+    """`train_step` jitted once: the state is donated, shardings explicit when given (an
+    adapter run's base, the third argument, keeps `base_sharding`)."""
     step = functools.partial(train_step, config=config, parts=parts)
     if state_sharding is None and batch_sharding is None:
         return jax.jit(step, donate_argnums=0)
-    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharding, base_sharding),
                    out_shardings=(state_sharding, None), donate_argnums=0)
+
 
 
 def prepare(model_cfg: ModelConfig, params: Params, optimizer: OptimizerConfig,

@@ -1,0 +1,124 @@
+"""What an adapter (LoRA) run builds besides a full fine-tuning run's parts: the adapter
+on the frozen base, the base's fingerprint for checkpoints, and the exports.
+
+The base stays outside the train state: the state holds the adapter and its optimizer
+state only, so checkpoints are adapter-sized, and evals, generation and the forgetting
+monitor apply the same base arrays (never a second copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from coach_jax import adapters, models, parallel
+from coach_jax.config import AdapterSettings, ConfigError, Settings
+from coach_jax.export import export_hf, write_tokenizer_files
+from coach_jax.models.config import ModelConfig
+from coach_jax.models.decoder import Params
+from coach_jax.models.lora import LoraSpec, is_adapter_path
+
+# The base fingerprint reads tensors up to this size whole, larger ones by SLICES slices.
+WHOLE_TENSOR_BYTES = 1 << 20
+SLICES, SLICE_BYTES = 16, 1 << 12
+
+
+def build_adapter(settings: Settings, base_cfg: ModelConfig, tokenizer_size: int,
+                  mesh: jax.sharding.Mesh) -> tuple[ModelConfig, Params]:
+    """The LoRA model's config and its adapter parameters, placed on the mesh: fresh
+    (A Kaiming-uniform, B zero, seeded by train.seed) or adapter.init_from's."""
+    a = settings.adapter
+    if settings.model.hf_path:
+        real_vocab = ModelConfig.from_hf_dir(settings.model.hf_path).vocab_size
+        if tokenizer_size > real_vocab:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer_size - real_vocab} tokens the base model has no "
+                f"embedding for (vocab_size {real_vocab} in {settings.model.hf_path}); "
+                "adapter.kind=lora trains no embedding rows, so the model could never learn "
+                "them (e.g. a chat template's end-of-turn token): use a tokenizer the base "
+                "model knows, or full fine-tuning (adapter.kind=none)")
+    wanted = LoraSpec(a.rank, a.alpha, adapters.resolve(base_cfg, a.targets), a.use_rslora)
+    if a.init_from:
+        spec, adapter = adapters.load_peft(a.init_from, base_cfg)
+        check_matches(spec, wanted, a)
+    cfg = dataclasses.replace(base_cfg, projection="lora", lora=wanted)
+    sharding = parallel.sharding_fn(cfg, mesh)
+    if a.init_from:
+        flat = jax.tree_util.tree_flatten_with_path(adapter)[0]
+        leaves = {models.decoder.path_str(p): jax.device_put(x, sharding(
+            models.decoder.path_str(p))) for p, x in flat}
+        return cfg, jax.tree_util.tree_map_with_path(
+            lambda p, _: leaves[models.decoder.path_str(p)], adapter)
+    return cfg, models.init(cfg, settings.train.seed, sharding, only=is_adapter_path)
+
+
+def check_matches(found: LoraSpec, wanted: LoraSpec, a: AdapterSettings) -> None:
+    """adapter.init_from's adapter must be the one the config describes."""
+    differences = [f"{key}: the folder has {f!r}, the config {w!r}" for key, f, w in (
+        ("adapter.rank", found.rank, wanted.rank), ("adapter.alpha", found.alpha, wanted.alpha),
+        ("adapter.use_rslora", found.use_rslora, wanted.use_rslora),
+        ("adapter.targets", found.modules, wanted.modules)) if f != w]
+    if differences:
+        raise ConfigError(f"adapter.init_from={a.init_from}: its adapter differs from the "
+                          "config's (" + "; ".join(differences) + ")")
+
+
+def zero_adapter(adapter: Params) -> Params:
+    """B = 0 everywhere (and A too): with it, the LoRA model computes the base exactly.
+    The forgetting monitor's reference is the base joined with this, not a copy."""
+    return jax.tree.map(jnp.zeros_like, adapter)
+
+
+def base_fingerprint(settings: Settings) -> str:
+    """Which base an adapter belongs to: config.json and every tensor of the weight files,
+    small ones whole and large ones by slices spread over them (a few MB read for an 8B
+    model; a fine-tuned derivative changes every tensor); a from-scratch base is its
+    model.init and seed."""
+    digest = hashlib.sha256()
+    folder = settings.model.hf_path
+    if not folder:
+        digest.update(json.dumps([settings.model.init, settings.train.seed]).encode())
+        return digest.hexdigest()[:16]
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        digest.update(f.read())
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")):
+        with open(os.path.join(folder, name), "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = f.read(header_size)
+            digest.update(header)
+            for entry in json.loads(header).values():
+                if "data_offsets" not in entry:  # __metadata__
+                    continue
+                begin, end = (8 + header_size + o for o in entry["data_offsets"])
+                starts = ([begin] if end - begin <= WHOLE_TENSOR_BYTES else
+                          [begin + (end - begin - SLICE_BYTES) * i // (SLICES - 1)
+                           for i in range(SLICES)])
+                for start in starts:
+                    f.seek(start)
+                    digest.update(f.read(min(end - start, WHOLE_TENSOR_BYTES)
+                                         if len(starts) == 1 else SLICE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def export_adapter(workdir: str, cfg: ModelConfig, params: Params, tokenizer: Any,
+                   settings: Settings) -> str:
+    """DIR/export: a PEFT adapter folder with the tokenizer and generation config; with
+    export.merge_adapters, DIR/export_merged: the base with the adapter folded in (in
+    float32, written in export.dtype or the parameter dtype)."""
+    out = os.path.join(workdir, "export")
+    _, adapter = adapters.split(params)
+    base_name = os.path.abspath(settings.model.hf_path) if settings.model.hf_path else ""
+    adapters.save_peft(cfg, adapter, out, base_model=base_name)
+    end_of_turn = settings.data.encode.end_of_turn
+    write_tokenizer_files(out, tokenizer, end_of_turn)
+    if settings.adapter.merge_on_export:
+        merged_cfg, merged = adapters.merge(cfg, params)
+        export_hf(os.path.join(workdir, "export_merged"), merged_cfg, merged, tokenizer,
+                  settings.export.dtype, end_of_turn)
+    return os.path.abspath(out)
