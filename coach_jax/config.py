@@ -190,6 +190,10 @@ def base_config() -> ml_collections.ConfigDict:
     # paths, or "all-linear".
     c.adapter.targets = "all-linear"
     c.adapter.init_from = ""  # a PEFT LoRA adapter folder to continue training
+    # QLoRA: the frozen base's projection kernels held quantized: none | int8 | int4 | nf4,
+    # one scale per block of this many input channels (pip install 'coach_jax[qlora]').
+    c.adapter.quantize_base = "none"
+    c.adapter.quantize_block = 64
 
     return c
 
@@ -264,6 +268,8 @@ class AdapterSettings:
     targets: str | tuple[str, ...] = "all-linear"
     init_from: str = ""
     merge_on_export: bool = False
+    quantize_base: str = "none"  # none | int8 | int4 | nf4
+    quantize_block: int = 64
 
     @property
     def enabled(self) -> bool:
@@ -303,10 +309,14 @@ class Settings:
 def _adapter_settings(c: ml_collections.ConfigDict) -> AdapterSettings:
     a = c.adapter
     _choice(a.kind, ("none", "lora"), "adapter.kind")
+    _choice(a.quantize_base, ("none", "int8", "int4", "nf4"), "adapter.quantize_base")
     if a.kind == "none":
         if a.init_from:
             raise ConfigError("adapter.init_from is set but adapter.kind='none': set "
                               "adapter.kind=lora to train the adapter further")
+        if a.quantize_base != "none":
+            raise ConfigError("adapter.quantize_base quantizes the frozen base of an adapter "
+                              "run: set adapter.kind=lora (QLoRA)")
         return AdapterSettings(merge_on_export=c.export.merge_adapters)
     if a.rank < 1:
         raise ConfigError(f"adapter.rank={a.rank} must be at least 1")
@@ -316,6 +326,11 @@ def _adapter_settings(c: ml_collections.ConfigDict) -> AdapterSettings:
         raise ConfigError(f"adapter.dropout={a.dropout} must be in [0, 1)")
     if a.dropout:
         raise ConfigError("adapter.dropout > 0 is not implemented yet; set adapter.dropout=0")
+    if a.quantize_base != "none":
+        if importlib.util.find_spec("qwix") is None:
+            raise ConfigError("adapter.quantize_base needs qwix: pip install 'coach_jax[qlora]'")
+        if a.quantize_block < 1:
+            raise ConfigError(f"adapter.quantize_block={a.quantize_block} must be at least 1")
     try:
         targets = adapter_targets.parse(a.targets)
     except adapter_targets.TargetError as e:
@@ -327,7 +342,8 @@ def _adapter_settings(c: ml_collections.ConfigDict) -> AdapterSettings:
         raise ConfigError("adapter.kind=lora trains only the adapter: train.freeze and "
                           "train.trainable_last_layers do not apply (use adapter.targets)")
     return AdapterSettings(a.kind, a.rank, float(a.alpha), a.use_rslora, a.dropout, targets,
-                           a.init_from, c.export.merge_adapters)
+                           a.init_from, c.export.merge_adapters, a.quantize_base,
+                           a.quantize_block)
 
 
 def parse_sources(spec: Any, field: str, format: str) -> tuple[SourceConfig, ...]:

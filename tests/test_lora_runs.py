@@ -15,6 +15,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+import test_resume
 from test_resume import losses, wait_for
 from test_trainer import ROOT
 
@@ -35,11 +36,7 @@ def command(workdir, *overrides):
 
 
 def run(workdir, *overrides, check=True):
-    result = subprocess.run(command(workdir, *overrides), cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return test_resume.run(workdir, *overrides, check=check, make=command)
 
 
 def eval_losses(workdir):
@@ -139,3 +136,23 @@ def test_training_continues_from_an_adapter_folder(lora_run, tmp_path):
                  "--config.adapter.rank=8", check=False)
     assert result.returncode != 0
     assert "adapter.rank: the folder has 4, the config 8" in result.stderr
+
+
+def test_a_qlora_run_merges_into_the_full_precision_base(tmp_path):
+    """An NF4 base under LoRA trains, and its merged export folds the adapter into the
+    checkpoint's own float weights: plain transformers gives what PEFT gives with the
+    adapter on the original base (folding into the dequantized weights would be off by
+    the quantization error)."""
+    workdir = tmp_path / "qlora"
+    result = run(workdir, "--config.adapter.quantize_base=nf4",
+                 "--config.adapter.quantize_block=32", "--config.export.merge_adapters=True",
+                 "--config.train.steps=4", "--config.checkpoint.every_steps=0")
+    assert "1,771,200 frozen (the base, its projections in nf4 blocks of 32" in result.stdout
+    tokens = torch.as_tensor(np.random.RandomState(0).randint(0, 200, (2, 20)))
+    base = transformers.AutoModelForCausalLM.from_pretrained(BASE, attn_implementation="eager")
+    with torch.no_grad():
+        with_adapter = peft.PeftModel.from_pretrained(
+            base, os.path.join(workdir, "export"))(tokens).logits.numpy()
+        merged = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.join(workdir, "export_merged"), attn_implementation="eager")(tokens)
+    assert np.abs(merged.logits.numpy() - with_adapter).max() <= 1e-4

@@ -32,9 +32,11 @@ def command(workdir, *overrides):
             f"--config.data.cache_dir={workdir}/../cache", *overrides]
 
 
-def run(workdir, *overrides, check=True):
-    result = subprocess.run(command(workdir, *overrides), cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+def run(workdir, *overrides, check=True, make=None):
+    """The run's command (`make(workdir, *overrides)`, this module's `command` by default)
+    to its end; its exit status checked unless `check` is False."""
+    result = subprocess.run((make or command)(workdir, *overrides), cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -299,10 +299,13 @@ def _read_unit(unit: _Unit, files: dict[str, str], dtype: np.dtype) -> dict[str,
 
 def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
             sharding: ShardingFn | None = None, cfg: ModelConfig | None = None,
+            transform: Callable[[str, jax.Array], Any] | None = None,
             **config_overrides: Any) -> tuple[ModelConfig, Params]:
     """Loads a local HF folder (config.json + model.safetensors or a sharded index).
 
-    `dtype` is the parameter dtype. `sharding(path)` places each parameter as it is read.
+    `dtype` is the parameter dtype. `sharding(path)` places each parameter as it is read;
+    `transform(path, array)` then replaces it (QLoRA quantizes kernels as they arrive, so
+    the float model never exists whole).
     `config_overrides` set runtime fields of the `ModelConfig` (compute_dtype, scan_layers);
     a caller that has already parsed the folder's config.json passes it as `cfg` instead.
     """
@@ -324,6 +327,8 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     for unit in plan:
         for our_path, host in _read_unit(unit, files, np_dtype).items():
             leaves[our_path] = _place(host, our_path, sharding)
+            if transform is not None:
+                leaves[our_path] = transform(our_path, leaves[our_path])
     params = jax.tree_util.tree_map_with_path(lambda p, _: leaves[path_str(p)],
                                               param_shapes(cfg))
     return cfg, params

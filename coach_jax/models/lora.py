@@ -93,7 +93,16 @@ def _a(module: nn.Module, cfg: ModelConfig, in_shape: tuple[int, ...],
 
 
 class Lora(projection.Strategy):
-    """The dense kernel plus a low-rank update on the modules `cfg.lora` names."""
+    """The dense kernel plus a low-rank update on the modules `cfg.lora` names. A kernel
+    held quantized (QLoRA's base, models/quantize.py) is dequantized here, when the
+    projection runs."""
+
+    def kernel(self, proj: Projection, in_shape: tuple[int, ...]) -> jax.Array:
+        kernel = super().kernel(proj, in_shape)
+        if isinstance(kernel, jax.Array):
+            return kernel
+        from coach_jax.models import quantize  # qwix is needed only for QLoRA
+        return quantize.dequantize(kernel, proj.cfg.compute_dtype)
 
     def adapt(self, proj: Projection, rows_NxI: jax.Array, y_NxO: jax.Array) -> jax.Array:
         spec = proj.cfg.lora

@@ -9,10 +9,11 @@ monitor apply the same base arrays (never a second copy).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,8 @@ from coach_jax.config import AdapterSettings, ConfigError, Settings
 from coach_jax.export import export_hf, write_tokenizer_files
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
-from coach_jax.models.lora import LoraSpec, is_adapter_path
+from coach_jax.models.builder import build_model
+from coach_jax.models.lora import LoraSpec, is_adapter_path, join_base
 
 # The base fingerprint reads tensors up to this size whole, larger ones by SLICES slices.
 WHOLE_TENSOR_BYTES = 1 << 20
@@ -58,6 +60,19 @@ def build_adapter(settings: Settings, base_cfg: ModelConfig, tokenizer_size: int
     return cfg, models.init(cfg, settings.train.seed, sharding, only=is_adapter_path)
 
 
+def base_transform(settings: Settings) -> Callable[[str, jax.Array], Any] | None:
+    """QLoRA: quantizes each projection kernel of the base as it is loaded."""
+    a = settings.adapter
+    if not a.enabled or a.quantize_base == "none":
+        return None
+    return functools.partial(_quantize_leaf, qtype=a.quantize_base, block=a.quantize_block)
+
+
+def _quantize_leaf(path: str, x: jax.Array, *, qtype: str, block: int) -> Any:
+    from coach_jax.models import quantize  # qwix is needed only for QLoRA
+    return quantize.quantize_leaf(path, x, qtype, block)
+
+
 def check_matches(found: LoraSpec, wanted: LoraSpec, a: AdapterSettings) -> None:
     """adapter.init_from's adapter must be the one the config describes."""
     differences = [f"{key}: the folder has {f!r}, the config {w!r}" for key, f, w in (
@@ -67,6 +82,23 @@ def check_matches(found: LoraSpec, wanted: LoraSpec, a: AdapterSettings) -> None
     if differences:
         raise ConfigError(f"adapter.init_from={a.init_from}: its adapter differs from the "
                           "config's (" + "; ".join(differences) + ")")
+
+
+def count_base_params(base: Params) -> int:
+    """The base's weights (a quantized kernel counts its weights, not its scales)."""
+    leaves = jax.tree.leaves(base, is_leaf=lambda x: hasattr(x, "qvalue"))
+    return int(sum(x.qvalue.size if hasattr(x, "qvalue") else x.size for x in leaves))
+
+
+def base_note(settings: Settings) -> str:
+    """How the frozen base is held, for the parameter line of the run log."""
+    a = settings.adapter
+    if not a.enabled:
+        return ""
+    if a.quantize_base == "none":
+        return f" (the base; LoRA rank {a.rank})"
+    return (f" (the base, its projections in {a.quantize_base} blocks of "
+            f"{a.quantize_block}; LoRA rank {a.rank})")
 
 
 def zero_adapter(adapter: Params) -> Params:
@@ -106,6 +138,15 @@ def base_fingerprint(settings: Settings) -> str:
     return digest.hexdigest()[:16]
 
 
+def full_precision_base(settings: Settings, tokenizer_size: int) -> Params:
+    """A QLoRA run's base as the checkpoint holds it, read again into host memory (never
+    the device, which holds the quantized one)."""
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    _, base = build_model(settings.model, tokenizer_size, settings.train.seed,
+                          sharding=lambda path: host)
+    return base
+
+
 def export_adapter(workdir: str, cfg: ModelConfig, params: Params, tokenizer: Any,
                    settings: Settings) -> str:
     """DIR/export: a PEFT adapter folder with the tokenizer and generation config; with
@@ -118,6 +159,9 @@ def export_adapter(workdir: str, cfg: ModelConfig, params: Params, tokenizer: An
     end_of_turn = settings.data.encode.end_of_turn
     write_tokenizer_files(out, tokenizer, end_of_turn)
     if settings.adapter.merge_on_export:
+        if settings.adapter.quantize_base != "none":  # merge into the full-precision base
+            params = join_base(full_precision_base(settings, len(tokenizer)),
+                               jax.device_get(adapter))
         merged_cfg, merged = adapters.merge(cfg, params)
         export_hf(os.path.join(workdir, "export_merged"), merged_cfg, merged, tokenizer,
                   settings.export.dtype, end_of_turn)

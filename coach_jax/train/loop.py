@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from coach_jax import data, memory, models, parallel, train
+from coach_jax import data, memory, parallel, train
 from coach_jax.checkpoint import Checkpointer, abstract, config_changes
 from coach_jax.config import Settings, flat_config, resolve
 from coach_jax.data.cache import tokenizer_fingerprint
@@ -79,7 +79,8 @@ def build_params(settings: Settings, tokenizer: Any, mesh: jax.sharding.Mesh
                  ) -> tuple[ModelConfig, Params]:
     """The starting parameters, created straight into their shards: checkpoint.init_from's
     when set (read once), else the HF folder's or fresh ones (models.builder)."""
-    model_cfg, params = build_model(settings.model, len(tokenizer), settings.train.seed, mesh)
+    model_cfg, params = build_model(settings.model, len(tokenizer), settings.train.seed, mesh,
+                                    transform=adapter_run.base_transform(settings))
     if settings.checkpoint.init_from:
         params = init_params_from(settings.checkpoint.init_from, params)
     return model_cfg, params
@@ -165,7 +166,7 @@ class Trainer:
         self.base = base_sharding = None
         if s.adapter.enabled:
             self.base = params
-            base_sharding = parallel.tree_shardings(params, self.model_cfg, self.mesh)
+            base_sharding = jax.tree.map(lambda x: x.sharding, params)
             self.model_cfg, params = adapter_run.build_adapter(s, self.model_cfg,
                                                                len(self.tokenizer), self.mesh)
         # The forgetting monitor's reference point: the parameters before any step (an
@@ -244,11 +245,12 @@ class Trainer:
         counts = param_groups.describe(self.parts.label_tree, self.state.params)
         frozen = counts.pop(param_groups.FROZEN, 0)
         if self.base is not None:
-            frozen += models.count_params(self.base)
+            frozen += adapter_run.count_base_params(self.base)
         groups = (" (" + ", ".join(f"{n:,} at lr x{param_groups.multiplier(l):g}"
                                    for l, n in sorted(counts.items())) + ")"
                   if len(counts) > 1 else "")
-        notes = [f"parameters: {sum(counts.values()):,} trainable{groups}, {frozen:,} frozen"]
+        notes = [f"parameters: {sum(counts.values()):,} trainable{groups}, {frozen:,} frozen"
+                 + adapter_run.base_note(self.settings)]
         warmup = self.settings.optimizer.schedule.warmup(self.total_steps)
         if warmup >= self.total_steps and self.settings.optimizer.schedule.name != "constant":
             notes.append(f"warning: the schedule's warmup ({warmup} steps) is not shorter than "
