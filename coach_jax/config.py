@@ -185,7 +185,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.adapter.rank = 16
     c.adapter.alpha = 32.0  # the update is scaled by alpha / rank (alpha / sqrt(rank): rsLoRA)
     c.adapter.use_rslora = False
-    c.adapter.dropout = 0.0  # dropout on the adapter's input while training
+    c.adapter.dropout = 0.0  # dropout on the adapter's input while training (PEFT's lora_dropout)
     # HF module names as PEFT matches them ("q_proj,v_proj"), "re:<regex>" over HF module
     # paths, or "all-linear".
     c.adapter.targets = "all-linear"
@@ -324,8 +324,6 @@ def _adapter_settings(c: ml_collections.ConfigDict) -> AdapterSettings:
         raise ConfigError(f"adapter.alpha={a.alpha} must be positive")
     if not 0.0 <= a.dropout < 1.0:
         raise ConfigError(f"adapter.dropout={a.dropout} must be in [0, 1)")
-    if a.dropout:
-        raise ConfigError("adapter.dropout > 0 is not implemented yet; set adapter.dropout=0")
     if a.quantize_base != "none":
         if importlib.util.find_spec("qwix") is None:
             raise ConfigError("adapter.quantize_base needs qwix: pip install 'coach_jax[qlora]'")

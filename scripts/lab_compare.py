@@ -1,4 +1,4 @@
-"""The lab's three runs side by side: the default coach, the bad coach, the coach too hard.
+"""The lab's runs side by side: the default coach, the bad coach, the coach too hard, LoRA.
 
 Trains each config (unless its workdir already has a report), for each seed, then writes
 one table (markdown, printed and saved as DIR/compare.md) and one plot (DIR/compare.png)
@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 RUNS = {"default": "configs/default.py", "bad_coach": "configs/lab_bad_coach.py",
-        "too_hard": "configs/lab_coach_too_hard.py"}
+        "too_hard": "configs/lab_coach_too_hard.py", "lora": "configs/lab_lora.py"}
 LAB_INFO = "assets/lab/lab.json"
 METRICS = {"schema_valid": "behaviour/eval/schema_valid",
            "fact_accuracy": "behaviour/eval/fact_accuracy",
@@ -86,7 +86,7 @@ def plot(results: dict, path: str, chance: float) -> None:
               ("fact_accuracy", "fact accuracy (held-out)"),
               ("forgetting_delta", "forgetting: reference loss delta (nats)"))
     for axis, (key, title) in zip(axes, panels):
-        for (name, by_seed), color in zip(results.items(), ("C0", "C3", "C1")):
+        for (name, by_seed), color in zip(results.items(), ("C0", "C3", "C1", "C2")):
             for seed, records in by_seed.items():
                 axis.plot([r["step"] for r in records], [r[METRICS[key]] for r in records],
                           color=color, alpha=0.9 if seed == min(by_seed) else 0.5,

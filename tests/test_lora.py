@@ -243,3 +243,27 @@ def test_a_data_fsdp_tensor_mesh_gives_one_devices_loss_and_gradients(tmp_path):
     assert abs(float(got[0]) - float(expected[0])) <= 1e-6
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_dropout_acts_in_training_only(tmp_path):
+    """With a dropout rng (the train step's) the adapter's input is dropped, a new mask per
+    rng, inverted so the mean over masks is the undropped adapter; without one (eval,
+    generation) the model is exactly the dropout-free one."""
+    model = _peft_model("phi3", tmp_path / "base")
+    cfg, base, adapter = _ours(model, tmp_path)
+    params = adapters.union(base, adapter)
+    dropped = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.5))
+    clean = np.asarray(models.hidden_states(cfg, params, TOKENS))
+    np.testing.assert_array_equal(np.asarray(models.hidden_states(dropped, params, TOKENS)),
+                                  clean)
+    draws = [np.asarray(models.hidden_states(dropped, params, TOKENS, None, None,
+                                             jax.random.key(i))) for i in range(64)]
+    assert np.abs(draws[0] - clean).max() > 1e-3 and np.abs(draws[0] - draws[1]).max() > 1e-3
+    np.testing.assert_array_equal(draws[0], np.asarray(models.hidden_states(
+        dropped, params, TOKENS, None, None, jax.random.key(0))))
+    base_only = np.asarray(models.hidden_states(
+        dataclasses.replace(cfg, projection="dense", lora=None), base, TOKENS))
+    # Averaged over masks the model sits near the undropped adapter, not halfway to the
+    # base (what dropping without rescaling would give).
+    mean = np.mean(draws, axis=0)
+    assert np.abs(mean - clean).mean() < 0.5 * np.abs(mean - base_only).mean()

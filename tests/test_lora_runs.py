@@ -1,6 +1,7 @@
-"""LoRA runs through the command line on the lab's base: adapter-only checkpoints, exact
-resume after kill -9, the base checked on resume, PEFT and merged exports, and an adapter
-folder that training continues from."""
+"""LoRA runs through the command line on the lab's base (adapter dropout on, so resume
+also restores its masks): adapter-only checkpoints, exact resume after kill -9, the base
+checked on resume, PEFT and merged exports, and an adapter folder that training continues
+from."""
 
 import json
 import os
@@ -26,7 +27,8 @@ BASE = os.path.join(ROOT, "assets", "lab", "base")
 def command(workdir, *overrides):
     return [sys.executable, "-m", "coach_jax.main", "--config", "configs/default.py",
             "--workdir", str(workdir), "--config.adapter.kind=lora", "--config.adapter.rank=4",
-            "--config.adapter.targets=q_proj,v_proj,down_proj", f"--config.train.steps={STEPS}",
+            "--config.adapter.targets=q_proj,v_proj,down_proj", "--config.adapter.dropout=0.1",
+            f"--config.train.steps={STEPS}",
             "--config.train.log_every=1", "--config.train.eval_every=0",
             "--config.eval.generate_examples=0", "--config.eval.reference=",
             "--config.eval.max_batches=2", "--config.checkpoint.every_steps=4",

@@ -106,7 +106,7 @@ def test_a_wandb_project_without_wandb_installed_is_refused_before_anything_load
 @pytest.mark.parametrize("overrides, message", [
     ({"adapter.kind": "qlora"}, r"adapter.kind='qlora' is not one of: none, lora"),
     ({"adapter.kind": "lora", "adapter.rank": 0}, r"adapter.rank=0 must be at least 1"),
-    ({"adapter.kind": "lora", "adapter.dropout": 0.1}, r"adapter.dropout > 0 is not"),
+    ({"adapter.kind": "lora", "adapter.dropout": 1.0}, r"adapter.dropout=1.0 must be in"),
     ({"adapter.kind": "lora", "adapter.targets": "re:("}, r"not a valid regular expression"),
     ({"adapter.kind": "lora", "adapter.init_from": "/nowhere"}, r"no adapter_config.json"),
     ({"adapter.init_from": "/nowhere"}, r"adapter.kind='none'"),

@@ -150,14 +150,14 @@ def union(base: Params, adapter: Params) -> Params:
 
 
 def save_peft(cfg: ModelConfig, adapter: Params, out_dir: str | os.PathLike,
-              base_model: str, dropout: float = 0.0) -> None:
+              base_model: str) -> None:
     """Writes a PEFT LoRA folder that `peft.PeftModel.from_pretrained` loads."""
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     spec = cfg.lora
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank,
-        "lora_alpha": spec.alpha, "lora_dropout": dropout, "use_rslora": spec.use_rslora,
+        "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.use_rslora,
         "target_modules": adapter_targets.hf_names(cfg, spec.modules), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "use_dora": False,
@@ -174,8 +174,8 @@ _MUST_BE = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "use_d
             "alpha_pattern": {}}
 
 
-def read_spec(folder: str, cfg: ModelConfig) -> tuple[LoraSpec, float]:
-    """The LoraSpec (and dropout) an adapter folder's config describes for model `cfg`."""
+def read_spec(folder: str, cfg: ModelConfig) -> LoraSpec:
+    """The LoraSpec an adapter folder's config describes for model `cfg`."""
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(path):
         raise AdapterError(f"{folder}: no {CONFIG_FILE} (expected a PEFT LoRA adapter folder)")
@@ -197,16 +197,16 @@ def read_spec(folder: str, cfg: ModelConfig) -> tuple[LoraSpec, float]:
         modules = adapter_targets.resolve(cfg, adapter_targets.parse(wanted))
     except adapter_targets.TargetError as e:
         raise AdapterError(f"{path}: target_modules: {e}") from e
-    spec = LoraSpec(int(config["r"]), float(config["lora_alpha"]), modules,
-                    bool(config.get("use_rslora", False)))
-    return spec, float(config.get("lora_dropout", 0.0))
+    return LoraSpec(int(config["r"]), float(config["lora_alpha"]), modules,
+                    bool(config.get("use_rslora", False)),
+                    float(config.get("lora_dropout") or 0.0))
 
 
 def load_peft(folder: str | os.PathLike, cfg: ModelConfig) -> tuple[LoraSpec, Params]:
     """An adapter folder for base model `cfg`: its spec and our adapter tree (param dtype
     of `cfg`). Every tensor must be there with its shape; extra ones are refused."""
     folder = os.fspath(folder)
-    spec, _ = read_spec(folder, cfg)
+    spec = read_spec(folder, cfg)
     lora_cfg = dataclasses.replace(cfg, projection="lora", lora=spec)
     file = os.path.join(folder, WEIGHTS_FILE)
     try:

@@ -47,7 +47,8 @@ class Decoder(nn.Module):
                              prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(
-                layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                layer, variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
                 # positions, segment ids, rope tables, cache slots are shared by all layers;
                 # each layer has its own window and index.
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
@@ -134,11 +135,14 @@ def _defaults(tokens_BxT: jax.Array, positions_BxT: jax.Array | None,
 @functools.partial(jax.jit, static_argnums=0)
 def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array,
                   positions: jax.Array | None = None,
-                  segment_ids: jax.Array | None = None) -> jax.Array:
-    """Final hidden states [B, T, D]: the input of the LM head (and of chunked losses)."""
+                  segment_ids: jax.Array | None = None,
+                  dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Final hidden states [B, T, D]: the input of the LM head (and of chunked losses).
+    `dropout_rng` switches on the model's dropout (LoRA's, when it has one): training."""
     return Decoder(cfg).apply({"params": params}, tokens,
                               *_defaults(tokens, positions, segment_ids),
-                              method=Decoder.hidden_states)
+                              method=Decoder.hidden_states,
+                              rngs=None if dropout_rng is None else {"dropout": dropout_rng})
 
 
 @functools.partial(jax.jit, static_argnums=0)

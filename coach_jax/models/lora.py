@@ -36,12 +36,17 @@ class LoraSpec:
     alpha: float
     modules: tuple[str, ...]
     use_rslora: bool = False
+    # Dropout on the adapter's input, in training only (when the forward pass is given a
+    # "dropout" rng): inverted, so evaluation needs no rescaling.
+    dropout: float = 0.0
 
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"adapter.rank={self.rank} must be at least 1")
         if not self.modules:
             raise ValueError("an adapter needs at least one target module")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter.dropout={self.dropout} must be in [0, 1)")
 
     @property
     def scale(self) -> float:
@@ -82,7 +87,17 @@ class SharedA(nn.Module):
     def __call__(self, rows_NxI: jax.Array, in_shape: tuple[int, ...],
                  in_axes: tuple[str, ...]) -> jax.Array:
         a = _a(self, self.cfg, in_shape, in_axes)
+        rows_NxI = _dropout(self, self.cfg.lora, rows_NxI)
         return rows_NxI @ a.reshape(rows_NxI.shape[-1], -1).astype(rows_NxI.dtype)
+
+
+def _dropout(module: nn.Module, spec: LoraSpec, rows_NxI: jax.Array) -> jax.Array:
+    """The adapter's input dropout, where training gave the forward pass a dropout rng."""
+    if not spec.dropout or not module.has_rng("dropout"):
+        return rows_NxI
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - spec.dropout,
+                                rows_NxI.shape)
+    return jnp.where(keep, rows_NxI / (1.0 - spec.dropout), 0).astype(rows_NxI.dtype)
 
 
 def _a(module: nn.Module, cfg: ModelConfig, in_shape: tuple[int, ...],
@@ -113,7 +128,8 @@ class Lora(projection.Strategy):
             xa_NxR = proj.shared(rows_NxI, in_shape, proj.in_axes)
         else:
             a = _a(proj, proj.cfg, in_shape, proj.in_axes)
-            xa_NxR = rows_NxI @ a.reshape(rows_NxI.shape[-1], -1).astype(rows_NxI.dtype)
+            xa_NxR = (_dropout(proj, spec, rows_NxI)
+                      @ a.reshape(rows_NxI.shape[-1], -1).astype(rows_NxI.dtype))
         b = proj.declare("lora_b", nn.initializers.zeros, (spec.rank, *proj.out_shape),
                          ("lora_rank", *proj.out_axes))
         delta = xa_NxR @ b.reshape(spec.rank, -1).astype(y_NxO.dtype)

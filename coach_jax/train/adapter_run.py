@@ -45,7 +45,8 @@ def build_adapter(settings: Settings, base_cfg: ModelConfig, tokenizer_size: int
                 "adapter.kind=lora trains no embedding rows, so the model could never learn "
                 "them (e.g. a chat template's end-of-turn token): use a tokenizer the base "
                 "model knows, or full fine-tuning (adapter.kind=none)")
-    wanted = LoraSpec(a.rank, a.alpha, adapters.resolve(base_cfg, a.targets), a.use_rslora)
+    wanted = LoraSpec(a.rank, a.alpha, adapters.resolve(base_cfg, a.targets), a.use_rslora,
+                      a.dropout)
     if a.init_from:
         spec, adapter = adapters.load_peft(a.init_from, base_cfg)
         check_matches(spec, wanted, a)
@@ -74,7 +75,8 @@ def _quantize_leaf(path: str, x: jax.Array, *, qtype: str, block: int) -> Any:
 
 
 def check_matches(found: LoraSpec, wanted: LoraSpec, a: AdapterSettings) -> None:
-    """adapter.init_from's adapter must be the one the config describes."""
+    """adapter.init_from's adapter must be the one the config describes (its dropout, a
+    training choice, may differ: the config's applies)."""
     differences = [f"{key}: the folder has {f!r}, the config {w!r}" for key, f, w in (
         ("adapter.rank", found.rank, wanted.rank), ("adapter.alpha", found.alpha, wanted.alpha),
         ("adapter.use_rslora", found.use_rslora, wanted.use_rslora),

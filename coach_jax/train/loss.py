@@ -137,7 +137,8 @@ def loss_sums(per_token: tuple[jax.Array, jax.Array, jax.Array], batch: dict[str
 
 def batch_sums(model_cfg: ModelConfig, params: Params, batch: Arrays, config: LossConfig,
                num_sources: int = 1, extra: ExtraTerms | None = None,
-               extra_inputs: Arrays | None = None) -> Arrays:
+               extra_inputs: Arrays | None = None,
+               dropout_rng: jax.Array | None = None) -> Arrays:
     """The one forward-and-loss pass that training, held-out eval and the forgetting monitor
     share: hidden states, the LM head and cross-entropy in chunks, then `loss_sums`.
 
@@ -146,7 +147,7 @@ def batch_sums(model_cfg: ModelConfig, params: Params, batch: Arrays, config: Lo
     summed over the real (non-padding) positions, whose count is `positions`.
     """
     hidden = models.hidden_states(model_cfg, params, batch["inputs"], batch["positions"],
-                                  batch["segment_ids"])
+                                  batch["segment_ids"], dropout_rng)
 
     def per_token(part: Arrays) -> Arrays:
         logits = models.logits_from_hidden(model_cfg, params, part["hidden"])

@@ -65,25 +65,36 @@ def train_step(state: TrainState, batch: Batch, base: Params | None = None, *,
         params = param_groups.merge(p, frozen)
         return params if base is None else join_base(base, params)
 
-    def sums_and_grads(trainable_params: Params, micro: Batch) -> tuple[dict, Params]:
+    # Dropout (LoRA's): a mask per step and micro-batch, from the state's key.
+    lora = config.model.lora
+    step_rng = (jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+                if lora is not None and lora.dropout > 0 else None)
+
+    def sums_and_grads(trainable_params: Params, micro: Batch, index: jax.Array
+                       ) -> tuple[dict, Params]:
+        rng = None if step_rng is None else jax.random.fold_in(step_rng, index)
+
         def numerator(p):
             sums = batch_sums(config.model, model_params(p), micro, config.loss,
-                              config.num_sources)
+                              config.num_sources, dropout_rng=rng)
             return sums["numerator"], sums
         (_, sums), grads = jax.value_and_grad(numerator, has_aux=True)(trainable_params)
         return sums, grads
 
     if config.micro_batches == 1:
-        sums, grad_sum = sums_and_grads(trainable, batch)
+        sums, grad_sum = sums_and_grads(trainable, batch, jnp.int32(0))
     else:
-        def accumulate(carry, micro):
-            sums, grads = sums_and_grads(trainable, micro)
+        def accumulate(carry, indexed):
+            micro, index = indexed
+            sums, grads = sums_and_grads(trainable, micro, index)
             return jax.tree.map(jnp.add, carry, (sums, grads)), None
         zeros = jax.eval_shape(sums_and_grads, trainable,
-                               jax.tree.map(lambda x: x[0], _micro_batches(batch, 1)))
+                               jax.tree.map(lambda x: x[0], _micro_batches(batch, 1)),
+                               jnp.int32(0))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-        (sums, grad_sum), _ = jax.lax.scan(accumulate, zeros,
-                                           _micro_batches(batch, config.micro_batches))
+        (sums, grad_sum), _ = jax.lax.scan(
+            accumulate, zeros, (_micro_batches(batch, config.micro_batches),
+                                jnp.arange(config.micro_batches, dtype=jnp.int32)))
 
     denominator = jnp.maximum(sums["denominator"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grad_sum)
