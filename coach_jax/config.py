@@ -37,7 +37,7 @@ from coach_jax.train.optimizers import OptimizerConfig
 from coach_jax.train.param_groups import FROZEN, ParamGroups
 from coach_jax.train.schedules import SCHEDULES, ScheduleConfig
 
-MODES = ("train", "eval", "lint", "inspect", "export", "generate", "chat")
+MODES = ("train", "eval", "lint", "inspect", "export", "generate", "chat", "memory")
 # Optimizer hyperparameters declared as keys (unset = the optimizer's own default); any
 # other goes in optimizer.extra as "name=value,name=value".
 COMMON_HPARAMS = {"b1": float, "b2": float, "eps": float, "weight_decay": float,

@@ -1,7 +1,7 @@
 """Command line entry point.
 
   python -m coach_jax.main --config configs/default.py --workdir runs/demo \
-      [--mode=train|eval|lint|inspect|export] [--config.optimizer.name=lion ...]
+      [--mode=train|eval|lint|inspect|export|memory] [--config.optimizer.name=lion ...]
   python -m coach_jax.main --mode=chat --model runs/demo/export
   python -m coach_jax.main --mode=generate --model DIR --input in.jsonl --output out.jsonl
 """

@@ -47,8 +47,33 @@ class MemoryEstimate:
 
 def _per_device(abstract_tree: Any, shardings: Any) -> float:
     leaves = zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings))
-    return float(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize * shard_fraction(s)
+    return float(sum(np.prod(x.shape) * _itemsize(x.dtype) * shard_fraction(s)
                      for x, s in leaves))
+
+
+def _itemsize(dtype: Any) -> float:
+    """Bytes per element as the device stores it: 4-bit codes (QLoRA's int4 and NF4) two
+    to a byte on accelerators, one per byte on CPU."""
+    if np.dtype(dtype).itemsize == 1 and "4" in np.dtype(dtype).name:
+        return 1.0 if jax.default_backend() == "cpu" else 0.5
+    return float(np.dtype(dtype).itemsize)
+
+
+def base_bytes(base: Any) -> float:
+    """A frozen base's bytes per device (placed arrays, or shapes counted whole)."""
+    leaves = jax.tree.leaves(base)
+    return float(sum(np.prod(x.shape) * _itemsize(x.dtype)
+                     * (shard_fraction(x.sharding) if getattr(x, "sharding", None) else 1.0)
+                     for x in leaves))
+
+
+def dequantized_layer_bytes(cfg: ModelConfig) -> float:
+    """One decoder layer's projection kernels in the compute dtype: what a QLoRA forward
+    (and its recomputation in the backward pass) holds dequantized at a time."""
+    q = cfg.num_heads * cfg.head_dim
+    kv = 2 * cfg.num_kv_heads * cfg.head_dim
+    weights = cfg.hidden_size * (2 * q + kv) + 3 * cfg.hidden_size * cfg.intermediate_size
+    return float(weights * np.dtype(cfg.compute_dtype).itemsize)
 
 
 def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: int) -> float:
@@ -74,19 +99,22 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
 
 def estimate(abstract_state: Any, state_shardings: Any, trainable: Any, cfg: ModelConfig,
              rows_per_device: int, seq_len: int, chunk_tokens: int,
-             base: Any = None) -> MemoryEstimate:
-    """`base`: an adapter run's frozen base (placed arrays), outside the state."""
+             base: Any = None, quantized: bool = False) -> MemoryEstimate:
+    """`base`: an adapter run's frozen base (placed arrays or shapes), outside the state;
+    `quantized`: held as QLoRA codes, dequantized one layer at a time."""
     params = _per_device(abstract_state.params, state_shardings.params)
     if base is not None:
-        params += _per_device(base, jax.tree.map(lambda x: x.sharding, base))
+        params += base_bytes(base)
     trainable_leaves = [(x, s) for x, s, keep in zip(
         jax.tree.leaves(abstract_state.params), jax.tree.leaves(state_shardings.params),
         jax.tree.leaves(trainable, is_leaf=lambda v: v is None)) if keep is not None]
     gradients = float(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize * shard_fraction(s)
                           for x, s in trainable_leaves))
     optimizer = _per_device(abstract_state.opt_state, state_shardings.opt_state)
-    return MemoryEstimate(params, gradients, optimizer,
-                          activation_bytes(cfg, rows_per_device, seq_len, chunk_tokens))
+    activations = activation_bytes(cfg, rows_per_device, seq_len, chunk_tokens)
+    if quantized:  # the layer being computed, forward or recomputed, and its input grads
+        activations += 2 * dequantized_layer_bytes(cfg)
+    return MemoryEstimate(params, gradients, optimizer, activations)
 
 
 def device_bytes() -> float | None:
@@ -96,13 +124,24 @@ def device_bytes() -> float | None:
 
 
 def check(found: MemoryEstimate, budget: float | None, headroom: float, mesh_shape,
-          micro_batches: int, remat: str) -> None:
-    """Raises with suggestions when the estimate exceeds `headroom` of the budget."""
+          micro_batches: int, remat: str, adapter: Any = None) -> None:
+    """Raises with suggestions when the estimate exceeds `headroom` of the budget.
+    `adapter`: the run's AdapterSettings (what an adapter run can change)."""
     if budget is None or found.total <= headroom * budget:
         return
     data, fsdp, tensor = mesh_shape
     hints = []
-    if found.params + found.optimizer + found.gradients > 0.5 * found.total and data > 1:
+    weights = found.params + found.optimizer + found.gradients
+    if weights > 0.5 * found.total:
+        if adapter is None or not adapter.enabled:
+            hints.append("train an adapter on the frozen base (adapter.kind=lora; with "
+                         "adapter.quantize_base=nf4 the base takes about a quarter)")
+        elif adapter.quantize_base in ("none", "int8"):
+            hints.append("hold the base quantized (adapter.quantize_base=nf4)")
+        if adapter is not None and adapter.enabled and found.optimizer + found.gradients > \
+                0.2 * found.total:
+            hints.append(f"a lower adapter.rank (now {adapter.rank})")
+    if weights > 0.5 * found.total and data > 1:
         hints.append(f"shard parameters and optimizer state over more devices (mesh.fsdp="
                      f"{fsdp * data}, mesh.data=1)")
     if found.activations > 0.3 * found.total:

@@ -47,6 +47,30 @@ def inspect(config, workdir, inspect_examples: int = 3, **_) -> int:
     return 0
 
 
+def memory(config, workdir, **_) -> int:
+    """The run's per-device memory estimate from config.json alone (no weights loaded), and
+    whether it fits the device (memory.device_bytes, or what the device reports); exit 1
+    with suggestions when it does not."""
+    from coach_jax import memory as memory_check, parallel
+    from coach_jax.train import memory_plan
+    settings = resolve(config, jax.device_count(), jax.process_count())
+    tokenizer = data.load_tokenizer(settings.tokenizer_path, settings.chat_template)
+    found = memory_plan.estimate(settings, len(tokenizer), parallel.make_mesh(settings.mesh_shape))
+    budget = settings.memory.device_bytes or memory_check.device_bytes()
+    print(f"memory estimate: {found.describe()} (device: "
+          f"{memory_check.human(budget) if budget else 'unknown'})")
+    try:
+        memory_check.check(found, budget, settings.memory.headroom, settings.mesh_shape,
+                           settings.train.micro_batches, settings.model.remat,
+                           settings.adapter)
+    except memory_check.DoesNotFitError as e:
+        print(f"does not fit: {e}")
+        return 1
+    if budget:
+        print(f"fits: {found.total / budget:.0%} of the device")
+    return 0
+
+
 def _restored_trainer(config, workdir, step=None):
     from coach_jax.train.loop import Trainer
     trainer = Trainer(config, workdir, with_data=False)

@@ -127,3 +127,49 @@ def test_a_4_bit_base_is_under_0_3_of_bf16():
         packed = quantize.packed_bytes([k for k in kernels if quantize.is_quantized(k)])
         bf16 = sum(k.qvalue.size * 2 for k in kernels if quantize.is_quantized(k))
         assert packed / bf16 <= 0.3, (qtype, packed / bf16)
+
+
+LLAMA_3_1_8B = {  # Llama-3.1-8B's config.json, less what does not change the shapes
+    "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+
+
+def test_the_8b_qlora_recipe_fits_a_16_gb_gpu_by_the_memory_check(tmp_path):
+    """--mode=memory on configs/llama3_1_8b_qlora.py with Llama-3.1-8B's config.json (no
+    weights): NF4, rank 16, 2048 tokens, one row per micro-batch, full remat, against a
+    16 GB device; the figure counts 4-bit codes at a byte each, as CPU jax stores them."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from test_trainer import LAB, ROOT
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
+    result = subprocess.run(
+        [sys.executable, "-m", "coach_jax.main", "--mode=memory", "--config",
+         f"configs/llama3_1_8b_qlora.py:{tmp_path}",
+         f"--config.tokenizer.path={os.path.join(LAB, 'tokenizer')}",
+         f"--config.data.train={os.path.join(LAB, 'train.jsonl')}",
+         "--config.memory.device_bytes=17179869184"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "XLA_FLAGS": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("memory estimate:"))
+    total = float(line.split()[2])
+    assert line.split()[3] == "GiB" and 8 < total <= 14, line
+    assert "fits:" in result.stdout
+    # The same model without quantization or an adapter does not fit, and the check says
+    # what would.
+    full = subprocess.run(
+        [sys.executable, "-m", "coach_jax.main", "--mode=memory", "--config",
+         f"configs/llama3_1_8b_qlora.py:{tmp_path}",
+         f"--config.tokenizer.path={os.path.join(LAB, 'tokenizer')}",
+         f"--config.data.train={os.path.join(LAB, 'train.jsonl')}",
+         "--config.memory.device_bytes=17179869184", "--config.adapter.kind=none",
+         "--config.adapter.quantize_base=none"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "XLA_FLAGS": ""})
+    assert full.returncode == 1 and "adapter.kind=lora" in full.stdout, full.stdout[-2000:]

@@ -208,13 +208,14 @@ class Trainer:
             s.train.micro_batches * self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         self.memory = memory.estimate(abstract_state, self.state_sharding, trainable,
                                       self.model_cfg, max(rows, 1), s.data.max_seq_len,
-                                      s.train.loss.chunk_tokens, self.base)
+                                      s.train.loss.chunk_tokens, self.base,
+                                      quantized=s.adapter.quantize_base != "none")
         budget = s.memory.device_bytes or memory.device_bytes()
         logging.info("memory estimate: %s (device: %s)", self.memory.describe(),
                      memory.human(budget) if budget else "unknown")
         if s.memory.check:
             memory.check(self.memory, budget, s.memory.headroom, s.mesh_shape,
-                         s.train.micro_batches, s.model.remat)
+                         s.train.micro_batches, s.model.remat, s.adapter)
 
     @functools.cached_property
     def _identity(self) -> dict[str, Any]:
