@@ -189,6 +189,7 @@ def base_config() -> ml_collections.ConfigDict:
     # HF module names as PEFT matches them ("q_proj,v_proj"), "re:<regex>" over HF module
     # paths, or "all-linear".
     c.adapter.targets = "all-linear"
+    c.adapter.layers = ()  # decoder layers with adapters (PEFT's layers_to_transform); () = all
     c.adapter.init_from = ""  # a PEFT LoRA adapter folder to continue training
     # QLoRA: the frozen base's projection kernels held quantized: none | int8 | int4 | nf4,
     # one scale per block of this many input channels (pip install 'coach_jax[qlora]').
@@ -266,6 +267,7 @@ class AdapterSettings:
     use_rslora: bool = False
     dropout: float = 0.0
     targets: str | tuple[str, ...] = "all-linear"
+    layers: tuple[int, ...] = ()  # () = every layer
     init_from: str = ""
     merge_on_export: bool = False
     quantize_base: str = "none"  # none | int8 | int4 | nf4
@@ -339,8 +341,12 @@ def _adapter_settings(c: ml_collections.ConfigDict) -> AdapterSettings:
     if c.train.trainable_last_layers >= 0 or c.train.freeze:
         raise ConfigError("adapter.kind=lora trains only the adapter: train.freeze and "
                           "train.trainable_last_layers do not apply (use adapter.targets)")
+    layers = (a.layers,) if isinstance(a.layers, int) else tuple(a.layers)
+    if not all(isinstance(i, int) and i >= 0 for i in layers):
+        raise ConfigError(f"adapter.layers={a.layers!r}: layer indices (0, 1, ...), or () "
+                          "for every layer")
     return AdapterSettings(a.kind, a.rank, float(a.alpha), a.use_rslora, a.dropout, targets,
-                           a.init_from, c.export.merge_adapters, a.quantize_base,
+                           layers, a.init_from, c.export.merge_adapters, a.quantize_base,
                            a.quantize_block)
 
 

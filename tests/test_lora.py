@@ -87,7 +87,7 @@ def test_zero_b_computes_the_base_model_exactly(tmp_path, scan_layers):
     hf_reference.build("llama3").save_pretrained(tmp_path)
     cfg, base = models.load_hf(tmp_path, scan_layers=scan_layers)
     lora_cfg = dataclasses.replace(cfg, projection="lora", lora=LoraSpec(
-        4, 8.0, targets.resolve(cfg, "all-linear")))
+        4, 8.0, targets.resolve(cfg, "all-linear")[0]))
     adapter = peft_io.split(models.init(lora_cfg, 0))[1]
     a = adapter["layers" if scan_layers else "layers_0"]["self_attn"]["q_proj"]["lora_a"]
     assert np.abs(np.asarray(a)).max() > 0  # A is random, B zero
@@ -192,12 +192,19 @@ def test_targets_match_as_peft_matches(family, wanted, expected):
         with pytest.raises(targets.TargetError, match="match no projection.*its modules are"):
             targets.resolve(cfg, wanted)
     else:
-        assert targets.resolve(cfg, wanted) == expected
+        assert targets.resolve(cfg, wanted) == (expected, None)
 
 
-def test_targets_that_differ_between_layers_are_refused():
-    with pytest.raises(targets.TargetError, match=r"layers \[1\]"):
-        targets.resolve(_cfg("llama3"), "re:model\\.layers\\.0\\.self_attn\\.q_proj")
+def test_targets_select_layers_and_must_agree_between_them():
+    cfg = _cfg("llama3")
+    assert targets.resolve(cfg, "re:model\\.layers\\.1\\.self_attn\\.q_proj") == (
+        ("self_attn/q_proj",), (1,))
+    assert targets.resolve(cfg, ("q_proj",), (0,)) == (("self_attn/q_proj",), (0,))
+    with pytest.raises(targets.TargetError, match=r"other projections in layers \[1\]"):
+        targets.resolve(cfg, "re:model\\.layers\\.0\\.self_attn\\.q_proj|"
+                             "model\\.layers\\.1\\.self_attn\\.v_proj")
+    with pytest.raises(targets.TargetError, match="this model has layers 0 to 1"):
+        targets.resolve(cfg, "all-linear", (2,))
 
 
 def test_comma_separated_targets_and_bad_regex():
@@ -267,3 +274,35 @@ def test_dropout_acts_in_training_only(tmp_path):
     # base (what dropping without rescaling would give).
     mean = np.mean(draws, axis=0)
     assert np.abs(mean - clean).mean() < 0.5 * np.abs(mean - base_only).mean()
+
+
+def test_an_adapter_on_some_layers_only(tmp_path):
+    """PEFT's layers_to_transform=[1]: loaded with PEFT's logits, exported back with the
+    same, and under scan the other layer's adapter stays exactly zero while training."""
+    base = hf_reference.build("llama3")
+    base.save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(base, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1],
+        task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    cfg, base_params, adapter = _ours(model, tmp_path)
+    assert cfg.lora.layers == (1,) and cfg.lora.modules == ("self_attn/q_proj", "mlp/down_proj")
+    params = adapters.union(base_params, adapter)
+    logits = np.asarray(models.apply(cfg, params, TOKENS))
+    assert np.abs(logits - _logits(model)).max() <= RELATIVE
+    adapters.save_peft(cfg, adapter, tmp_path / "ours", base_model="")
+    reloaded = peft.PeftModel.from_pretrained(hf_reference.build("llama3"), tmp_path / "ours")
+    assert np.abs(_logits(reloaded) - logits).max() <= RELATIVE
+
+    optimizer = train.OptimizerConfig("adamw", learning_rate=1e-2, grad_clip_norm=None,
+                                      schedule=train.ScheduleConfig("constant"))
+    groups = train.ParamGroups(trainable_layers=(1,))
+    state, step_config, parts = train.setup(cfg, adapter, optimizer, groups, 10)
+    step = train.compile_train_step(step_config, parts)
+    for i in range(2):
+        state, _ = step(state, _batch(i), base_params)
+    b = state.params["layers"]["mlp"]["down_proj"]["lora_b"]
+    assert np.abs(np.asarray(b[0])).max() == 0 and np.abs(np.asarray(b[1])).max() > 0

@@ -86,7 +86,7 @@ def test_a_qlora_step_is_lora_on_the_dequantized_base(llama, qtype):
     equal LoRA's on dequant(quant(W)) as plain float weights."""
     cfg, base = llama
     lora_cfg = dataclasses.replace(cfg, projection="lora", lora=LoraSpec(
-        4, 8.0, targets.resolve(cfg, "all-linear")))
+        4, 8.0, targets.resolve(cfg, "all-linear")[0]))
     adapter = jax.tree.map(lambda x: x + 0.05, adapters.split(models.init(lora_cfg, 0))[1])
     quantized = quantize.quantize_base(base, qtype, BLOCK)
     dequantized = jax.tree.map(

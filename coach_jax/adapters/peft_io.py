@@ -82,7 +82,8 @@ def _b_rows(cfg: ModelConfig, module: str) -> int:
 def _slots(cfg: ModelConfig) -> list[_Slot]:
     names = families.family(cfg.model_type).tensors
     slots = []
-    for layer in range(cfg.num_layers):
+    layers = cfg.lora.layers if cfg.lora.layers is not None else range(cfg.num_layers)
+    for layer in layers:
         for path, (hf, leaf) in _paths(cfg, layer).items():
             row = 0
             if leaf == "lora_B":
@@ -160,7 +161,8 @@ def save_peft(cfg: ModelConfig, adapter: Params, out_dir: str | os.PathLike,
         "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.use_rslora,
         "target_modules": adapter_targets.hf_names(cfg, spec.modules), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "use_dora": False,
+        "modules_to_save": None, "use_dora": False,
+        "layers_to_transform": None if spec.layers is None else list(spec.layers),
         "base_model_name_or_path": base_model}
     save_file(to_peft(cfg, adapter), os.path.join(out_dir, WEIGHTS_FILE),
               metadata={"format": "pt"})
@@ -170,8 +172,7 @@ def save_peft(cfg: ModelConfig, adapter: Params, out_dir: str | os.PathLike,
 
 # adapter_config.json settings whose other values change what the adapter computes.
 _MUST_BE = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "use_dora": False,
-            "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
-            "alpha_pattern": {}}
+            "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def read_spec(folder: str, cfg: ModelConfig) -> LoraSpec:
@@ -193,13 +194,15 @@ def read_spec(folder: str, cfg: ModelConfig) -> LoraSpec:
             raise AdapterError(f"{path}: no {key!r}")
     raw = config["target_modules"]
     wanted = f"re:{raw}" if isinstance(raw, str) and raw != adapter_targets.ALL_LINEAR else raw
+    layers = config.get("layers_to_transform")
+    layers = (layers,) if isinstance(layers, int) else tuple(layers) if layers else None
     try:
-        modules = adapter_targets.resolve(cfg, adapter_targets.parse(wanted))
+        modules, layers = adapter_targets.resolve(cfg, adapter_targets.parse(wanted), layers)
     except adapter_targets.TargetError as e:
         raise AdapterError(f"{path}: target_modules: {e}") from e
     return LoraSpec(int(config["r"]), float(config["lora_alpha"]), modules,
                     bool(config.get("use_rslora", False)),
-                    float(config.get("lora_dropout") or 0.0))
+                    float(config.get("lora_dropout") or 0.0), layers)
 
 
 def load_peft(folder: str | os.PathLike, cfg: ModelConfig) -> tuple[LoraSpec, Params]:

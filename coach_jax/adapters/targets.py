@@ -59,23 +59,35 @@ def parse(value: str | tuple[str, ...] | list[str]) -> str | tuple[str, ...]:
     return names
 
 
-def resolve(cfg: ModelConfig, targets: str | tuple[str, ...]) -> tuple[str, ...]:
-    """Our targeted projections. Every layer must select the same ones (the layers share
-    one parameter structure); a fused module is targeted whole."""
-    per_layer = [tuple(m for m in PROJECTIONS if matches(targets, hf_module(cfg, i, m)))
-                 for i in range(cfg.num_layers)]
-    chosen = per_layer[0]
-    if any(layer != chosen for layer in per_layer):
-        differing = [i for i, layer in enumerate(per_layer) if layer != chosen]
-        raise TargetError(f"adapter.targets {targets!r} select different projections in "
-                          f"layers {differing} than in layer 0 ({', '.join(chosen) or 'none'}); "
-                          "adapters go on the same projections of every layer")
-    if not chosen:
+def resolve(cfg: ModelConfig, targets: str | tuple[str, ...],
+            layers: tuple[int, ...] | None = None
+            ) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+    """Our targeted projections and the layers that have them (None: every layer), from
+    the targets and an optional layer selection (PEFT's layers_to_transform). The chosen
+    layers must all select the same projections (they share one parameter structure); a
+    fused module is targeted whole."""
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < cfg.num_layers]
+        if bad or not layers:
+            raise TargetError(f"adapter.layers {list(layers)}: this model has layers 0 to "
+                              f"{cfg.num_layers - 1}")
+    candidates = sorted(set(layers)) if layers is not None else range(cfg.num_layers)
+    per_layer = {i: tuple(m for m in PROJECTIONS if matches(targets, hf_module(cfg, i, m)))
+                 for i in candidates}
+    selected = [i for i in candidates if per_layer[i]]
+    if not selected:
         names = sorted({hf_module(cfg, 0, m).rsplit(".", 1)[-1] for m in PROJECTIONS})
         raise TargetError(f"adapter.targets {targets!r} match no projection of this "
                           f"{cfg.model_type} model; its modules are {', '.join(names)} "
                           f"(or use {ALL_LINEAR})")
-    return chosen
+    chosen = per_layer[selected[0]]
+    differing = [i for i in selected if per_layer[i] != chosen]
+    if differing:
+        raise TargetError(f"adapter.targets {targets!r} select other projections in "
+                          f"layers {differing} than in layer {selected[0]} "
+                          f"({', '.join(chosen)}); adapters go on the same projections of "
+                          "every layer they are in")
+    return chosen, (None if selected == list(range(cfg.num_layers)) else tuple(selected))
 
 
 def hf_names(cfg: ModelConfig, modules: tuple[str, ...]) -> list[str]:

@@ -39,6 +39,10 @@ class LoraSpec:
     # Dropout on the adapter's input, in training only (when the forward pass is given a
     # "dropout" rng): inverted, so evaluation needs no rescaling.
     dropout: float = 0.0
+    # The decoder layers that have the adapter (PEFT's layers_to_transform); None: all.
+    # Under scan every layer holds A and B, and the others' B stays zero (their rows of
+    # the gradient and update are masked: train.param_groups).
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.rank < 1:

@@ -45,8 +45,8 @@ def build_adapter(settings: Settings, base_cfg: ModelConfig, tokenizer_size: int
                 "adapter.kind=lora trains no embedding rows, so the model could never learn "
                 "them (e.g. a chat template's end-of-turn token): use a tokenizer the base "
                 "model knows, or full fine-tuning (adapter.kind=none)")
-    wanted = LoraSpec(a.rank, a.alpha, adapters.resolve(base_cfg, a.targets), a.use_rslora,
-                      a.dropout)
+    modules, layers = adapters.resolve(base_cfg, a.targets, a.layers or None)
+    wanted = LoraSpec(a.rank, a.alpha, modules, a.use_rslora, a.dropout, layers)
     if a.init_from:
         spec, adapter = adapters.load_peft(a.init_from, base_cfg)
         check_matches(spec, wanted, a)
@@ -80,7 +80,8 @@ def check_matches(found: LoraSpec, wanted: LoraSpec, a: AdapterSettings) -> None
     differences = [f"{key}: the folder has {f!r}, the config {w!r}" for key, f, w in (
         ("adapter.rank", found.rank, wanted.rank), ("adapter.alpha", found.alpha, wanted.alpha),
         ("adapter.use_rslora", found.use_rslora, wanted.use_rslora),
-        ("adapter.targets", found.modules, wanted.modules)) if f != w]
+        ("adapter.targets", found.modules, wanted.modules),
+        ("adapter.layers", found.layers, wanted.layers)) if f != w]
     if differences:
         raise ConfigError(f"adapter.init_from={a.init_from}: its adapter differs from the "
                           "config's (" + "; ".join(differences) + ")")

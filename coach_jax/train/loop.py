@@ -177,8 +177,11 @@ class Trainer:
                            if self.base is None else
                            join_base(self.base, adapter_run.zero_adapter(params)))
 
+        groups = s.train.groups
+        if self.base is not None and self.model_cfg.lora.layers is not None:
+            groups = dataclasses.replace(groups, trainable_layers=self.model_cfg.lora.layers)
         step_config, self.parts = train.prepare(
-            self.model_cfg, params, s.optimizer, s.train.groups, self.total_steps,
+            self.model_cfg, params, s.optimizer, groups, self.total_steps,
             loss=s.train.loss, micro_batches=s.train.micro_batches,
             num_sources=len(s.data.train_sources))
         create = functools.partial(train.create_state, parts=self.parts, seed=s.train.seed)

@@ -46,8 +46,9 @@ def estimate(settings: Settings, tokenizer_size: int, mesh: jax.sharding.Mesh
     shapes = param_shapes(cfg)
     base = None
     if a.enabled:
+        modules, layers = adapters.resolve(cfg, a.targets, a.layers or None)
         lora_cfg = dataclasses.replace(cfg, projection="lora", lora=LoraSpec(
-            a.rank, a.alpha, adapters.resolve(cfg, a.targets), a.use_rslora, a.dropout))
+            a.rank, a.alpha, modules, a.use_rslora, a.dropout, layers))
         base = jax.tree_util.tree_map_with_path(
             lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=table[path_str(p)]),
             shapes)

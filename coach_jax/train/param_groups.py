@@ -6,7 +6,8 @@ learning-rate multiplier (1.0 = the default rate). Unmatched parameters train at
 
 Frozen parameters are taken out of the trainable tree entirely: no gradient is asked for
 them and the optimizer holds no state for them. `trainable_last_layers = k` trains only the
-last k decoder layers; with unrolled layers that is a path rule, with layers stacked under
+last k decoder layers (`trainable_layers`, an adapter's layer selection, the layers it
+names); with unrolled layers that is a path rule, with layers stacked under
 `scan` it masks the gradient and update rows of the earlier layers (their optimizer state
 exists, as part of the stacked arrays, but stays zero).
 """
@@ -38,6 +39,14 @@ def rule_key(value: str | float) -> str:
 class ParamGroups:
     rules: tuple[tuple[str, str | float], ...] = ()  # (regex, "frozen" or multiplier)
     trainable_last_layers: int | None = None
+    # Only these decoder layers train (an adapter's layer selection); None: all.
+    trainable_layers: tuple[int, ...] | None = None
+
+    def layer_trains(self, layer: int, num_layers: int) -> bool:
+        if self.trainable_last_layers is not None and \
+                layer < num_layers - self.trainable_last_layers:
+            return False
+        return self.trainable_layers is None or layer in self.trainable_layers
 
     def __post_init__(self):
         for pattern, value in self.rules:
@@ -53,10 +62,9 @@ class ParamGroups:
 
 def label_of(path: str, groups: ParamGroups, num_layers: int) -> str:
     """'frozen' or 'lr_x<multiplier>' for one parameter path."""
-    if groups.trainable_last_layers is not None:
-        match = re.match(r"layers_(\d+)/", path)
-        if match and int(match.group(1)) < num_layers - groups.trainable_last_layers:
-            return FROZEN
+    match = re.match(r"layers_(\d+)/", path)
+    if match and not groups.layer_trains(int(match.group(1)), num_layers):
+        return FROZEN
     for pattern, value in groups.rules:
         if re.search(pattern, path):
             return FROZEN if value == FROZEN else f"lr_x{float(value):g}"
@@ -87,12 +95,12 @@ def merge(trainable: Params, frozen: Params) -> Params:
 
 def layer_update_mask(params: Params, groups: ParamGroups, num_layers: int
                       ) -> Params | None:
-    """For stacked layers and `trainable_last_layers`: a tree of [L]-broadcastable 0/1
-    multipliers (None elsewhere); None when nothing needs masking."""
-    k = groups.trainable_last_layers
-    if k is None or "layers" not in params:
+    """For stacked layers and a layer selection (`trainable_last_layers`,
+    `trainable_layers`): a tree of [L]-broadcastable 0/1 multipliers (None elsewhere); None
+    when nothing needs masking."""
+    rows = np.asarray([groups.layer_trains(i, num_layers) for i in range(num_layers)])
+    if rows.all() or "layers" not in params:
         return None
-    rows = np.arange(num_layers) >= num_layers - k
 
     def mask(path, x):
         if x is None or not path_str(path).startswith("layers/"):
