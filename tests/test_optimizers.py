@@ -284,3 +284,38 @@ def test_every_optimizer_trains_the_lab_model_with_the_default_recipe(monkeypatc
         assert np.all(np.isfinite(losses)), (name, losses)
         moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), p, params)
         assert all(jax.tree.leaves(moved)), (name, moved)
+
+
+def test_every_optimizer_trains_a_lora_adapter_on_the_lab_model(monkeypatch):
+    """The same with LoRA (the lab_lora recipe): only A and B, every one of them moves."""
+    from coach_jax import adapters
+    from coach_jax.models.lora import LoraSpec, is_adapter_path
+    import dataclasses
+    base_cfg, base = models.load_hf(os.path.join(ROOT, "assets", "lab", "base"))
+    c = dict(recipes(monkeypatch))["lab_lora.py"]
+    model_cfg = dataclasses.replace(base_cfg, projection="lora", lora=LoraSpec(
+        c.adapter.rank, c.adapter.alpha, adapters.resolve(base_cfg, c.adapter.targets)[0]))
+    adapter = jax.tree.map(lambda x: x + 0.01, models.init(model_cfg, 0, only=is_adapter_path))
+    labels = param_groups.labels(adapter, train.ParamGroups(), model_cfg.num_layers)
+    peak = c.optimizer.learning_rate
+
+    @jax.jit
+    def loss_and_grads(p, batch):
+        def numerator(q):
+            sums = batch_sums(model_cfg, adapters.union(base, q), batch, LossConfig())
+            return sums["numerator"], sums["denominator"]
+        (total, count), grads = jax.value_and_grad(numerator, has_aux=True)(p)
+        return total / count, jax.tree.map(lambda g: g / count, grads)
+
+    for name in optimizers.FACTORIES:
+        c.optimizer.learning_rate = 1.0 if name == "prodigy" else peak
+        tx, _ = train.make_optimizer(optimizer_config(c, name), labels, total_steps=3)
+        p, state, losses = adapter, tx.init(adapter), []
+        for i in range(3):
+            loss, grads = loss_and_grads(p, lab_batch(i))
+            updates, state = tx.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+            losses.append(float(loss))
+        assert np.all(np.isfinite(losses)), (name, losses)
+        moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), p, adapter)
+        assert all(jax.tree.leaves(moved)), (name, moved)
