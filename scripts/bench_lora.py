@@ -41,7 +41,7 @@ def run_jax(batch: int, seq: int, warmup: int, steps: int, lora: bool) -> dict:
     base = None
     if lora:
         cfg = dataclasses.replace(cfg, projection="lora", lora=LoraSpec(
-            RANK, ALPHA, adapters.resolve(cfg, "all-linear")))
+            RANK, ALPHA, adapters.resolve(cfg, "all-linear")[0]))
         base, params = params, models.init(cfg, 0, only=is_adapter_path)
     optimizer = train.OptimizerConfig("adamw", 1e-4, hparams=dict(weight_decay=0.01),
                                       grad_clip_norm=None,

@@ -18,7 +18,8 @@ import subprocess
 import sys
 
 RUNS = {"default": "configs/default.py", "bad_coach": "configs/lab_bad_coach.py",
-        "too_hard": "configs/lab_coach_too_hard.py", "lora": "configs/lab_lora.py"}
+        "too_hard": "configs/lab_coach_too_hard.py", "lora": "configs/lab_lora.py",
+        "lora_lr1e-3": "configs/lab_lora.py --config.optimizer.learning_rate=1e-3"}
 LAB_INFO = "assets/lab/lab.json"
 METRICS = {"schema_valid": "behaviour/eval/schema_valid",
            "fact_accuracy": "behaviour/eval/fact_accuracy",
@@ -26,12 +27,14 @@ METRICS = {"schema_valid": "behaviour/eval/schema_valid",
            "kl": "forgetting/kl"}
 
 
-def train(config: str, workdir: str, seed: int) -> None:
+def train(run: str, workdir: str, seed: int) -> None:
+    """`run`: a config file, then any overrides."""
     if os.path.exists(os.path.join(workdir, "report.md")):
         return
+    config, *overrides = run.split()
     subprocess.run([sys.executable, "-m", "coach_jax.main", "--config", config, "--workdir",
                     workdir, f"--config.train.seed={seed}", f"--config.data.seed={seed}",
-                    "--config.export.hf=False"], check=True)
+                    "--config.export.hf=False", *overrides], check=True)
 
 
 def evals(workdir: str) -> list[dict]:
@@ -86,7 +89,7 @@ def plot(results: dict, path: str, chance: float) -> None:
               ("fact_accuracy", "fact accuracy (held-out)"),
               ("forgetting_delta", "forgetting: reference loss delta (nats)"))
     for axis, (key, title) in zip(axes, panels):
-        for (name, by_seed), color in zip(results.items(), ("C0", "C3", "C1", "C2")):
+        for (name, by_seed), color in zip(results.items(), ("C0", "C3", "C1", "C2", "C4")):
             for seed, records in by_seed.items():
                 axis.plot([r["step"] for r in records], [r[METRICS[key]] for r in records],
                           color=color, alpha=0.9 if seed == min(by_seed) else 0.5,
@@ -94,6 +97,8 @@ def plot(results: dict, path: str, chance: float) -> None:
                           markersize=3)
         if key == "fact_accuracy":
             axis.axhline(chance, color="gray", linestyle="--", label="chance")
+        if key == "forgetting_delta":  # 0.1 to 20 nats: the gentle runs stay readable
+            axis.set_yscale("symlog", linthresh=0.1)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
