@@ -20,81 +20,10 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_step import SHAPE, _timed  # noqa: E402
+from bench_train_step import run_jax, run_torch  # noqa: E402
 
-RANK, ALPHA = 16, 32.0
+RANK = 16  # alpha 2 x rank = 32
 IMPLS = ("jax_lora", "torch_peft", "jax_full")
-
-
-def run_jax(batch: int, seq: int, warmup: int, steps: int, lora: bool) -> dict:
-    import dataclasses
-    import jax
-    import numpy as np
-    from coach_jax import adapters, models, train
-    from coach_jax.models.lora import LoraSpec, is_adapter_path
-    cfg = models.ModelConfig(model_type="llama", vocab_size=SHAPE["vocab"],
-                             hidden_size=SHAPE["d"], intermediate_size=SHAPE["ff"],
-                             num_layers=SHAPE["layers"], num_heads=SHAPE["heads"],
-                             num_kv_heads=SHAPE["kv"], head_dim=SHAPE["d"] // SHAPE["heads"],
-                             rms_norm_eps=1e-5, max_position_embeddings=2048)
-    params = models.init(cfg, seed=0)
-    base = None
-    if lora:
-        cfg = dataclasses.replace(cfg, projection="lora", lora=LoraSpec(
-            RANK, ALPHA, adapters.resolve(cfg, "all-linear")[0]))
-        base, params = params, models.init(cfg, 0, only=is_adapter_path)
-    optimizer = train.OptimizerConfig("adamw", 1e-4, hparams=dict(weight_decay=0.01),
-                                      grad_clip_norm=None,
-                                      schedule=train.ScheduleConfig("constant"))
-    state, step_config, parts = train.setup(cfg, params, optimizer, train.ParamGroups(), 10**6)
-    step = train.compile_train_step(step_config, parts)
-    rng = np.random.default_rng(1)
-    tokens = rng.integers(0, SHAPE["vocab"], (batch, seq + 1)).astype(np.int32)
-    loss_mask = np.zeros((batch, seq), np.int32)
-    loss_mask[:, seq // 2:] = 1
-    data = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                           "loss_mask": loss_mask, "segment_ids": np.ones((batch, seq), np.int32),
-                           "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-                           "source_ids": np.zeros((batch, seq), np.int32)})
-    holder = {"state": state}
-
-    def one():
-        holder["state"], metrics = step(holder["state"], data, base)
-        return metrics["loss"]
-    return {"jax": jax.__version__, **_timed(one, warmup, steps,
-                                              lambda x: x.block_until_ready())}
-
-
-def run_torch_peft(batch: int, seq: int, warmup: int, steps: int) -> dict:
-    import peft
-    import torch
-    import transformers
-    config = transformers.LlamaConfig(
-        vocab_size=SHAPE["vocab"], hidden_size=SHAPE["d"], intermediate_size=SHAPE["ff"],
-        num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
-        num_key_value_heads=SHAPE["kv"], max_position_embeddings=2048, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, use_cache=False)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=RANK, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0,
-        task_type="CAUSAL_LM"))
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=1e-4, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, SHAPE["vocab"], (batch, seq), generator=generator)
-    labels = ids.clone()
-    labels[:, : seq // 2] = -100
-
-    def one():
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-    return {"torch": torch.__version__, "peft": peft.__version__,
-            **_timed(one, warmup, steps, lambda x: x.item())}
 
 
 def main() -> None:
@@ -109,8 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     common = (args.batch, args.seq, args.warmup, args.steps)
     if args.impl:
-        result = (run_torch_peft(*common) if args.impl == "torch_peft"
-                  else run_jax(*common, lora=args.impl == "jax_lora"))
+        result = (run_torch(*common, lora_rank=RANK) if args.impl == "torch_peft"
+                  else run_jax(*common, lora_rank=RANK if args.impl == "jax_lora" else 0))
         result.update(impl=args.impl, tokens_per_s=args.batch * args.seq
                       / result["step_s_median"])
         print(json.dumps(result))

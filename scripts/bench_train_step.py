@@ -36,16 +36,24 @@ def _timed(step, warmup: int, steps: int, sync) -> dict[str, float]:
             "step_s_pipelined": (time.perf_counter() - start) / steps}
 
 
-def run_jax(batch: int, seq: int, warmup: int, steps: int) -> dict:
+def run_jax(batch: int, seq: int, warmup: int, steps: int, lora_rank: int = 0) -> dict:
+    """`lora_rank`: train a LoRA adapter (alpha 2 x rank, every projection) instead."""
+    import dataclasses
     import jax
     import numpy as np
-    from coach_jax import models, train
+    from coach_jax import adapters, models, train
+    from coach_jax.models.lora import LoraSpec, is_adapter_path
     cfg = models.ModelConfig(model_type="llama", vocab_size=SHAPE["vocab"],
                              hidden_size=SHAPE["d"], intermediate_size=SHAPE["ff"],
                              num_layers=SHAPE["layers"], num_heads=SHAPE["heads"],
                              num_kv_heads=SHAPE["kv"], head_dim=SHAPE["d"] // SHAPE["heads"],
                              rms_norm_eps=1e-5, max_position_embeddings=2048)
     params = models.init(cfg, seed=0)
+    base = None
+    if lora_rank:
+        cfg = dataclasses.replace(cfg, projection="lora", lora=LoraSpec(
+            lora_rank, 2.0 * lora_rank, adapters.resolve(cfg, "all-linear")[0]))
+        base, params = params, models.init(cfg, 0, only=is_adapter_path)
     optimizer = train.OptimizerConfig("adamw", 1e-4, hparams=dict(weight_decay=0.01),
                                       grad_clip_norm=None,
                                       schedule=train.ScheduleConfig("constant"))
@@ -62,13 +70,14 @@ def run_jax(batch: int, seq: int, warmup: int, steps: int) -> dict:
     holder = {"state": state}
 
     def one():
-        holder["state"], metrics = step(holder["state"], data)
+        holder["state"], metrics = step(holder["state"], data, base)
         return metrics["loss"]
     result = _timed(one, warmup, steps, lambda x: x.block_until_ready())
     return {"impl": "coach_jax", "jax": jax.__version__, **result}
 
 
-def run_torch(batch: int, seq: int, warmup: int, steps: int) -> dict:
+def run_torch(batch: int, seq: int, warmup: int, steps: int, lora_rank: int = 0) -> dict:
+    """`lora_rank`: wrapped by PEFT with that LoRA (alpha 2 x rank, all-linear)."""
     import torch
     import transformers
     config = transformers.LlamaConfig(
@@ -78,8 +87,16 @@ def run_torch(batch: int, seq: int, warmup: int, steps: int) -> dict:
         tie_word_embeddings=False, use_cache=False)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    versions = {"torch": torch.__version__}
+    if lora_rank:
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=lora_rank, lora_alpha=2.0 * lora_rank, target_modules="all-linear",
+            lora_dropout=0.0, task_type="CAUSAL_LM"))
+        versions["peft"] = peft.__version__
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=1e-4, weight_decay=0.01)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, SHAPE["vocab"], (batch, seq), generator=generator)
     labels = ids.clone()
@@ -92,7 +109,7 @@ def run_torch(batch: int, seq: int, warmup: int, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
     result = _timed(one, warmup, steps, lambda x: x.item())
-    return {"impl": "hf_torch", "torch": torch.__version__, **result}
+    return {"impl": "hf_torch", **versions, **result}
 
 
 def main() -> None:

@@ -31,6 +31,19 @@ class ModelSpec:
     vocab_multiple: int
 
 
+def model_config_of(model_config: ModelSpec, tokenizer_size: int) -> ModelConfig:
+    """The ModelConfig of `model_config`: its HF folder's config.json, or `init` with a
+    vocabulary that covers the tokenizer; runtime switches from the spec."""
+    runtime = dict(compute_dtype=model_config.dtype, scan_layers=model_config.scan_layers,
+                   remat=model_config.remat, attention=model_config.attention,
+                   param_dtype=model_config.param_dtype)
+    if model_config.hf_path:
+        return ModelConfig.from_hf_dir(model_config.hf_path, **runtime)
+    spec = dict(model_config.init)
+    spec["vocab_size"] = max(spec["vocab_size"], tokenizer_size)
+    return ModelConfig.from_hf_dict(spec, **runtime)
+
+
 def build_model(model_config: ModelSpec, tokenizer_size: int, seed: int,
                 mesh: jax.sharding.Mesh | None = None,
                 transform: Callable[[str, jax.Array], Any] | None = None,
@@ -40,15 +53,7 @@ def build_model(model_config: ModelSpec, tokenizer_size: int, seed: int,
     `sharding` may place them, on the host for instance); `transform(path, array)`
     replaces each as it arrives (QLoRA's quantization). See models/vocab.py
     for how the vocabulary is grown and padded (also to a multiple of the tensor axis)."""
-    runtime = dict(compute_dtype=model_config.dtype, scan_layers=model_config.scan_layers,
-                   remat=model_config.remat, attention=model_config.attention,
-                   param_dtype=model_config.param_dtype)
-    if model_config.hf_path:
-        cfg = ModelConfig.from_hf_dir(model_config.hf_path, **runtime)
-    else:
-        spec = dict(model_config.init)
-        spec["vocab_size"] = max(spec["vocab_size"], tokenizer_size)
-        cfg = ModelConfig.from_hf_dict(spec, **runtime)
+    cfg = model_config_of(model_config, tokenizer_size)
     if mesh is not None:
         sharding = parallel.sharding_fn(cfg, mesh)
     if model_config.hf_path:  # config.json parsed once, above

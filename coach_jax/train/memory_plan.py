@@ -17,6 +17,7 @@ import jax
 
 from coach_jax import adapters, memory, parallel, train
 from coach_jax.config import Settings
+from coach_jax.models.builder import model_config_of
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import param_shapes, path_str, select
 from coach_jax.models.lora import LoraSpec, is_adapter_path
@@ -24,16 +25,8 @@ from coach_jax.models.lora import LoraSpec, is_adapter_path
 
 def model_config(settings: Settings, tokenizer_size: int, tensor_ways: int) -> ModelConfig:
     """The run's ModelConfig, its vocabulary grown and padded as models.builder does."""
-    m = settings.model
-    runtime = dict(compute_dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
-                   attention=m.attention, param_dtype=m.param_dtype)
-    if m.hf_path:
-        cfg = ModelConfig.from_hf_dir(m.hf_path, **runtime)
-    else:
-        spec = dict(m.init)
-        spec["vocab_size"] = max(spec["vocab_size"], tokenizer_size)
-        cfg = ModelConfig.from_hf_dict(spec, **runtime)
-    multiple = math.lcm(m.vocab_multiple, tensor_ways)
+    cfg = model_config_of(settings.model, tokenizer_size)
+    multiple = math.lcm(settings.model.vocab_multiple, tensor_ways)
     padded = -(-max(cfg.vocab_size, tokenizer_size) // multiple) * multiple
     return dataclasses.replace(cfg, vocab_size=padded)
 
