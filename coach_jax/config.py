@@ -338,6 +338,11 @@ def _adapter_settings(c: ml_collections.ConfigDict) -> AdapterSettings:
     if a.init_from and not os.path.isfile(os.path.join(a.init_from, "adapter_config.json")):
         raise ConfigError(f"adapter.init_from={a.init_from!r}: no adapter_config.json there "
                           "(expected a PEFT LoRA adapter folder)")
+    if c.checkpoint.init_from:
+        raise ConfigError("checkpoint.init_from starts from another run's full parameters; "
+                          "an adapter run starts from its base (model.hf_path) and, to "
+                          "continue an adapter, from adapter.init_from (a PEFT folder, e.g. "
+                          "that run's DIR/export)")
     if c.train.trainable_last_layers >= 0 or c.train.freeze:
         raise ConfigError("adapter.kind=lora trains only the adapter: train.freeze and "
                           "train.trainable_last_layers do not apply (use adapter.targets)")

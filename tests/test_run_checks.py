@@ -113,6 +113,8 @@ def test_a_wandb_project_without_wandb_installed_is_refused_before_anything_load
     ({"adapter.kind": "lora", "train.freeze": ("embed",)}, r"train.freeze and"),
     ({"adapter.quantize_base": "nf4"}, r"set adapter.kind=lora \(QLoRA\)"),
     ({"adapter.kind": "lora", "adapter.layers": (-1,)}, r"adapter.layers=\(-1,\): layer"),
+    ({"adapter.kind": "lora", "checkpoint.init_from": "runs/x/checkpoints"},
+     r"from adapter.init_from"),
     ({"adapter.kind": "lora", "adapter.quantize_base": "fp4"}, r"not one of: none, int8"),
 ])
 def test_adapter_settings_are_checked(tmp_path, overrides, message):
