@@ -1,14 +1,13 @@
 """The memory check's estimate against XLA's own plan of the compiled train step (CPU has
 no memory counter: arguments + outputs + temporaries, less what is donated)."""
 
+import sys
+
 import pytest
 
 from coach_jax import parallel
 from coach_jax.train.loop import Trainer
-from test_trainer import LAB, ROOT  # noqa: F401  (LAB: the lab's assets)
-
-import os
-import sys
+from test_trainer import ROOT
 
 sys.path.insert(0, ROOT)
 from configs import default  # noqa: E402
