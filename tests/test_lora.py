@@ -306,3 +306,24 @@ def test_an_adapter_on_some_layers_only(tmp_path):
         state, _ = step(state, _batch(i), base_params)
     b = state.params["layers"]["mlp"]["down_proj"]["lora_b"]
     assert np.abs(np.asarray(b[0])).max() == 0 and np.abs(np.asarray(b[1])).max() > 0
+
+
+def test_micro_batches_and_remat_give_the_same_adapter_step(tmp_path):
+    """Two micro-batches equal one batch, and full remat equals none, for a LoRA step
+    (the base passed beside the state)."""
+    cfg, base, adapter = _ours(_peft_model("llama3", tmp_path / "base"), tmp_path)
+    batch = {k: np.concatenate([v, _batch(1)[k]]) for k, v in _batch(0).items()}
+    optimizer = train.OptimizerConfig("adamw", learning_rate=1e-2, grad_clip_norm=None,
+                                      schedule=train.ScheduleConfig("constant"))
+    results = []
+    for changes, micro in (({}, 1), ({}, 2), ({"remat": "full"}, 1)):
+        model_cfg = dataclasses.replace(cfg, **changes)
+        fresh = jax.tree.map(lambda x: x.copy(), adapter)  # the step donates its state
+        state, step_config, parts = train.setup(model_cfg, fresh, optimizer,
+                                                train.ParamGroups(), 10, micro_batches=micro)
+        state, metrics = train.compile_train_step(step_config, parts)(state, batch, base)
+        results.append((float(metrics["loss"]), jax.tree.leaves(state.params)))
+    for loss, leaves in results[1:]:
+        assert abs(loss - results[0][0]) <= 1e-6
+        for a, b in zip(leaves, results[0][1]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
