@@ -659,14 +659,17 @@ def load_saved(path: str) -> ml_collections.ConfigDict:
 
 
 def lora_config(hf_path: str, *, learning_rate: float = 2e-4, rank: int = 16,
-                alpha: float = 32.0, **finetune: Any) -> ml_collections.ConfigDict:
+                alpha: float = 32.0, quantize_base: str = "none", **finetune: Any
+                ) -> ml_collections.ConfigDict:
     """`finetune_config` with LoRA on every projection (the common recipe: rank 16, alpha
-    32, learning rate 2e-4); docs/adapters.md."""
+    32, learning rate 2e-4), on a base held as `quantize_base` (QLoRA: "nf4", blocks of
+    64); docs/adapters.md."""
     c = finetune_config(hf_path, learning_rate=learning_rate, **finetune)
     c.adapter.kind = "lora"
     c.adapter.rank = rank
     c.adapter.alpha = alpha
     c.adapter.targets = "all-linear"
+    c.adapter.quantize_base = quantize_base
     return c
 
 

@@ -15,7 +15,4 @@ from coach_jax.config import lora_config
 
 
 def get_config(hf_path: str = "models/Llama-3.2-1B-Instruct"):
-    c = lora_config(hf_path)
-    c.adapter.quantize_base = "nf4"
-    c.adapter.quantize_block = 64
-    return c
+    return lora_config(hf_path, quantize_base="nf4")
