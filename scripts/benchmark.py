@@ -13,6 +13,7 @@ lengths with a median of 190 tokens, like alpaca's, packed first-fit).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -77,6 +78,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="compute dtype; auto: bf16 off CPU")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="for MFU; default from the device kind (H100/H200/A100)")
+    parser.add_argument("--lora_rank", type=int, default=0,
+                        help="train a LoRA adapter of this rank (alpha 2 x rank, all-linear)")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8", "int4", "nf4"),
+                        help="with --lora_rank: the base held quantized (QLoRA)")
+    parser.add_argument("--quantize_block", type=int, default=64)
     parser.add_argument("--set", action="append", default=[],
                         help="config overrides such as model.remat=full")
     args = parser.parse_args()
@@ -101,6 +107,18 @@ def main() -> None:
         scan_layers=config.model.scan_layers)
     mesh = parallel.make_mesh((jax.device_count(), 1, 1))
     params = models.init(cfg, 0, sharding=parallel.sharding_fn(cfg, mesh))
+    base = None
+    if args.lora_rank:  # the base outside the state, as an adapter run holds it
+        from coach_jax import adapters
+        from coach_jax.models.lora import LoraSpec, is_adapter_path
+        base = params
+        if args.quantize != "none":
+            from coach_jax.models import quantize
+            base = quantize.quantize_base(base, args.quantize, args.quantize_block)
+        cfg = dataclasses.replace(cfg, projection="lora", lora=LoraSpec(
+            args.lora_rank, 2.0 * args.lora_rank, adapters.resolve(cfg, "all-linear")[0]))
+        params = models.init(cfg, 0, sharding=parallel.sharding_fn(cfg, mesh),
+                             only=is_adapter_path)
     optimizer = train.OptimizerConfig("adamw", 1e-4, hparams={"weight_decay": 0.01},
                                       grad_clip_norm=1.0,
                                       schedule=train.ScheduleConfig("constant"))
@@ -118,14 +136,14 @@ def main() -> None:
     batch = parallel.global_batch(host, parallel.batch_sharding(mesh))
     step = train.compile_train_step(step_config, parts)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch, base).compile()
     compile_s = time.perf_counter() - start
     analysis = compiled.memory_analysis()
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, base)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, base)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / args.steps
     device = jax.devices()[0]
@@ -140,6 +158,7 @@ def main() -> None:
     real = int((host["segment_ids"] > 0).sum())
     print(json.dumps({
         "impl": "coach_jax", "preset": args.preset, "packed": args.packed,
+        "lora_rank": args.lora_rank, "quantize": args.quantize,
         "batch": args.batch, "seq": args.seq, "dtype": cfg.compute_dtype,
         "attention": config.model.attention, "remat": cfg.remat,
         "chunk_tokens": loss.chunk_tokens, "device": kind, "devices": jax.device_count(),

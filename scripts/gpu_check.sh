@@ -37,4 +37,9 @@ for spec in "qwen0.5b 8" "llama1b 4"; do
   run "coach_jax $1 packed" python3 scripts/benchmark.py --preset "$1" --batch "$2" \
     --seq 2048 --packed
 done
+# LoRA and QLoRA (rank 16, all-linear; NF4 base) on the Llama-1B shape.
+run "coach_jax llama1b lora16" python3 scripts/benchmark.py --preset llama1b --batch 4 \
+  --seq 2048 --lora_rank 16
+run "coach_jax llama1b qlora16 nf4" python3 scripts/benchmark.py --preset llama1b --batch 4 \
+  --seq 2048 --lora_rank 16 --quantize nf4
 python3 -m pytest -q tests/test_attention.py -k cudnn 2>&1 | tail -2 | tee "$OUT/cudnn_test.txt"
