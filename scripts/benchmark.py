@@ -30,6 +30,11 @@ PRESETS = {  # the shapes of ../shared/bench (Llama architecture, untied head)
                      num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864),
     "llama1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16,
                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192),
+    # Gemma 3 1B: its 262k vocabulary, 5 sliding (512) layers to 1 full, tied head.
+    "gemma3_1b": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152,
+                      num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                      intermediate_size=6912, head_dim=256, sliding_window=512,
+                      tie_word_embeddings=True, max_position_embeddings=32768),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -74,6 +79,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--packed", action="store_true")
     parser.add_argument("--vocab", type=int, default=0, help="override the preset's vocab")
+    parser.add_argument("--layers", type=int, default=0, help="override the preset's depth")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", default="auto", help="compute dtype; auto: bf16 off CPU")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
@@ -87,9 +93,12 @@ def main() -> None:
                         help="config overrides such as model.remat=full")
     args = parser.parse_args()
     config = base_config()
-    config.model.init.update(**PRESETS[args.preset], tie_word_embeddings=False,
-                             head_dim=PRESETS[args.preset]["hidden_size"]
-                             // PRESETS[args.preset]["num_attention_heads"])
+    preset = PRESETS[args.preset]
+    config.model.init.update(**{
+        "tie_word_embeddings": False,
+        "head_dim": preset["hidden_size"] // preset["num_attention_heads"], **preset})
+    if args.layers:
+        config.model.init.num_hidden_layers = args.layers
     on_cpu = jax.default_backend() == "cpu"
     config.model.dtype = ("float32" if on_cpu else "bfloat16") if args.dtype == "auto" \
         else args.dtype
