@@ -217,7 +217,8 @@ def load_peft(folder: str | os.PathLike, cfg: ModelConfig) -> tuple[LoraSpec, Pa
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, FileNotFoundError) as e:
         raise AdapterError(f"{file}: cannot read as safetensors ({e})") from e
-    expected = {name: t.shape for name, t in to_peft(lora_cfg, adapter_shapes_zeros(lora_cfg)).items()}
+    zeros = adapter_shapes_zeros(lora_cfg)
+    expected = {name: t.shape for name, t in to_peft(lora_cfg, zeros).items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(f"{n}: {list(tensors[n].shape)}, expected {list(expected[n])}"
