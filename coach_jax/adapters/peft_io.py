@@ -69,17 +69,16 @@ def _paths(cfg: ModelConfig, layer: int) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _b_rows(cfg: ModelConfig, module: str) -> int:
-    """How many output rows our projection `module` has (its share of a fused B)."""
-    sizes = {"self_attn/q_proj": cfg.num_heads * cfg.head_dim,
-             "self_attn/k_proj": cfg.num_kv_heads * cfg.head_dim,
-             "self_attn/v_proj": cfg.num_kv_heads * cfg.head_dim,
-             "self_attn/o_proj": cfg.hidden_size, "mlp/gate_proj": cfg.intermediate_size,
-             "mlp/up_proj": cfg.intermediate_size, "mlp/down_proj": cfg.hidden_size}
-    return sizes[module]
+def _b_rows(shapes: dict[str, tuple[int, ...]], module: str) -> int:
+    """How many output rows our projection `module` has (its share of a fused B), from
+    its B's shape ([layers,] rank, out...)."""
+    path, shape = next((p, s) for p, s in shapes.items()
+                       if p.endswith(f"/{module}/lora_b"))
+    return math.prod(shape[2 if path.startswith("layers/") else 1:])
 
 
-def _slots(cfg: ModelConfig) -> list[_Slot]:
+def _slots(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> list[_Slot]:
+    """Every adapter array (per layer) and its PEFT tensor; `shapes`: the adapter's."""
     names = families.family(cfg.model_type).tensors
     slots = []
     layers = cfg.lora.layers if cfg.lora.layers is not None else range(cfg.num_layers)
@@ -88,10 +87,10 @@ def _slots(cfg: ModelConfig) -> list[_Slot]:
             row = 0
             if leaf == "lora_B":
                 module = "/".join(path.split("/")[1:3])
-                fused_module, position = names.in_layer(layer, module)
+                _, position = names.in_layer(layer, module)
                 fused = [f for f in names.fused if module in f.parts]
                 if fused:
-                    row = sum(_b_rows(cfg, p) for p in fused[0].parts[:position])
+                    row = sum(_b_rows(shapes, p) for p in fused[0].parts[:position])
             slots.append(_Slot(path, layer, f"{PREFIX}{hf}.{leaf}.weight", row))
     return slots
 
@@ -101,7 +100,7 @@ def to_peft(cfg: ModelConfig, adapter: Params) -> dict[str, np.ndarray]:
     flat = {path_str(p): np.asarray(jax.device_get(x))
             for p, x in jax.tree_util.tree_flatten_with_path(adapter)[0]}
     pieces: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for slot in _slots(cfg):
+    for slot in _slots(cfg, {path: x.shape for path, x in flat.items()}):
         ours = _layer_arrays(flat, slot.path, slot.layer)
         if slot.path.endswith("lora_a"):  # [in..., r] -> [r, in]
             tensor = ours.reshape(-1, ours.shape[-1]).T
@@ -118,10 +117,10 @@ def to_peft(cfg: ModelConfig, adapter: Params) -> dict[str, np.ndarray]:
 
 def from_peft(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -> Params:
     """Our adapter tree from PEFT's tensors (each checked for presence and shape)."""
-    shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(
-        adapter_shapes(cfg))[0]}
+    tree = adapter_shapes(cfg)
+    shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     host = {path: np.zeros(shape, np.dtype(jnp.dtype(dtype))) for path, shape in shapes.items()}
-    for slot in _slots(cfg):
+    for slot in _slots(cfg, shapes):
         target = host[slot.path]
         per_layer = target[slot.layer] if slot.path.startswith("layers/") else target
         tensor = tensors[slot.peft_name]
@@ -130,8 +129,7 @@ def from_peft(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -> P
         else:
             rows = math.prod(per_layer.shape[1:])
             per_layer[...] = tensor[slot.row:slot.row + rows].T.reshape(per_layer.shape)
-    return jax.tree_util.tree_map_with_path(lambda p, _: jnp.asarray(host[path_str(p)]),
-                                            adapter_shapes(cfg))
+    return jax.tree_util.tree_map_with_path(lambda p, _: jnp.asarray(host[path_str(p)]), tree)
 
 
 def adapter_shapes(cfg: ModelConfig) -> Params:

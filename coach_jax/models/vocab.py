@@ -27,11 +27,17 @@ def _grow(matrix, new_size: int, axis: int):
     return jnp.concatenate([matrix, repeated], axis=axis)
 
 
+def fitted_sizes(cfg: ModelConfig, tokenizer_size: int, multiple: int = 1
+                 ) -> tuple[int, int]:
+    """(real, padded): the vocabulary covering the tokenizer, padded to `multiple`."""
+    real = max(cfg.real_vocab_size or cfg.vocab_size, tokenizer_size)
+    return real, -(-real // multiple) * multiple
+
+
 def fit_vocab(cfg: ModelConfig, params: Params, tokenizer_size: int, multiple: int = 1
               ) -> tuple[ModelConfig, Params]:
     """Grows the vocabulary to cover the tokenizer and pads it to `multiple`."""
-    real = max(cfg.real_vocab_size or cfg.vocab_size, tokenizer_size)
-    padded = -(-real // multiple) * multiple
+    real, padded = fitted_sizes(cfg, tokenizer_size, multiple)
     if padded == cfg.vocab_size:
         return dataclasses.replace(cfg, real_vocab_size=real if real < padded else None), params
     if padded < cfg.vocab_size:

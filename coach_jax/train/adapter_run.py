@@ -51,14 +51,10 @@ def build_adapter(settings: Settings, base_cfg: ModelConfig, tokenizer_size: int
         spec, adapter = adapters.load_peft(a.init_from, base_cfg)
         check_matches(spec, wanted, a)
     cfg = dataclasses.replace(base_cfg, projection="lora", lora=wanted)
-    sharding = parallel.sharding_fn(cfg, mesh)
     if a.init_from:
-        flat = jax.tree_util.tree_flatten_with_path(adapter)[0]
-        leaves = {models.decoder.path_str(p): jax.device_put(x, sharding(
-            models.decoder.path_str(p))) for p, x in flat}
-        return cfg, jax.tree_util.tree_map_with_path(
-            lambda p, _: leaves[models.decoder.path_str(p)], adapter)
-    return cfg, models.init(cfg, settings.train.seed, sharding, only=is_adapter_path)
+        return cfg, parallel.place(adapter, parallel.tree_shardings(adapter, cfg, mesh))
+    return cfg, models.init(cfg, settings.train.seed, parallel.sharding_fn(cfg, mesh),
+                            only=is_adapter_path)
 
 
 def base_transform(settings: Settings) -> Callable[[str, jax.Array], Any] | None:

@@ -21,14 +21,16 @@ from coach_jax.models.builder import model_config_of
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import param_shapes, path_str, select
 from coach_jax.models.lora import LoraSpec, is_adapter_path
+from coach_jax.models.vocab import fitted_sizes
 
 
 def model_config(settings: Settings, tokenizer_size: int, tensor_ways: int) -> ModelConfig:
     """The run's ModelConfig, its vocabulary grown and padded as models.builder does."""
     cfg = model_config_of(settings.model, tokenizer_size)
-    multiple = math.lcm(settings.model.vocab_multiple, tensor_ways)
-    padded = -(-max(cfg.vocab_size, tokenizer_size) // multiple) * multiple
-    return dataclasses.replace(cfg, vocab_size=padded)
+    real, padded = fitted_sizes(cfg, tokenizer_size,
+                                math.lcm(settings.model.vocab_multiple, tensor_ways))
+    return dataclasses.replace(cfg, vocab_size=padded,
+                               real_vocab_size=real if real < padded else None)
 
 
 def estimate(settings: Settings, tokenizer_size: int, mesh: jax.sharding.Mesh
