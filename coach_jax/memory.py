@@ -103,7 +103,10 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
     d, f = cfg.hidden_size, cfg.intermediate_size
     q = cfg.num_heads * cfg.head_dim
     kv = 2 * cfg.num_kv_heads * cfg.head_dim
-    path = attention.choose(cfg.attention, cfg.compute_dtype, cfg.attn_logit_softcapping)
+    path = "cudnn" if cfg.attention == "cudnn" else attention.choose(  # planned for a GPU
+        cfg.attention, attention.runtime_platform(), attention.AttentionShape(
+            seq_len, cfg.head_dim, cfg.compute_dtype, cfg.attn_logit_softcapping)
+    ).implementation
     scores = (cfg.num_heads * _keys_per_query(seq_len) * 4 if path == "xla"
               else cfg.num_heads * 4)  # per token, float32
     # A projection whose weight does not train (a LoRA run's untargeted ones) needs no

@@ -109,6 +109,22 @@ def state_shardings(create: Callable[[Params], Any], params: Params, cfg: ModelC
     return nn.unbox(abstract), jax.tree.map(place, abstract, is_leaf=is_box)
 
 
+def traced_on_mesh(fn: Callable[..., Any], mesh: jax.sharding.Mesh | None) -> Callable[..., Any]:
+    """`fn`, traced with `mesh` as the context mesh: a kernel XLA cannot partition (splash
+    attention) reads it there to run per shard. Put inside `jax.jit`, so `.lower` and
+    `jax.export` see the same trace as a call."""
+    if mesh is None:
+        return fn
+
+    def on_mesh(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    # Named as the function it wraps (a partial's), so profiles say "jit_train_step".
+    on_mesh.__name__ = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__",
+                                                       "on_mesh"))
+    return on_mesh
+
+
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's rows as one global array per key (each process feeds its share)."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

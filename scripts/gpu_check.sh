@@ -19,6 +19,9 @@ JSONL=$OUT/gpu_check.jsonl
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD/.site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+# The cuDNN version tests/test_lowering.py pins for CUDA lowerings (CUDNN_VERSION).
+python3 -c "from coach_jax.models import attention; print('cudnn', attention.cudnn_version())" \
+  | tee -a "$OUT/card.txt"
 
 run() {  # run LABEL CMD...: keep the command's last JSON line, tagged with LABEL
   local label=$1; shift

@@ -2,6 +2,7 @@
 grouped KV heads, sliding windows."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,8 @@ def test_splash_equals_xla_forward_and_backward(window, scale, softcap):
     weights = jax.random.normal(jax.random.key(1), (B, T, N, H))
 
     def loss(impl, q, k, v):
-        out = attention.attend(impl, q, k, v, positions, segments, window, window,
-                               scale=scale, softcap=softcap)
+        out = attention.attend(impl, q, k, v, positions, segments, window,
+                               windows=(window or 0,), scale=scale, softcap=softcap)
         return (out * weights * real).sum(), out
 
     (xla_loss, xla_out), xla_grads = jax.value_and_grad(
@@ -64,11 +65,66 @@ def test_the_model_gives_the_same_logits_with_splash():
     np.testing.assert_allclose(np.asarray(splash)[mask], np.asarray(xla)[mask], atol=1e-5)
 
 
-def test_auto_picks_by_backend():
-    assert attention.choose("xla", "bfloat16") == "xla"
-    expected = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
-    assert attention.choose("auto", "bfloat16") == expected
-    assert attention.choose("auto", "float32") in ("xla", "splash")
+def shape(length=256, head_dim=64, dtype="bfloat16", softcap=None):
+    return attention.AttentionShape(length, head_dim, dtype, softcap)
+
+
+@pytest.fixture
+def cudnn_installed(monkeypatch):
+    """A cuDNN library, as on a GPU machine (this one has none)."""
+    monkeypatch.setattr(attention, "cudnn_version", lambda: 90800)
+
+
+def test_auto_picks_the_platforms_kernel(cudnn_installed):
+    assert attention.choose("auto", "tpu", shape()) == attention.Choice("splash")
+    assert attention.choose("auto", "cuda", shape()) == attention.Choice("cudnn")
+    for platform in ("cpu", "rocm"):
+        assert attention.choose("auto", platform, shape()) == attention.Choice("xla")
+    assert attention.choose("xla", "tpu", shape()) == attention.Choice("xla")
+    assert attention.choose("splash", "cpu", shape()) == attention.Choice("splash")
+
+
+@pytest.mark.parametrize("platform, requested, kwargs, words", [
+    ("tpu", "auto", dict(length=200), "multiple of 128 (length 200: data.max_seq_len)"),
+    ("cpu", "splash", dict(length=1), "multiple of 128 (length 1:"),
+    ("cuda", "auto", dict(dtype="float32"), "16-bit compute (model.compute_dtype=float32)"),
+    ("cuda", "auto", dict(head_dim=320), "at most 128 (head_dim=320)"),
+    ("cuda", "auto", dict(head_dim=36), "multiple of 8"),
+    ("cuda", "auto", dict(length=255), "even sequence length"),
+    ("cuda", "auto", dict(softcap=50.0), "cannot soft-cap"),
+])
+def test_a_shape_a_kernel_cannot_take_goes_to_xla_with_the_reason(platform, requested,
+                                                                  kwargs, words,
+                                                                  cudnn_installed):
+    choice = attention.choose(requested, platform, shape(**kwargs))
+    assert choice.implementation == "xla" and words in choice.reason
+
+
+@pytest.mark.parametrize("platform, kwargs, words", [
+    ("cuda", dict(softcap=50.0), "model.attention='cudnn' cannot soft-cap"),
+    ("cuda", dict(head_dim=512), "model.attention='cudnn' needs a head dim"),
+    ("cuda", dict(dtype="float32"), "model.attention='cudnn' needs 16-bit compute"),
+    ("cpu", dict(), "model.attention='cudnn' needs a CUDA GPU (this platform is cpu)"),
+])
+def test_an_explicit_cudnn_that_cannot_run_is_an_error(platform, kwargs, words,
+                                                       cudnn_installed):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        attention.choose("cudnn", platform, shape(**kwargs))
+
+
+def test_without_the_cudnn_library_auto_takes_xla_and_cudnn_is_refused():
+    if attention.cudnn_version() is not None:
+        pytest.skip("this machine has cuDNN")
+    choice = attention.choose("auto", "cuda", shape())
+    assert choice == attention.Choice(
+        "xla", "cuDNN attention needs the cuDNN library, which this machine does not have")
+    with pytest.raises(ValueError, match="model.attention='cudnn' needs the cuDNN library"):
+        attention.choose("cudnn", "cuda", shape())
+
+
+def test_splash_blocks_tile_every_length_it_takes():
+    assert [attention.splash_block(n) for n in (128, 256, 384, 768, 1024, 131072)] == \
+        [128, 256, 128, 256, 512, 512]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
@@ -80,16 +136,6 @@ def test_cudnn_equals_xla_on_gpu():
     mask = np.asarray(segments > 0)
     np.testing.assert_allclose(np.asarray(cudnn, np.float32)[mask],
                                np.asarray(xla, np.float32)[mask], atol=2e-2)
-
-
-def test_soft_capping_never_silently_drops_to_cudnn(monkeypatch):
-    """cuDNN's fused kernel has no logit soft-cap: asked for by name it is an error; `auto`
-    on a GPU picks it only without a cap."""
-    with pytest.raises(ValueError, match="model.attention='cudnn' cannot soft-cap"):
-        attention.choose("cudnn", "bfloat16", softcap=50.0)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert attention.choose("auto", "bfloat16") == "cudnn"
-    assert attention.choose("auto", "bfloat16", softcap=50.0) == "xla"
 
 
 def test_capped_attention_equals_a_hand_computation():

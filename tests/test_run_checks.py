@@ -120,3 +120,19 @@ def test_a_wandb_project_without_wandb_installed_is_refused_before_anything_load
 def test_adapter_settings_are_checked(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         resolve(tiny_config(tmp_path, **overrides), 1)
+
+
+def test_an_explicit_cudnn_off_a_gpu_is_refused_before_any_weight_is_read(tmp_path,
+                                                                         monkeypatch):
+    from coach_jax import data
+    from coach_jax.train import loop
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+    monkeypatch.setattr(loop, "build_model", never)
+    config = tiny_config(tmp_path, **{"model.attention": "cudnn"})
+    settings = resolve(config, 1)
+    tokenizer = data.load_tokenizer(settings.tokenizer_path, settings.chat_template)
+    with pytest.raises(ConfigError, match=r"model.attention='cudnn' needs a CUDA GPU \(this "
+                                          r"platform is cpu\); use 'auto'"):
+        loop.build_params(settings, tokenizer, None)

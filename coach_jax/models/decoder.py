@@ -7,6 +7,7 @@ parameter in layers.py, are read back with `logical_axes(cfg)` as a matching tre
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -175,7 +176,10 @@ def decode(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.A
 
 
 def _boxed_init(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Parameters from a one-token trace. The attention kernel does not change them, and
+    fused kernels have length limits a one-token input breaks: XLA's attention traces it."""
     tokens = jnp.zeros((1, 1), jnp.int32)
+    cfg = dataclasses.replace(cfg, attention="xla")
     return Decoder(cfg).init(rng, tokens, *_defaults(tokens, None, None))["params"]
 
 

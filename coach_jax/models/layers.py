@@ -189,12 +189,10 @@ class Attention(nn.Module):
                 v_BxSxKxH.astype(q_BxTxNxH.dtype), mask, scale=scale,
                 softcap=cfg.attn_logit_softcapping)
         else:
-            windows = set(cfg.layer_windows)
             out_BxTxNxH = attention.attend(
-                attention.choose(cfg.attention, cfg.compute_dtype, cfg.attn_logit_softcapping),
-                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT, layer_window,
-                static_window=windows.pop() if len(windows) == 1 and cfg.has_sliding_window
-                else None, scale=scale, softcap=cfg.attn_logit_softcapping)
+                cfg.attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT,
+                segment_ids_BxT, layer_window, windows=tuple(sorted(set(cfg.layer_windows))),
+                scale=scale, softcap=cfg.attn_logit_softcapping)
         out_BxTxNxH = checkpoint_name(out_BxTxNxH, "attention_out")
         return make("o_proj", ("heads", "head_dim"), ("embed",), (cfg.hidden_size,),
                     cfg.o_bias)(out_BxTxNxH), kv

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 
+from coach_jax import parallel
 from coach_jax.models.decoder import Params
 from coach_jax.train.loss import batch_sums
 from coach_jax.train.step import StepConfig
@@ -21,6 +22,7 @@ def compile_eval_step(config: StepConfig, params_sharding: Any = None,
                            num_sources=config.num_sources)
     if params_sharding is None and batch_sharding is None:
         return jax.jit(fn)
+    fn = parallel.traced_on_mesh(fn, getattr(batch_sharding, "mesh", None))
     return jax.jit(fn, in_shardings=(params_sharding, batch_sharding))
 
 

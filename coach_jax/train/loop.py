@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from coach_jax import data, memory, parallel, train
 from coach_jax.checkpoint import Checkpointer, abstract, config_changes
-from coach_jax.config import Settings, flat_config, resolve
+from coach_jax.config import ConfigError, Settings, flat_config, resolve
 from coach_jax.data.cache import tokenizer_fingerprint
 from coach_jax.data.pipeline import Pipeline, PipelineConfig, SourceConfig
 from coach_jax.errors import RunAborted
@@ -33,7 +33,8 @@ from coach_jax.evals.forgetting import compute_dtype_copy
 from coach_jax.evals.report import write_report
 from coach_jax.evals.suite import EvalSuite, global_batches
 from coach_jax.export import export_hf
-from coach_jax.models.builder import build_model
+from coach_jax.models import attention
+from coach_jax.models.builder import build_model, model_config_of
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
 from coach_jax.models.lora import join_base
@@ -78,7 +79,14 @@ def build_pipeline(settings: Settings, tokenizer: Any) -> tuple[Pipeline, int]:
 def build_params(settings: Settings, tokenizer: Any, mesh: jax.sharding.Mesh
                  ) -> tuple[ModelConfig, Params]:
     """The starting parameters, created straight into their shards: checkpoint.init_from's
-    when set (read once), else the HF folder's or fresh ones (models.builder)."""
+    when set (read once), else the HF folder's or fresh ones (models.builder). An
+    attention kernel the run cannot use is refused first, before any weight is read."""
+    try:
+        attention.for_run(settings.model.attention,
+                          model_config_of(settings.model, len(tokenizer)),
+                          settings.data.max_seq_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model_cfg, params = build_model(settings.model, len(tokenizer), settings.train.seed, mesh,
                                     transform=adapter_run.base_transform(settings))
     if settings.checkpoint.init_from:

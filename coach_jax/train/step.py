@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from coach_jax import parallel
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
 from coach_jax.models.lora import join_base
@@ -131,6 +132,7 @@ def compile_train_step(config: StepConfig, parts: StepParts, state_sharding: Any
     step = functools.partial(train_step, config=config, parts=parts)
     if state_sharding is None and batch_sharding is None:
         return jax.jit(step, donate_argnums=0)
+    step = parallel.traced_on_mesh(step, getattr(batch_sharding, "mesh", None))
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding, base_sharding),
                    out_shardings=(state_sharding, None), donate_argnums=0)
 
