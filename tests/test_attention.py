@@ -87,7 +87,7 @@ def test_auto_picks_the_platforms_kernel(cudnn_installed):
 @pytest.mark.parametrize("platform, requested, kwargs, words", [
     ("tpu", "auto", dict(length=200), "multiple of 128 (length 200: data.max_seq_len)"),
     ("cpu", "splash", dict(length=1), "multiple of 128 (length 1:"),
-    ("cuda", "auto", dict(dtype="float32"), "16-bit compute (model.compute_dtype=float32)"),
+    ("cuda", "auto", dict(dtype="float32"), "16-bit compute (model.dtype=float32)"),
     ("cuda", "auto", dict(head_dim=320), "at most 128 (head_dim=320)"),
     ("cuda", "auto", dict(head_dim=36), "multiple of 8"),
     ("cuda", "auto", dict(length=255), "even sequence length"),

@@ -113,7 +113,7 @@ def cudnn_limit(shape: AttentionShape, platform: str) -> str:
     if shape.softcap:
         return (f"cannot soft-cap attention logits (attn_logit_softcapping={shape.softcap})")
     if shape.dtype not in _CUDNN_DTYPES:
-        return f"needs 16-bit compute (model.compute_dtype={shape.dtype})"
+        return f"needs 16-bit compute (model.dtype={shape.dtype})"
     head_dim_max = _cudnn_head_dim_max()
     if shape.head_dim % 8 or shape.head_dim > head_dim_max:
         return (f"needs a head dim that is a multiple of 8 and at most {head_dim_max} "
