@@ -105,10 +105,12 @@ class Decoder(nn.Module):
         large negative logit, so they carry no probability."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.compute_dtype)
-        if cfg.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, self.embed_tokens.astype(dtype))
-        else:
-            logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, self.lm_head.astype(dtype))
+        # One 2-D matmul over flattened rows, as the projections: XLA's CPU backward for
+        # the [B, T, D] form computed the head's weight gradient with a slow transposed dot.
+        rows_NxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
+        head_DxV = (self.embed_tokens.astype(dtype).T if cfg.tie_word_embeddings
+                    else self.lm_head.astype(dtype))
+        logits = (rows_NxD @ head_DxV).reshape(*hidden_BxTxD.shape[:-1], -1)
         if cfg.final_logit_softcapping:  # Gemma 2: cap * tanh(logits / cap)
             cap = cfg.final_logit_softcapping
             logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(dtype)

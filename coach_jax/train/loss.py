@@ -58,7 +58,10 @@ def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array, config: LossCo
         objective = (1 - config.label_smoothing) * nll_BxT + config.label_smoothing * uniform_nll
     if config.z_loss:
         objective = objective + config.z_loss * lse_BxT ** 2
-    correct_BxT = (jnp.argmax(logits, axis=-1) == targets_BxT)
+    # The target is the model's top choice: its logit is the row's maximum (a comparison
+    # with the max logsumexp already takes, cheaper than argmax's value-and-index reduce;
+    # an exact tie counts as correct).
+    correct_BxT = target_logit >= jnp.max(logits, axis=-1)
     return objective, nll_BxT, correct_BxT
 
 
