@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import tempfile
 import time
+
+import machine
 
 import jax
 import numpy as np
@@ -63,7 +63,7 @@ def main() -> None:
     print(json.dumps(result))
     if args.markdown:
         with open("docs/benchmarks.md", "a") as f:
-            f.write(f"| {datetime.date.today()} | {platform.machine()}, {os.cpu_count()} cores, "
+            f.write(f"| {datetime.date.today()} | {machine.describe()}, "
                     f"CPU | {result['state_gib']:.2f} GiB | {blocking_s:.2f} s | {total_s:.2f} s "
                     f"| {step_s:.2f} s | `python scripts/bench_checkpoint.py --markdown` |\n")
 

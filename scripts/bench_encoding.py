@@ -12,9 +12,10 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
+
+import machine
 
 from coach_jax import data
 
@@ -44,7 +45,7 @@ def main() -> None:
               "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds}
     print(json.dumps(result))
     if args.markdown:
-        row = (f"| {datetime.date.today()} | {platform.machine()}, {os.cpu_count()} cores, "
+        row = (f"| {datetime.date.today()} | {machine.describe()}, "
                f"Python {sys.version.split()[0]} | {os.path.basename(args.data)}, "
                f"{os.path.basename(args.tokenizer.rstrip('/'))} | {examples} examples, "
                f"{tokens} tokens | {result['tokens_per_s'] / 1e3:.0f}k tokens/s "

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
+
+import machine
 
 SHAPE = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
@@ -121,13 +121,13 @@ def main() -> None:
     ratio = results["jax"]["new_tokens_per_s"] / results["torch"]["new_tokens_per_s"]
     print(json.dumps({"coach_jax_over_torch": ratio, "same_tokens": same}))
     if args.markdown:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU"
+        where = f"{machine.describe()}, CPU"
         command = "python scripts/bench_generate.py --markdown"
         if (args.batch, args.prompt_len, args.new_tokens) != (8, 64, 128):
             command += (f" --batch {args.batch} --prompt_len {args.prompt_len} "
                         f"--new_tokens {args.new_tokens}")
         with open("docs/benchmarks.md", "a") as f:
-            f.write(f"| {datetime.date.today()} | {machine} | batch {args.batch}, prompts "
+            f.write(f"| {datetime.date.today()} | {where} | batch {args.batch}, prompts "
                     f"{args.prompt_len // 2}-{args.prompt_len}, {args.new_tokens} new | "
                     f"{results['jax']['new_tokens_per_s']:.0f} | "
                     f"{results['torch']['new_tokens_per_s']:.0f} | {ratio:.2f}x | "

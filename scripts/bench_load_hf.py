@@ -14,9 +14,10 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
+
+import machine
 
 _LOADER = r"""
 import json, resource, sys, time
@@ -72,7 +73,7 @@ def main() -> None:
     print(json.dumps(result))
     if args.markdown:
         mb = 1e6
-        row = (f"| {datetime.date.today()} | {platform.machine()}, {os.cpu_count()} cores, CPU | "
+        row = (f"| {datetime.date.today()} | {machine.describe()}, CPU | "
                f"{on_disk / mb:.0f} MB fp32 on disk -> {args.dtype} | {result['seconds']:.2f} s "
                f"({result['mb_per_s']:.0f} MB/s) | {result['peak_over_before'] / mb:.0f} MB "
                f"({result['ratio_to_disk']:.2f}x disk) | `python scripts/bench_load_hf.py "

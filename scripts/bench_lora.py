@@ -14,10 +14,11 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
+
+import machine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import run_jax, run_torch  # noqa: E402
@@ -58,11 +59,11 @@ def main() -> None:
                "lora_over_full": median["jax_lora"] / median["jax_full"], **median}
     print(json.dumps(summary))
     if args.markdown:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU"
+        where = f"{machine.describe()}, CPU"
         versions = (f"jax {runs['jax_lora'][0]['jax']}, torch {runs['torch_peft'][0]['torch']}, "
                     f"peft {runs['torch_peft'][0]['peft']}")
         with open("docs/benchmarks.md", "a") as f:
-            f.write(f"| {datetime.date.today()} | {machine} | {median['jax_lora']:.0f} | "
+            f.write(f"| {datetime.date.today()} | {where} | {median['jax_lora']:.0f} | "
                     f"{median['torch_peft']:.0f} | {summary['lora_over_peft']:.2f}x | "
                     f"{median['jax_full']:.0f} | {summary['lora_over_full']:.2f}x | {versions} | "
                     f"`python scripts/bench_lora.py --markdown` |\n")

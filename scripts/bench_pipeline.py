@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import tempfile
 import time
+
+import machine
 
 
 from coach_jax import data
@@ -58,12 +58,12 @@ def main() -> None:
     for name, result in results.items():
         print(json.dumps({"run": name, **result}))
     if args.markdown:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores"
+        where = machine.describe()
         command = (f"`python scripts/bench_pipeline.py --data {args.data} --tokenizer "
                    f"{args.tokenizer}`")
         with open("docs/benchmarks.md", "a") as f:
             for name, r in results.items():
-                f.write(f"| {datetime.date.today()} | {machine} | {name} | {r['batches']} | "
+                f.write(f"| {datetime.date.today()} | {where} | {name} | {r['batches']} | "
                         f"{r['batches_per_s']:.1f} | {r['tokens_per_s'] / 1e3:.0f}k | "
                         f"{r['packing_efficiency']:.1%} | {command} |\n")
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+import machine
 
 SHAPE = dict(vocab=8192, d=256, layers=4, heads=8, kv=4, ff=688)
 
@@ -136,11 +136,11 @@ def main() -> None:
         results[impl] = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(results[impl]))
     ratio = results["jax"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
-    print(json.dumps({"coach_jax_over_torch": ratio}))
+    print(json.dumps({"coach_jax_over_torch": ratio, "machine": machine.describe()}))
     if args.markdown:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU"
+        where = f"{machine.describe()}, CPU"
         with open("docs/benchmarks.md", "a") as f:
-            f.write(f"| {datetime.date.today()} | {machine} | "
+            f.write(f"| {datetime.date.today()} | {where} | "
                     f"{results['jax']['tokens_per_s']:.0f} | "
                     f"{results['torch']['tokens_per_s']:.0f} | {ratio:.2f}x | "
                     f"jax {results['jax']['jax']}, torch {results['torch']['torch']} | "
