@@ -37,6 +37,9 @@ from coach_jax.train.optimizers import OptimizerConfig
 from coach_jax.train.param_groups import FROZEN, ParamGroups
 from coach_jax.train.schedules import SCHEDULES, ScheduleConfig
 
+# Files one of which a Hugging Face tokenizer folder holds (fast, sentencepiece, BPE, tekken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "tekken.json")
 MODES = ("train", "eval", "lint", "inspect", "export", "generate", "chat", "memory")
 # Optimizer hyperparameters declared as keys (unset = the optimizer's own default); any
 # other goes in optimizer.extra as "name=value,name=value".
@@ -439,6 +442,10 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
     if not tokenizer_path or not os.path.isdir(tokenizer_path):
         raise ConfigError(f"tokenizer.path={tokenizer_path!r} is not a folder (a local HF "
                           "tokenizer is needed)")
+    if not any(os.path.isfile(os.path.join(tokenizer_path, name)) for name in TOKENIZER_FILES):
+        raise ConfigError(f"tokenizer.path={tokenizer_path!r} holds no tokenizer (none of "
+                          f"{', '.join(TOKENIZER_FILES)}); point tokenizer.path at the "
+                          "folder that has them")
     if c.tokenizer.chat_template and not os.path.isfile(c.tokenizer.chat_template):
         raise ConfigError(f"tokenizer.chat_template={c.tokenizer.chat_template!r}: no such file")
     _choice(c.data.format, ("auto",) + FORMATS, "data.format")

@@ -127,8 +127,10 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
             "dots_no_batch": tokens * (q + kv + 4 * d + 2 * f) * width,
             "save_attention": inputs}[cfg.remat]  # XLA keeps no more than for full
     layers = cfg.num_layers * kept + layer_set
-    if quantized:  # the dequantized kernels: kept per layer without remat, else one layer's
-        layers += (cfg.num_layers + 1 if cfg.remat == "none" else 2) * \
+    if quantized:  # the dequantized kernels: kept per layer without remat (the backward
+        # pass's input gradients read them), else the one layer being recomputed. XLA's
+        # CPU step fuses some dequantizations into their matmuls and keeps a few others.
+        layers += (cfg.num_layers if cfg.remat == "none" else 1) * \
             dequantized_layer_bytes(cfg)
     chunk = min(chunk_tokens or tokens, tokens)
     logits = chunk * cfg.vocab_size * 4 * 3  # logits, softmax, gradient of one chunk

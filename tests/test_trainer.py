@@ -138,6 +138,8 @@ def _cli(*args, cwd=ROOT):
     ("--config.data.train=missing.jsonl", "missing.jsonl: no such file"),
     ("--config.train.global_batch_size=7", "global_batch_size=7 is not divisible"),
     ("--config.optimizer.extra=beta1=0.9", "'adamw' does not accept beta1; it accepts: b1"),
+    ("--config.tokenizer.path=assets/lab/corpus", "tokenizer.path='assets/lab/corpus' holds no "
+     "tokenizer"),  # a folder without tokenizer files
 ])
 def test_bad_input_exits_with_one_clear_line(tmp_path, override, message):
     result = _cli("--config", "configs/default.py", "--workdir", str(tmp_path), override)
