@@ -72,6 +72,25 @@ FAMILIES = {
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                          "short_factor": [1.0, 1.2, 1.5, 1.9, 2.4, 3.0],
                          "long_factor": [1.5, 3.0, 6.0, 12.0, 24.0, 48.0]}),
+    # Mixtures of experts: top-2 of 4 experts renormalised, a window of 8 (Mixtral); a
+    # shared expert with its sigmoid gate, unnormalised top-2 and a dense layer between
+    # sparse ones (Qwen2-MoE, mlp_only_layers); top-3 of 6 renormalised with q/k norms
+    # (Qwen3-MoE); q/k norms over all heads (OLMoE).
+    "mixtral": lambda: transformers.MixtralConfig(
+        **_COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 30000.0}),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **dict(_COMMON, num_hidden_layers=3), num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=48, shared_expert_intermediate_size=80, mlp_only_layers=[1],
+        norm_topk_prob=False, rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **_COMMON, head_dim=32, num_experts=6, num_experts_per_tok=3,
+        moe_intermediate_size=40, norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 30000.0}),
+    "olmoe": lambda: transformers.OlmoeConfig(
+        **_COMMON, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 40000.0}),
     # Norms after attention and MLP, q/k norms over all heads, biases, untied embeddings.
     "olmo2": lambda: transformers.Olmo2Config(
         **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -96,7 +115,7 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **conf
                 p.copy_(0.5 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
-        if family == "olmo2":
+        if family in ("olmo2", "olmoe"):
             # Heads of different magnitude, so a norm over all heads differs from a norm per
             # head (the feature's negative control).
             for layer in model.model.layers:

@@ -73,6 +73,19 @@ NEGATIVE_CONTROLS = {
         cfg.rope_scaling, attention_factor=1.0)),
     "olmo2/post_norms": dict(post_norms=False),
     "olmo2/qk_norm_all_heads": dict(qk_norm_all_heads=False),
+    # Mixtures of experts: the top-k renormalisation flipped, the shared expert dropped or
+    # its sigmoid gate held at 1/2, two experts' weights swapped, a per-head q/k norm.
+    "mixtral/normalize_top_k": lambda cfg: dict(moe=dataclasses.replace(
+        cfg.moe, normalize_top_k=False)),
+    "mixtral/experts_swapped": {},
+    "qwen2_moe/normalize_top_k": lambda cfg: dict(moe=dataclasses.replace(
+        cfg.moe, normalize_top_k=True)),
+    "qwen2_moe/shared_expert": lambda cfg: dict(moe=dataclasses.replace(
+        cfg.moe, shared_expert_size=0)),
+    "qwen2_moe/shared_expert_gate": {},
+    "qwen3_moe/normalize_top_k": lambda cfg: dict(moe=dataclasses.replace(
+        cfg.moe, normalize_top_k=False)),
+    "olmoe/qk_norm_all_heads": dict(qk_norm_all_heads=False),
 }
 
 
@@ -93,9 +106,30 @@ def _per_head_norm_params(params):
     return {**params, "layers": {**params["layers"], "self_attn": attention}}
 
 
-# Controls that change the parameter tree the crippled layers expect.
+def _experts_swapped(params):
+    """Experts 0 and 1 trade weights in every layer: the router still picks by index."""
+    experts = {name: w.at[:, [0, 1]].set(w[:, [1, 0]])
+               for name, w in params["layers"]["mlp"]["experts"].items()}
+    mlp = {**params["layers"]["mlp"], "experts": experts}
+    return {**params, "layers": {**params["layers"], "mlp": mlp}}
+
+
+def _shared_gate_zeroed(params):
+    """The shared expert's gate kernel zeroed: sigmoid(0) = 1/2 for every token."""
+    out = dict(params)
+    for name, layer in params.items():
+        if isinstance(layer, dict) and "shared_expert_gate" in layer.get("mlp", {}):
+            gate = {"kernel": 0 * layer["mlp"]["shared_expert_gate"]["kernel"]}
+            out[name] = {**layer, "mlp": {**layer["mlp"], "shared_expert_gate": gate}}
+    return out
+
+
+# Controls that change the parameter tree the crippled layers expect, or the parameters.
 CONTROL_PARAMS = {"olmo2/post_norms": _pre_norm_params,
-                  "olmo2/qk_norm_all_heads": _per_head_norm_params}
+                  "olmo2/qk_norm_all_heads": _per_head_norm_params,
+                  "olmoe/qk_norm_all_heads": _per_head_norm_params,
+                  "mixtral/experts_swapped": _experts_swapped,
+                  "qwen2_moe/shared_expert_gate": _shared_gate_zeroed}
 
 
 @pytest.mark.parametrize("control", list(NEGATIVE_CONTROLS))

@@ -56,6 +56,29 @@ class LongRopeScaling:
     attention_factor: float  # sqrt(1 + ln(factor) / ln(original)) unless set
 
 
+@dataclasses.dataclass(frozen=True)
+class MoeSpec:
+    """A mixture-of-experts feed-forward (the layers `ModelConfig.feed_forward` marks "moe"):
+    a router picks `top_k` of `num_experts` SwiGLU experts per token from the softmax of
+    its logits, and their outputs are summed with those probabilities (renormalised to sum
+    1 with `normalize_top_k`). `shared_expert_size` > 0 adds a dense expert every token
+    passes, scaled by a sigmoid gate (Qwen2-MoE). `aux_loss_coef` and
+    `output_router_logits` are config.json's router settings, kept for training and export."""
+
+    num_experts: int
+    top_k: int
+    expert_size: int  # each expert's intermediate width
+    normalize_top_k: bool
+    shared_expert_size: int = 0
+    aux_loss_coef: float = 0.0
+    output_router_logits: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.top_k <= self.num_experts:
+            raise UnsupportedModelError(f"num_experts_per_tok={self.top_k} must be in "
+                                        f"[1, {self.num_experts}] (the number of experts)")
+
+
 RopeScaling = Llama3RopeScaling | LinearRopeScaling | LongRopeScaling
 ROPE_TYPE_NAMES = {Llama3RopeScaling: "llama3", LinearRopeScaling: "linear",
                    LongRopeScaling: "longrope"}
@@ -107,6 +130,10 @@ class ModelConfig:
     layer_windows: tuple[int, ...] = ()
     # rope_layers[i]: layer i rotates queries and keys (SmolLM3 has layers without RoPE).
     rope_layers: tuple[bool, ...] = ()
+    # feed_forward[i]: layer i's feed-forward, a name in layers.FEED_FORWARDS ("mlp": the
+    # dense gated MLP; "moe": experts as `moe` describes). Empty: "mlp" everywhere.
+    feed_forward: tuple[str, ...] = ()
+    moe: MoeSpec | None = None
     initializer_range: float = 0.02
     # Runtime switches: not part of the architecture, never written to config.json.
     compute_dtype: str = "float32"
@@ -153,6 +180,17 @@ class ModelConfig:
         if len(self.layer_windows) != self.num_layers:
             raise UnsupportedModelError(
                 f"{len(self.layer_windows)} layer windows given for {self.num_layers} layers")
+        if not self.feed_forward:
+            object.__setattr__(self, "feed_forward", ("mlp",) * self.num_layers)
+        if len(self.feed_forward) != self.num_layers:
+            raise UnsupportedModelError(f"{len(self.feed_forward)} feed-forward kinds given "
+                                        f"for {self.num_layers} layers")
+        if ("moe" in self.feed_forward) != (self.moe is not None):
+            raise UnsupportedModelError("MoE layers and a MoeSpec go together "
+                                        f"(feed_forward={self.feed_forward}, moe={self.moe})")
+        if self.scan_layers and len(set(self.feed_forward)) > 1:
+            # One scan stacks identical layers; dense layers among sparse ones are unrolled.
+            object.__setattr__(self, "scan_layers", False)
         if not self.rope_layers:
             object.__setattr__(self, "rope_layers", (True,) * self.num_layers)
         if len(self.rope_layers) != self.num_layers:

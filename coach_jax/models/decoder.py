@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coach_jax.models import moe  # noqa: F401  (registers the "moe" feed-forward)
 from coach_jax.models import rope
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.kv_cache import KVCache
@@ -54,9 +55,11 @@ class Decoder(nn.Module):
                 # each layer has its own window and index.
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                 length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+                metadata_params={nn.PARTITION_NAME: "layers"})(
+                    cfg, cfg.feed_forward[0], name="layers")  # one kind: ModelConfig checks
         else:
-            self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+            self.layers = [layer(cfg, kind, name=f"layers_{i}")
+                           for i, kind in enumerate(cfg.feed_forward)]
         self.norm = RMSNorm(cfg, name="norm")
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(self, "lm_head", normal, (cfg.hidden_size, cfg.vocab_size),

@@ -11,6 +11,7 @@ decoder reads `ModelConfig` feature fields, never the model type.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 if TYPE_CHECKING:
@@ -185,10 +186,98 @@ class AlternatingLayers:
         _export_layer_types(hf, layer_windows, use_sliding_window=False)
 
 
+class SwitchedEveryLayer(EveryLayer):
+    """`sliding_window` on every layer when `use_sliding_window` is set (Qwen3-MoE)."""
+
+    def parse(self, hf: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
+        if not hf.get("use_sliding_window", False):
+            return (0,) * num_layers
+        return super().parse(hf, num_layers)
+
+    def export(self, hf: dict[str, Any], layer_windows: tuple[int, ...]) -> None:
+        super().export(hf, layer_windows)
+        hf["use_sliding_window"] = any(layer_windows)
+
+
 FULL_ATTENTION = FullAttention()
 EVERY_LAYER = EveryLayer()
 LAYER_TYPES = LayerTypes()
 NOPE_SLIDING = NoPeSliding()
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeKeys:
+    """How a family's config.json describes its mixture of experts. `normalize` is fixed
+    (Mixtral always renormalises the top-k probabilities) or the key that says
+    (absent: False); `sparse_rule`: layers listed in `mlp_only_layers`, and those not on
+    every `decoder_sparse_step`-th, keep a dense MLP (Qwen-MoE); otherwise every layer is
+    sparse."""
+
+    # The expert count's keys, the first written on export (Qwen3-MoE's config.json files
+    # have num_experts, transformers writes num_local_experts and reads both).
+    experts: tuple[str, ...]
+    expert_size: str  # each expert's width: intermediate_size, moe_intermediate_size
+    normalize: bool | str
+    shared_expert_size: str | None = None
+    sparse_rule: bool = False
+
+    def parse(self, hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+        """The `moe` and `feed_forward` fields of ModelConfig."""
+        from coach_jax.models.config import MoeSpec
+        experts = next((hf[key] for key in self.experts if hf.get(key)), None)
+        if not experts:
+            return {}
+        kinds = ["moe"] * num_layers
+        if self.sparse_rule:
+            dense = set(hf.get("mlp_only_layers") or [])
+            step = hf.get("decoder_sparse_step", 1) or 1
+            kinds = ["mlp" if i in dense or (i + 1) % step else "moe"
+                     for i in range(num_layers)]
+        if "moe" not in kinds:
+            return {}
+        for key in ("num_experts_per_tok", self.expert_size):
+            if key not in hf:
+                raise UnsupportedModelError(f"config.json has no {key!r}")
+        normalize = (self.normalize if isinstance(self.normalize, bool)
+                     else bool(hf.get(self.normalize, False)))
+        shared = int(hf.get(self.shared_expert_size) or 0) if self.shared_expert_size else 0
+        if hf.get("router_jitter_noise"):
+            raise UnsupportedModelError(
+                f"router_jitter_noise={hf['router_jitter_noise']} is not supported (the "
+                "router's multiplicative input noise in training); set it to 0")
+        spec = MoeSpec(num_experts=int(experts), top_k=int(hf["num_experts_per_tok"]),
+                       expert_size=int(hf[self.expert_size]), normalize_top_k=normalize,
+                       shared_expert_size=shared,
+                       aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
+                       output_router_logits=bool(hf.get("output_router_logits", False)))
+        return {"moe": spec, "feed_forward": tuple(kinds)}
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        spec = cfg.moe
+        problems = []
+        if isinstance(self.normalize, bool) and spec.normalize_top_k != self.normalize:
+            problems.append(f"normalize_top_k={spec.normalize_top_k}")
+        if spec.shared_expert_size and not self.shared_expert_size:
+            problems.append(f"a shared expert ({spec.shared_expert_size})")
+        if not self.sparse_rule and "mlp" in cfg.feed_forward:
+            problems.append("dense layers among sparse ones")
+        return problems
+
+    def export(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        spec = cfg.moe
+        for key in self.experts[1:]:
+            hf.pop(key, None)
+        hf.update({self.experts[0]: spec.num_experts, "num_experts_per_tok": spec.top_k,
+                   self.expert_size: spec.expert_size,
+                   "router_aux_loss_coef": spec.aux_loss_coef,
+                   "output_router_logits": spec.output_router_logits})
+        if isinstance(self.normalize, str):
+            hf[self.normalize] = spec.normalize_top_k
+        if self.shared_expert_size:
+            hf[self.shared_expert_size] = spec.shared_expert_size
+        if self.sparse_rule:
+            hf["decoder_sparse_step"] = 1
+            hf["mlp_only_layers"] = [i for i, k in enumerate(cfg.feed_forward) if k == "mlp"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +300,9 @@ class TensorNames:
     body: str = "model"  # prefix of the embeddings, the layers and the final norm
     lm_head: str = "lm_head"
     fused: tuple[Fused, ...] = ()
+    # Our module path in a layer -> the checkpoint's, as regex substitutions tried in
+    # order (Mixtral: mlp/experts/3/gate_proj -> block_sparse_moe/experts/3/w1).
+    renames: tuple[tuple[str, str], ...] = ()
 
     def top(self, name: str) -> str:
         """The HF module of a top-level parameter or module: embed_tokens, norm, lm_head."""
@@ -222,6 +314,11 @@ class TensorNames:
         for fused in self.fused:
             if module in fused.parts:
                 return f"{self.body}.layers.{layer}.{fused.tensor}", fused.parts.index(module)
+        for pattern, replacement in self.renames:
+            renamed, count = re.subn(pattern, replacement, module)
+            if count:
+                module = renamed
+                break
         return f"{self.body}.layers.{layer}.{module.replace('/', '.')}", 0
 
     def groups(self) -> dict[str, str]:
@@ -253,6 +350,9 @@ class Family:
     # config.json values transformers assumes when the key is absent, where they differ
     # from Llama's (SmolLM3: rope_theta 2e6, tied embeddings).
     config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    moe: MoeKeys | None = None  # a mixture-of-experts family's config keys
+    # config.json keys whose feature the decoder does not compute: set, they are refused.
+    refused: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = set(self.switches) - set(SWITCHES)
@@ -269,6 +369,9 @@ class Family:
         if hf.get("use_bidirectional_attention"):
             raise UnsupportedModelError("use_bidirectional_attention=True is not supported "
                                         "(a causal decoder)")
+        for key in self.refused:
+            if hf.get(key) is not None:
+                raise UnsupportedModelError(f"{key}={hf[key]!r} is not supported")
         fields: dict[str, Any] = {}
         for name in SWITCHES:
             source = self.switches.get(name, False)
@@ -276,6 +379,8 @@ class Family:
         for name, (key, default) in self.values.items():
             fields[name] = hf.get(key, default)
         fields["layer_windows"] = self.windows.parse(hf, num_layers)
+        if self.moe is not None:
+            fields.update(self.moe.parse(hf, num_layers))
         if self.nope_layers:
             fields["rope_layers"] = no_rope_flags(hf, num_layers)
         return fields
@@ -304,6 +409,11 @@ class Family:
             problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor}")
         if not self.nope_layers and not all(cfg.rope_layers):
             problems.append(f"layers without RoPE ({cfg.rope_layers})")
+        if cfg.moe is not None:
+            problems += (self.moe.problems(cfg) if self.moe is not None
+                         else ["mixture-of-experts layers"])
+        elif self.moe is not None and not self.moe.sparse_rule:
+            problems.append("no mixture-of-experts layers")
         return problems + self.windows.problems(cfg.layer_windows)
 
     def export(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
@@ -323,6 +433,8 @@ class Family:
         self.windows.export(hf, cfg.layer_windows)
         if self.nope_layers:
             hf["no_rope_layers"] = [int(r) for r in cfg.rope_layers]
+        if cfg.moe is not None:
+            self.moe.export(cfg, hf)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -412,3 +524,27 @@ register(Family("smollm3", "SmolLM3ForCausalLM", windows=NOPE_SLIDING, nope_laye
                 switches=dict(qkv_bias="attention_bias", o_bias="attention_bias",
                               mlp_bias="mlp_bias"),
                 config_defaults={"rope_theta": 2000000.0, "tie_word_embeddings": True}))
+
+# Mixtures of experts. transformers' own names for the experts' tensors on disk: one per
+# expert (Mixtral's w1 / w3 / w2 are gate / up / down).
+MIXTRAL_TENSORS = TensorNames(renames=(
+    (r"^mlp/experts/(\d+)/gate_proj$", r"block_sparse_moe/experts/\1/w1"),
+    (r"^mlp/experts/(\d+)/up_proj$", r"block_sparse_moe/experts/\1/w3"),
+    (r"^mlp/experts/(\d+)/down_proj$", r"block_sparse_moe/experts/\1/w2"),
+    (r"^mlp/gate$", "block_sparse_moe/gate")))
+register(Family("mixtral", "MixtralForCausalLM", windows=EVERY_LAYER, tensors=MIXTRAL_TENSORS,
+                moe=MoeKeys(("num_local_experts",), "intermediate_size", normalize=True)))
+register(Family("qwen2_moe", "Qwen2MoeForCausalLM", windows=LAYER_TYPES,
+                switches=dict(qkv_bias="qkv_bias"), config_defaults={"qkv_bias": True},
+                moe=MoeKeys(("num_experts",), "moe_intermediate_size",
+                            normalize="norm_topk_prob", shared_expert_size="shared_expert_intermediate_size",
+                            sparse_rule=True)))
+register(Family("qwen3_moe", "Qwen3MoeForCausalLM", windows=SwitchedEveryLayer(),
+                switches=dict(qk_norm=True, qkv_bias="attention_bias",
+                              o_bias="attention_bias"),
+                moe=MoeKeys(("num_local_experts", "num_experts"), "moe_intermediate_size",
+                            normalize="norm_topk_prob", sparse_rule=True)))
+register(Family("olmoe", "OlmoeForCausalLM", switches=dict(
+    qk_norm=True, qk_norm_all_heads=True, qkv_bias="attention_bias", o_bias="attention_bias"),
+                moe=MoeKeys(("num_experts",), "intermediate_size", normalize="norm_topk_prob"),
+                refused=("clip_qkv",)))

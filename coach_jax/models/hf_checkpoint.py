@@ -46,8 +46,10 @@ class _Piece:
     """One of our parameters (one layer of it when stacked) inside an HF tensor."""
 
     path: str
-    layer: int | None  # index into the stacked `layers` axis, None when unstacked
-    shape: tuple[int, ...]  # ours, per layer
+    # Where in our array the piece sits: (layer,) for a scanned parameter, (expert,) or
+    # (layer, expert) for experts' weights (one HF tensor per expert), () for all of it.
+    index: tuple[int, ...]
+    shape: tuple[int, ...]  # ours, of the piece
     in_dims: int  # >0 for Linear weights: how many leading dims of ours are HF's "in"
     flat: bool  # a bias: one dim in HF
 
@@ -101,10 +103,18 @@ class _Unit:
     tensors: list[_HfTensor]
 
 
-def _piece(path: str, layer: int | None, shape: tuple[int, ...]) -> _Piece:
+def _is_expert_weight(path: str) -> bool:
+    """An MoE layer's stacked expert weights (models/moe.py): [experts, in, out]."""
+    return path.split("/")[-2:-1] == ["experts"]
+
+
+def _piece(path: str, index: tuple[int, ...], shape: tuple[int, ...]) -> _Piece:
     leaf = path.rsplit("/", 1)[-1]
-    in_dims = kernel_input_dims(path) if leaf == "kernel" else int(path == "lm_head")
-    return _Piece(path, layer, shape, in_dims, flat=leaf == "bias")
+    if leaf == "kernel":
+        in_dims = kernel_input_dims(path)
+    else:
+        in_dims = int(path == "lm_head" or _is_expert_weight(path))
+    return _Piece(path, index, shape, in_dims, flat=leaf == "bias")
 
 
 def _hf_leaf(leaf: str) -> str:
@@ -126,10 +136,16 @@ def _tensor_plan(cfg: ModelConfig, names: families.TensorNames | None = None
             raise ValueError(f"{piece.path} and {slot[position].path} both map to {name}")
         slot[position] = piece
 
-    def add_in_layer(layer: int, piece: _Piece) -> None:
-        *module, leaf = piece.path.split("/")[1:]
+    def add_in_layer(layer: int, index: tuple[int, ...], shape: tuple[int, ...],
+                     path: str) -> None:
+        *module, leaf = path.split("/")[1:]
+        if _is_expert_weight(path):  # one HF tensor per expert: mlp/experts/3/gate_proj
+            for expert in range(shape[0]):
+                hf_module, _ = names.in_layer(layer, "/".join([*module, str(expert), leaf]))
+                add(f"{hf_module}.weight", 0, _piece(path, (*index, expert), shape[1:]))
+            return
         hf_module, position = names.in_layer(layer, "/".join(module))
-        add(f"{hf_module}.{_hf_leaf(leaf)}", position, piece)
+        add(f"{hf_module}.{_hf_leaf(leaf)}", position, _piece(path, index, shape))
 
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]:
         path = path_str(key_path)
@@ -137,14 +153,14 @@ def _tensor_plan(cfg: ModelConfig, names: families.TensorNames | None = None
         first, *rest = path.split("/")
         if first == "layers":  # scanned: one HF tensor per layer
             for i in range(leaf.shape[0]):
-                add_in_layer(i, _piece(path, i, leaf.shape[1:]))
+                add_in_layer(i, (i,), leaf.shape[1:], path)
         elif first.startswith("layers_"):
-            add_in_layer(int(first.removeprefix("layers_")), _piece(path, None, leaf.shape))
+            add_in_layer(int(first.removeprefix("layers_")), (), leaf.shape, path)
         elif not rest:  # a bare parameter: embed_tokens, lm_head
-            add(f"{names.top(first)}.weight", 0, _piece(path, None, leaf.shape))
+            add(f"{names.top(first)}.weight", 0, _piece(path, (), leaf.shape))
         else:  # a top-level module: the final norm
             module = ".".join([first, *rest[:-1]])
-            add(f"{names.top(module)}.{_hf_leaf(rest[-1])}", 0, _piece(path, None, leaf.shape))
+            add(f"{names.top(module)}.{_hf_leaf(rest[-1])}", 0, _piece(path, (), leaf.shape))
     units: dict[tuple[str, ...], _Unit] = {}
     for name, by_position in tensors.items():
         if sorted(by_position) != list(range(len(by_position))):
@@ -288,12 +304,12 @@ def _read_unit(unit: _Unit, files: dict[str, str], dtype: np.dtype) -> dict[str,
         for tensor in unit.tensors:
             ours = tensor.split(handles[files[tensor.name]].get_tensor(tensor.name))
             for piece, array in zip(tensor.pieces, ours):
-                if piece.layer is None:
+                if not piece.index:
                     host[piece.path] = array.astype(dtype, copy=False)
                 else:
                     if piece.path not in host:
                         host[piece.path] = np.empty(unit.shapes[piece.path], dtype)
-                    host[piece.path][piece.layer] = array
+                    host[piece.path][piece.index] = array
     return host
 
 
@@ -378,7 +394,7 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike, dtype:
                 host[our_path] = host[our_path].astype(np.dtype(jnp.dtype(dtype)))
             out_dtype = out_dtype or host[our_path].dtype
         for hf_tensor in unit.tensors:
-            tensor = hf_tensor.join([host[p.path] if p.layer is None else host[p.path][p.layer]
+            tensor = hf_tensor.join([host[p.path][p.index] if p.index else host[p.path]
                                      for p in hf_tensor.pieces])
             if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
                 flush()

@@ -204,21 +204,54 @@ _ACTIVATIONS = {"silu": nn.silu,
                 "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
+def activation(cfg: ModelConfig) -> Callable[[jax.Array], jax.Array]:
+    """The MLP's gate activation (transformers' `hidden_act`)."""
+    return _ACTIVATIONS[cfg.activation]
+
+
 class Mlp(nn.Module):
-    """A gated MLP: down(act(gate(x)) * up(x)); SwiGLU, or GeGLU for Gemma."""
+    """A gated MLP: down(act(gate(x)) * up(x)); SwiGLU, or GeGLU for Gemma. `size` is its
+    intermediate width when not `cfg.intermediate_size` (Qwen2-MoE's shared expert)."""
 
     cfg: ModelConfig
+    size: int | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         cfg = self.cfg
+        width = self.size or cfg.intermediate_size
         make = _projections(cfg, self.name)
         def proj(name, in_axis, out_axis, size):
             return make(name, (in_axis,), (out_axis,), (size,), cfg.mlp_bias)
-        gate = proj("gate_proj", "embed", "mlp", cfg.intermediate_size)(x_BxTxD)
-        up = proj("up_proj", "embed", "mlp", cfg.intermediate_size)(x_BxTxD)
-        hidden = _ACTIVATIONS[cfg.activation](gate) * up
+        gate = proj("gate_proj", "embed", "mlp", width)(x_BxTxD)
+        up = proj("up_proj", "embed", "mlp", width)(x_BxTxD)
+        hidden = activation(cfg)(gate) * up
         return proj("down_proj", "mlp", "embed", cfg.hidden_size)(hidden)
+
+
+# A layer's feed-forward other than the dense MLP ("mlp"), by the name
+# `ModelConfig.feed_forward` gives it: a module built as Module(cfg, name="mlp") and called
+# on the normed hidden states [B, T, D] and the segment ids [B, T] (0: padding, which a
+# router must not count). models/moe.py registers "moe".
+FEED_FORWARDS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_feed_forward(name: str, module: Callable[..., nn.Module]) -> None:
+    """Makes `module` selectable as a layer's feed-forward `name`."""
+    if name in FEED_FORWARDS:
+        raise ValueError(f"feed-forward {name!r} is already registered")
+    FEED_FORWARDS[name] = module
+
+
+def _feed_forward(cfg: ModelConfig, kind: str, x_BxTxD: jax.Array,
+                  segment_ids_BxT: jax.Array) -> jax.Array:
+    """Layer kind `kind`'s feed-forward of x, as parameters named `mlp/...`."""
+    if kind == "mlp":
+        return Mlp(cfg, name="mlp")(x_BxTxD)
+    if kind not in FEED_FORWARDS:
+        raise ValueError(f"feed-forward {kind!r} is not registered; registered: "
+                         f"mlp, {', '.join(FEED_FORWARDS)}")
+    return FEED_FORWARDS[kind](cfg, name="mlp")(x_BxTxD, segment_ids_BxT)
 
 
 class DecoderLayer(nn.Module):
@@ -227,6 +260,7 @@ class DecoderLayer(nn.Module):
     through the layers; `layer` is its index."""
 
     cfg: ModelConfig
+    kind: str = "mlp"  # its feed-forward: a name of ModelConfig.feed_forward
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, KV], positions_BxT: jax.Array,
@@ -240,7 +274,7 @@ class DecoderLayer(nn.Module):
             attended, kv = attend(x_BxTxD, positions_BxT, segment_ids_BxT, rope_tables, window,
                                   slots, kv, layer)
             x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_attention_layernorm")(attended)
-            mlp_out = Mlp(cfg, name="mlp")(x_BxTxD)
+            mlp_out = _feed_forward(cfg, self.kind, x_BxTxD, segment_ids_BxT)
             x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_feedforward_layernorm")(mlp_out)
             return (x_BxTxD, kv), None
         if cfg.sandwich_norms:  # Gemma: a norm before and after attention and MLP each
@@ -249,7 +283,7 @@ class DecoderLayer(nn.Module):
                                   slots, kv, layer)
             x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_attention_layernorm")(attended)
             h = RMSNorm(cfg, name="pre_feedforward_layernorm")(x_BxTxD)
-            mlp_out = Mlp(cfg, name="mlp")(h)
+            mlp_out = _feed_forward(cfg, self.kind, h, segment_ids_BxT)
             x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_feedforward_layernorm")(mlp_out)
             return (x_BxTxD, kv), None
         h = RMSNorm(cfg, name="input_layernorm")(x_BxTxD)
@@ -257,5 +291,5 @@ class DecoderLayer(nn.Module):
                               kv, layer)
         x_BxTxD = x_BxTxD + attended
         h = RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)
-        x_BxTxD = x_BxTxD + Mlp(cfg, name="mlp")(h)
+        x_BxTxD = x_BxTxD + _feed_forward(cfg, self.kind, h, segment_ids_BxT)
         return (x_BxTxD, kv), None

@@ -134,7 +134,8 @@ LATER_MODEL_FIELDS = {
     "qk_norm_all_heads": False, "post_norms": False, "norm_unit_offset": False,
     "sandwich_norms": False, "scale_embeddings": False, "activation": "silu",
     "query_pre_attn_scalar": None, "attn_logit_softcapping": None,
-    "final_logit_softcapping": None, "local_rope_theta": None, "lora": None}
+    "final_logit_softcapping": None, "local_rope_theta": None, "lora": None,
+    "feed_forward": (), "moe": None}
 
 
 def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -144,11 +145,15 @@ def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
     model = {k: v for k, v in dataclasses.asdict(model_cfg).items()
              if k not in ("hf_source", "compute_dtype", "scan_layers", "remat", "attention")}
     for name, default in LATER_MODEL_FIELDS.items():
-        if model[name] == default or (name == "rope_layers" and all(model[name])):
+        if model[name] == default or (name == "rope_layers" and all(model[name])) or (
+                name == "feed_forward" and set(model[name]) == {"mlp"}):
             del model[name]
     model["rope_scaling"] = str(model["rope_scaling"])
-    if "lora" in model:
-        model["lora"] = str(model_cfg.lora)
+    for name in ("lora", "moe"):
+        if name in model:
+            model[name] = str(getattr(model_cfg, name))
+    if "feed_forward" in model:
+        model["feed_forward"] = list(model["feed_forward"])
     model["layer_windows"] = list(model["layer_windows"])
     if "rope_layers" in model:
         model["rope_layers"] = list(model["rope_layers"])

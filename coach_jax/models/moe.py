@@ -1,0 +1,113 @@
+"""The mixture-of-experts feed-forward: a router, top-k experts per token, dropless.
+
+Every token goes to its `top_k` experts, however unevenly the router spreads them: the
+(token, expert) pairs are sorted by expert and each expert's rows go through its weights
+in one grouped matmul (`jax.lax.ragged_dot` with the per-expert row counts), so no
+capacity factor exists and no token is dropped. Parameters (logical axes in brackets):
+
+    mlp/gate/kernel                 [embed, expert]          the router
+    mlp/experts/{gate,up}_proj      [expert, embed, mlp]     SwiGLU experts
+    mlp/experts/down_proj           [expert, mlp, embed]
+    mlp/shared_expert/...           a dense Mlp every token passes (Qwen2-MoE)
+    mlp/shared_expert_gate/kernel   [embed, None]            its sigmoid gate
+
+Registered as the feed-forward "moe" (layers.FEED_FORWARDS); `ModelConfig.moe` holds the
+family's routing rule.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from coach_jax.models import layers
+from coach_jax.models.config import ModelConfig
+
+
+def route(logits_NxE: jax.Array, top_k: int, normalize: bool
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(float32 router probabilities [N, E], the chosen experts [N, k], their weights [N, k]):
+    softmax in float32, then the top k, renormalised to sum 1 when `normalize`."""
+    probs_NxE = jax.nn.softmax(logits_NxE.astype(jnp.float32), axis=-1)
+    weights_NxK, experts_NxK = jax.lax.top_k(probs_NxE, top_k)
+    if normalize:
+        weights_NxK = weights_NxK / jnp.sum(weights_NxK, axis=-1, keepdims=True)
+    return probs_NxE, experts_NxK, weights_NxK
+
+
+def grouped_experts(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
+                    gate_ExDxF: jax.Array, up_ExDxF: jax.Array, down_ExFxD: jax.Array,
+                    act) -> jax.Array:
+    """sum_k weight_k * down_e(act(gate_e(x)) * up_e(x)) over each row's chosen experts e,
+    dropless: the N*k (row, expert) pairs sorted by expert, one ragged matmul per weight."""
+    n, k = experts_NxK.shape
+    num_experts = gate_ExDxF.shape[0]
+    flat_P = experts_NxK.reshape(-1)
+    order_P = jnp.argsort(flat_P, stable=True)  # pairs grouped by expert
+    sizes_E = jnp.bincount(flat_P, length=num_experts).astype(jnp.int32)
+    sorted_PxD = jnp.take(rows_NxD, order_P // k, axis=0)
+    hidden_PxF = act(jax.lax.ragged_dot(sorted_PxD, gate_ExDxF, sizes_E)) * \
+        jax.lax.ragged_dot(sorted_PxD, up_ExDxF, sizes_E)
+    out_PxD = jax.lax.ragged_dot(hidden_PxF, down_ExFxD, sizes_E)
+    unsorted_PxD = jnp.take(out_PxD, jnp.argsort(order_P), axis=0)  # back to (row, k) order
+    return jnp.einsum("nkd,nk->nd", unsorted_PxD.reshape(n, k, -1),
+                      weights_NxK.astype(out_PxD.dtype))
+
+
+class _Linear(nn.Module):
+    """x @ kernel [embed, width], no bias: the router (width = experts) and the shared
+    expert's gate (width 1). Plain parameters: never LoRA-adapted or quantized."""
+
+    cfg: ModelConfig
+    width: int
+    axis: str | None
+
+    @nn.compact
+    def __call__(self, rows_NxD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        kernel = layers._param(self, "kernel", nn.initializers.normal(cfg.initializer_range),
+                               (cfg.hidden_size, self.width), ("embed", self.axis), cfg)
+        return rows_NxD @ kernel.astype(rows_NxD.dtype)
+
+
+class _Experts(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, rows_NxD: jax.Array, experts_NxK: jax.Array,
+                 weights_NxK: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        e, d, f = cfg.moe.num_experts, cfg.hidden_size, cfg.moe.expert_size
+        init = nn.initializers.normal(cfg.initializer_range)
+        dtype = rows_NxD.dtype
+        def weight(name, shape, axes):
+            return layers._param(self, name, init, shape, axes, cfg).astype(dtype)
+        gate = weight("gate_proj", (e, d, f), ("expert", "embed", "mlp"))
+        up = weight("up_proj", (e, d, f), ("expert", "embed", "mlp"))
+        down = weight("down_proj", (e, f, d), ("expert", "mlp", "embed"))
+        return grouped_experts(rows_NxD, experts_NxK, weights_NxK, gate, up, down,
+                               layers.activation(cfg))
+
+
+class MoeFeedForward(nn.Module):
+    """The router, the routed experts and the optional shared expert of one layer."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
+        cfg, spec = self.cfg, self.cfg.moe
+        b, t, d = x_BxTxD.shape
+        rows_NxD = x_BxTxD.reshape(-1, d)
+        logits_NxE = _Linear(cfg, spec.num_experts, "expert", name="gate")(rows_NxD)
+        _, experts_NxK, weights_NxK = route(logits_NxE, spec.top_k, spec.normalize_top_k)
+        out_NxD = _Experts(cfg, name="experts")(rows_NxD, experts_NxK, weights_NxK)
+        if spec.shared_expert_size:
+            shared_NxD = layers.Mlp(cfg, spec.shared_expert_size, name="shared_expert")(rows_NxD)
+            gate_Nx1 = _Linear(cfg, 1, None, name="shared_expert_gate")(rows_NxD)
+            out_NxD = out_NxD + jax.nn.sigmoid(gate_Nx1) * shared_NxD
+        return out_NxD.reshape(b, t, d)
+
+
+layers.register_feed_forward("moe", MoeFeedForward)
