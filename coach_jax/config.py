@@ -106,6 +106,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.z_loss = 0.0
     c.train.label_smoothing = 0.0
     c.train.chunk_tokens = CHUNK_TOKENS  # LM head + cross-entropy chunk (0 = unchunked)
+    # Mixture-of-experts routers: the load-balancing loss's weight (None: config.json's
+    # router_aux_loss_coef where its output_router_logits is true, else 0) and the z-loss's.
+    c.train.router_aux_loss = config_dict.placeholder(float)
+    c.train.router_z_loss = 0.0
     c.train.freeze = ()  # regexes of parameter paths to freeze, e.g. ("embed_tokens",)
     c.train.lr_multipliers = ()  # ("regex=multiplier", ...), e.g. ("embed_tokens=0.1",)
     c.train.trainable_last_layers = -1  # -1 = all layers train
@@ -511,8 +515,11 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
                                   "e.g. 'embed_tokens=0.1'")
         groups = ParamGroups(rules, None if c.train.trainable_last_layers < 0
                              else c.train.trainable_last_layers)
+        for key in ("router_aux_loss", "router_z_loss"):
+            if c.train[key] is not None and c.train[key] < 0:
+                raise ConfigError(f"train.{key}={c.train[key]} must be >= 0")
         loss = LossConfig(c.train.loss_normalization, c.train.z_loss, c.train.label_smoothing,
-                          c.train.chunk_tokens)
+                          c.train.chunk_tokens, c.train.router_aux_loss, c.train.router_z_loss)
     except optimizers.UnknownHparamsError as e:
         raise ConfigError(f"optimizer {e.name!r} does not accept {', '.join(e.unknown)}; "
                           f"it accepts: {', '.join(e.accepted)}") from None

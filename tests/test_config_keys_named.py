@@ -17,7 +17,7 @@ KEY = re.compile(r"(?<![\w./-])(?:--config\.)?((?:%s)(?:\.[a-z_][a-z0-9_]*)+)(?!
 HF_TENSORS = ("model.layers", "model.norm", "model.embed_tokens", "model.language_model",
               "model.vision_tower", "model.multi_modal_projector")
 FILE_SUFFIXES = ("json", "jsonl", "py", "md", "png", "txt", "parquet", "safetensors", "bin",
-                 "jinja", "csv", "yaml", "log")
+                 "jinja", "csv", "yaml", "log", "model")  # .model: a sentencepiece file
 
 
 def existing_keys() -> set[str]:

@@ -333,3 +333,34 @@ def test_without_the_cudnn_library_auto_lowers_xla_for_cuda():
     step = train_step(lab_model())
     lowers_with(export(step.fn, "cuda", *step.args, cudnn=False), "cuda", None)
     lowers_with(export(step.fn, "tpu", *step.args, cudnn=False), "tpu", "splash")
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_train_steps_and_generation_lower(platform, family):
+    """Grouped matmuls (ragged_dot) over sorted tokens, the router's losses in the step
+    (scanned Mixtral, unrolled Qwen2-MoE with its dense layer and shared expert), two
+    micro-batches, and the decode loop."""
+    cfg = stand_in(family)
+    step = train_step(cfg, micro_batches=2, loss=train.LossConfig(router_aux_loss=0.01,
+                                                                   router_z_loss=0.001))
+    lowers_with(export(step.fn, platform, *step.args), platform, AUTO_KERNEL[platform])
+    prompts = jax.ShapeDtypeStruct((ROWS, 32), jnp.int32)
+    exported = export(sampling._generate, platform, models.param_shapes(cfg), prompts,
+                      jax.ShapeDtypeStruct((ROWS,), jnp.int32),
+                      jax.ShapeDtypeStruct((1,), jnp.int32), jax.random.key(0), cfg=cfg,
+                      config=sampling.SamplingConfig(max_new_tokens=4))
+    assert "ragged_dot" in exported.mlir_module()
+
+
+def test_the_sharded_moe_step_lowers_for_tpu():
+    """Mixtral's experts on the (2, 2, 2) mesh: expert weights keep their FSDP and tensor
+    shardings in the export."""
+    mesh = mesh_2x2x2()
+    step = train_step(stand_in("mixtral"), rows=8, mesh=mesh)
+    exported = export(step.fn, "tpu", *step.args)
+    lowers_with(exported, "tpu", "splash")
+    got = exported.in_shardings_jax(mesh)
+    expected = jax.tree.leaves(step.shardings)
+    for arg, want, found in zip(jax.tree.leaves(step.args), expected, got):
+        assert found.is_equivalent_to(want, len(arg.shape)), (arg.shape, want.spec, found.spec)

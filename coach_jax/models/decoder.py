@@ -49,7 +49,7 @@ class Decoder(nn.Module):
                              prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(
-                layer, variable_axes={"params": 0},
+                layer, variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 # positions, segment ids, rope tables, cache slots are shared by all layers;
                 # each layer has its own window and index.
@@ -149,6 +149,28 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array,
                               *_defaults(tokens, positions, segment_ids),
                               method=Decoder.hidden_states,
                               rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+
+
+def hidden_states_and_router(cfg: ModelConfig, params: Params, tokens: jax.Array,
+                             positions: jax.Array, segment_ids: jax.Array,
+                             dropout_rng: jax.Array | None = None
+                             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`hidden_states` and the MoE layers' router sums (models/moe.router_sums), stacked
+    in layer order: counts and probs [sparse layers, experts], z and tokens [sparse
+    layers]. Empty for a model without MoE layers."""
+    hidden, state = Decoder(cfg).apply(
+        {"params": params}, tokens, positions, segment_ids, method=Decoder.hidden_states,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng},
+        mutable=["intermediates"])
+    found = state.get("intermediates", {})
+    if not found:
+        return hidden, {}
+    if cfg.scan_layers:  # one entry, stacked over the layers by the scan
+        (sums,) = found["layers"]["mlp"]["router"]
+        return hidden, sums
+    layers = sorted((int(name.removeprefix("layers_")), entry["mlp"]["router"][0])
+                    for name, entry in found.items())
+    return hidden, jax.tree.map(lambda *x: jnp.stack(x), *[sums for _, sums in layers])
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -36,6 +36,21 @@ def route(logits_NxE: jax.Array, top_k: int, normalize: bool
     return probs_NxE, experts_NxK, weights_NxK
 
 
+def router_sums(logits_NxE: jax.Array, probs_NxE: jax.Array, experts_NxK: jax.Array,
+                real_N: jax.Array) -> dict[str, jax.Array]:
+    """One layer's router statistics over its real (non-padding) tokens, as sums so they
+    add across layers and micro-batches: (token, expert) assignments per expert, router
+    probability per expert, logsumexp(logits)^2 (the z-loss's), and the token count. Read
+    with `Decoder.hidden_states(..., mutable="intermediates")` (router_stats)."""
+    real = real_N.astype(jnp.float32)
+    num_experts = probs_NxE.shape[-1]
+    counts_E = jnp.zeros(num_experts, jnp.float32).at[experts_NxK.reshape(-1)].add(
+        jnp.repeat(real, experts_NxK.shape[-1]))
+    lse_N = jax.nn.logsumexp(logits_NxE.astype(jnp.float32), axis=-1)
+    return {"counts": counts_E, "probs": (probs_NxE * real[:, None]).sum(0),
+            "z": (lse_N ** 2 * real).sum(), "tokens": real.sum()}
+
+
 def grouped_experts(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
                     gate_ExDxF: jax.Array, up_ExDxF: jax.Array, down_ExFxD: jax.Array,
                     act) -> jax.Array:
@@ -101,7 +116,10 @@ class MoeFeedForward(nn.Module):
         b, t, d = x_BxTxD.shape
         rows_NxD = x_BxTxD.reshape(-1, d)
         logits_NxE = _Linear(cfg, spec.num_experts, "expert", name="gate")(rows_NxD)
-        _, experts_NxK, weights_NxK = route(logits_NxE, spec.top_k, spec.normalize_top_k)
+        probs_NxE, experts_NxK, weights_NxK = route(logits_NxE, spec.top_k,
+                                                    spec.normalize_top_k)
+        self.sow("intermediates", "router", router_sums(
+            logits_NxE, probs_NxE, experts_NxK, segment_ids_BxT.reshape(-1) > 0))
         out_NxD = _Experts(cfg, name="experts")(rows_NxD, experts_NxK, weights_NxK)
         if spec.shared_expert_size:
             shared_NxD = layers.Mlp(cfg, spec.shared_expert_size, name="shared_expert")(rows_NxD)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from coach_jax import models
 from coach_jax.models.config import ModelConfig
-from coach_jax.models.decoder import Params
+from coach_jax.models.decoder import Params, hidden_states_and_router
 
 NORMALIZATIONS = ("tokens", "examples")
 CHUNK_TOKENS = 256  # the default LM head + cross-entropy chunk; see LossConfig.chunk_tokens
@@ -34,6 +34,19 @@ class LossConfig:
     # recomputed in the backward pass, so [B, T, V] logits never exist at once; the result
     # does not depend on it.
     chunk_tokens: int = CHUNK_TOKENS
+    # Mixture-of-experts routers: the load-balancing loss's weight (None: config.json's
+    # router_aux_loss_coef where its output_router_logits is true, else 0, as transformers)
+    # and the router z-loss's (mean logsumexp(router logits)^2).
+    router_aux_loss: float | None = None
+    router_z_loss: float = 0.0
+
+    def aux_weight(self, model_cfg: ModelConfig) -> float:
+        """The load-balancing loss's weight for this model (0 without MoE layers)."""
+        if model_cfg.moe is None:
+            return 0.0
+        if self.router_aux_loss is not None:
+            return self.router_aux_loss
+        return model_cfg.moe.aux_loss_coef if model_cfg.moe.output_router_logits else 0.0
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
@@ -138,6 +151,28 @@ def loss_sums(per_token: tuple[jax.Array, jax.Array, jax.Array], batch: dict[str
             "source_nll": source_nll, "source_tokens": source_tokens}
 
 
+def batch_denominator(batch: Arrays, config: LossConfig) -> jax.Array:
+    """The loss's denominator of a whole batch (supervised tokens or examples), from the
+    batch alone: what `loss_sums` gives summed over its micro-batches."""
+    if config.normalization == "tokens":
+        return batch["loss_mask"].astype(jnp.float32).sum()
+    return example_weights(batch["loss_mask"], batch["segment_ids"])[1]
+
+
+def router_losses(stats: Arrays, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """(load-balancing loss, router z-loss) of one micro-batch from its layers' router sums.
+
+    The load-balancing loss is transformers' (`load_balancing_loss_func`, Switch
+    Transformer eq. 4-6): the share of (token, expert) assignments and the mean router
+    probability of each expert, each averaged over the MoE layers and the real tokens,
+    then num_experts * sum of their products; padding never counts. The z-loss is the mean
+    over layers and real tokens of logsumexp(router logits)^2."""
+    rows = jnp.maximum(stats["tokens"].sum(), 1.0)  # layers x real tokens
+    share_E = stats["counts"].sum(0) / rows
+    probability_E = stats["probs"].sum(0) / rows
+    return num_experts * jnp.sum(share_E * probability_E), stats["z"].sum() / rows
+
+
 def batch_sums(model_cfg: ModelConfig, params: Params, batch: Arrays, config: LossConfig,
                num_sources: int = 1, extra: ExtraTerms | None = None,
                extra_inputs: Arrays | None = None,
@@ -149,8 +184,14 @@ def batch_sums(model_cfg: ModelConfig, params: Params, batch: Arrays, config: Lo
     given the chunk's logits and its slice of `extra_inputs` ([B, T, ...] arrays); each is
     summed over the real (non-padding) positions, whose count is `positions`.
     """
-    hidden = models.hidden_states(model_cfg, params, batch["inputs"], batch["positions"],
-                                  batch["segment_ids"], dropout_rng)
+    router = {}
+    if model_cfg.moe is None:
+        hidden = models.hidden_states(model_cfg, params, batch["inputs"], batch["positions"],
+                                      batch["segment_ids"], dropout_rng)
+    else:
+        hidden, router = hidden_states_and_router(model_cfg, params, batch["inputs"],
+                                                  batch["positions"], batch["segment_ids"],
+                                                  dropout_rng)
 
     def per_token(part: Arrays) -> Arrays:
         logits = models.logits_from_hidden(model_cfg, params, part["hidden"])
@@ -162,6 +203,13 @@ def batch_sums(model_cfg: ModelConfig, params: Params, batch: Arrays, config: Lo
     terms = chunked(per_token, {"hidden": hidden, "targets": batch["targets"],
                                 **(extra_inputs or {})}, config.chunk_tokens)
     sums = loss_sums(tuple(terms[name] for name in TERMS), batch, config, num_sources)
+    if router:
+        aux, z = router_losses(router, model_cfg.moe.num_experts)
+        # Per micro-batch: the step averages these over its micro-batches.
+        sums.update(router_aux=aux, router_z=z, router_batches=jnp.float32(1.0),
+                    router_objective=config.aux_weight(model_cfg) * aux
+                    + config.router_z_loss * z,
+                    expert_counts=router["counts"])
     if extra is not None:
         real = batch["segment_ids"] > 0
         sums["positions"] = real.sum()

@@ -94,6 +94,10 @@ def progress_line(step: int, total: int, record: dict[str, Any],
     if "forgetting/reference_loss_delta" in record:
         parts.append(f"forgetting {record['forgetting/reference_loss_delta']:+.4f} nats "
                      f"(KL {record['forgetting/kl']:.4f})")
+    if "router_aux_loss" in record:  # MoE: the busiest and idlest expert of any layer
+        parts.append(f"router aux {record['router_aux_loss']:.3f}, expert share "
+                     f"{100 * max(record['expert_share_max']):.0f}% max / "
+                     f"{100 * min(record['expert_share_min']):.0f}% min")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s'] / 1e3:.1f}k tok/s")
     if "learning_rate" in record:

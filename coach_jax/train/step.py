@@ -22,7 +22,7 @@ from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params
 from coach_jax.models.lora import join_base
 from coach_jax.train import param_groups
-from coach_jax.train.loss import LossConfig, batch_sums
+from coach_jax.train.loss import LossConfig, batch_denominator, batch_sums
 from coach_jax.train.optimizers import OptimizerConfig, make_optimizer
 from coach_jax.train.state import TrainState
 
@@ -71,6 +71,12 @@ def train_step(state: TrainState, batch: Batch, base: Params | None = None, *,
     step_rng = (jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
                 if lora is not None and lora.dropout > 0 else None)
 
+    # MoE routers' losses are means per micro-batch, averaged over the micro-batches: they
+    # join the numerator scaled by the batch's denominator, which the gradient sum is
+    # divided by below.
+    router_scale = (jnp.maximum(batch_denominator(batch, config.loss), 1.0)
+                    / config.micro_batches if config.model.moe is not None else None)
+
     def sums_and_grads(trainable_params: Params, micro: Batch, index: jax.Array
                        ) -> tuple[dict, Params]:
         rng = None if step_rng is None else jax.random.fold_in(step_rng, index)
@@ -78,7 +84,10 @@ def train_step(state: TrainState, batch: Batch, base: Params | None = None, *,
         def numerator(p):
             sums = batch_sums(config.model, model_params(p), micro, config.loss,
                               config.num_sources, dropout_rng=rng)
-            return sums["numerator"], sums
+            objective = sums["numerator"]
+            if router_scale is not None:
+                objective = objective + sums["router_objective"] * router_scale
+            return objective, sums
         (_, sums), grads = jax.value_and_grad(numerator, has_aux=True)(trainable_params)
         return sums, grads
 
@@ -121,8 +130,24 @@ def train_step(state: TrainState, batch: Batch, base: Params | None = None, *,
         "source_tokens": sums["source_tokens"],
         "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
     }
+    if "router_aux" in sums:
+        metrics.update(router_metrics(sums))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
+
+
+def router_metrics(sums: dict[str, jax.Array]) -> Metrics:
+    """MoE metrics: the router losses (means over micro-batches), `router_loss`, their
+    weighted sum that the step adds to `loss`, and per MoE layer the busiest and the
+    idlest expert's share of the (token, expert) assignments (1 / experts each when
+    balanced)."""
+    batches = sums["router_batches"]
+    counts_LxE = sums["expert_counts"]
+    share_LxE = counts_LxE / jnp.maximum(counts_LxE.sum(-1, keepdims=True), 1.0)
+    return {"router_aux_loss": sums["router_aux"] / batches,
+            "router_z_loss": sums["router_z"] / batches,
+            "router_loss": sums["router_objective"] / batches,
+            "expert_share_max": share_LxE.max(-1), "expert_share_min": share_LxE.min(-1)}
 
 
 def compile_train_step(config: StepConfig, parts: StepParts, state_sharding: Any = None,

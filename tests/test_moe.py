@@ -1,0 +1,171 @@
+"""Mixture-of-experts training against transformers: the total loss with the router's
+load-balancing term, gradients of routers and experts, dropless routing, router metrics."""
+
+import numpy as np
+import pytest
+import torch
+
+import hf_reference
+import jax
+import jax.numpy as jnp
+from coach_jax import models
+from coach_jax.models import moe
+from coach_jax.train import loss as loss_lib
+from coach_jax.train.step import router_metrics
+
+LENGTH = 20
+PADDED = {0: 0, 1: 6}  # row -> padding tokens at its end
+
+
+def _batch(vocab: int):
+    """Two rows, the second right-padded; the first 5 tokens of each row are prompt."""
+    rng = np.random.RandomState(4)
+    tokens = rng.randint(0, vocab, (2, LENGTH + 1)).astype(np.int32)
+    segments = np.ones((2, LENGTH), np.int32)
+    for row, pad in PADDED.items():
+        if pad:
+            segments[row, -pad:] = 0
+    mask = (segments > 0).astype(np.int32)
+    mask[:, :5] = 0
+    mask[:, -1] = 0  # transformers' shifted labels cannot supervise the last position
+    positions = np.tile(np.arange(LENGTH, dtype=np.int32), (2, 1))
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
+            "segment_ids": segments, "positions": positions,
+            "source_ids": np.zeros((2, LENGTH), np.int32)}
+
+
+def _torch_loss_and_grads(model, batch):
+    """transformers' loss (cross-entropy + router_aux_loss_coef * load balancing, padding
+    excluded through the attention mask) and its gradients."""
+    inputs = torch.as_tensor(batch["inputs"], dtype=torch.long)
+    labels = torch.as_tensor(np.where(batch["loss_mask"] > 0, batch["targets"], -100))
+    # transformers shifts labels itself: give it the label of token t at position t.
+    shifted = torch.cat([torch.full((2, 1), -100), labels], dim=1)[:, :-1]
+    model.zero_grad()
+    out = model(input_ids=inputs, attention_mask=torch.as_tensor(batch["segment_ids"] > 0),
+                labels=shifted, output_router_logits=True)
+    out.loss.backward()
+    return out, {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
+
+
+def _ours(cfg, params, batch, config):
+    def total(p):
+        sums = loss_lib.batch_sums(cfg, p, batch, config)
+        return sums["numerator"] / sums["denominator"] + sums["router_objective"], sums
+    (value, sums), grads = jax.value_and_grad(total, has_aux=True)(params)
+    return float(value), sums, grads
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_total_loss_and_gradients_equal_transformers(family, tmp_path):
+    hf_model = hf_reference.build(family, output_router_logits=True, router_aux_loss_coef=0.3)
+    hf_model.train()  # no dropout in these configs; train mode keeps the aux loss on
+    hf_model.save_pretrained(tmp_path)
+    cfg, params = models.load_hf(tmp_path)
+    assert cfg.moe.output_router_logits and cfg.moe.aux_loss_coef == 0.3
+    batch = _batch(cfg.vocab_size)
+    out, torch_grads = _torch_loss_and_grads(hf_model, batch)
+    value, sums, grads = _ours(cfg, params, batch, loss_lib.LossConfig())
+    print(f"{family}: loss {value:.6f} vs {out.loss.item():.6f}, aux "
+          f"{float(sums['router_aux']):.6f} vs {out.aux_loss.item():.6f}")
+    assert abs(float(sums["router_aux"]) - out.aux_loss.item()) <= 1e-5
+    assert abs(value - out.loss.item()) <= 1e-5
+
+    layer = "layers" if cfg.scan_layers else "layers_0"
+    index = (0,) if cfg.scan_layers else ()
+    mlp = jax.tree.map(lambda x: np.asarray(x[index] if index else x), grads[layer]["mlp"])
+    hf = "model.layers.0.mlp"
+    pairs = [(mlp["gate"]["kernel"].T, torch_grads[f"{hf}.gate.weight"])]
+    gate_up = torch_grads[f"{hf}.experts.gate_up_proj"]  # [E, 2F, D]: gate rows, then up
+    f = cfg.moe.expert_size
+    pairs += [(mlp["experts"]["gate_proj"].transpose(0, 2, 1), gate_up[:, :f]),
+              (mlp["experts"]["up_proj"].transpose(0, 2, 1), gate_up[:, f:]),
+              (mlp["experts"]["down_proj"].transpose(0, 2, 1),
+               torch_grads[f"{hf}.experts.down_proj"])]
+    for ours, theirs in pairs:
+        scale = np.abs(theirs).max()
+        assert scale > 0
+        assert np.abs(ours - theirs).max() <= 1e-4 * scale
+
+
+def test_the_aux_weight_follows_config_json_unless_set():
+    cfg = models.ModelConfig.from_hf_dict(hf_reference.FAMILIES["mixtral"]().to_dict())
+    assert not cfg.moe.output_router_logits
+    assert loss_lib.LossConfig().aux_weight(cfg) == 0.0  # as transformers: off by default
+    assert loss_lib.LossConfig(router_aux_loss=0.5).aux_weight(cfg) == 0.5
+    on = hf_reference.FAMILIES["mixtral"]()
+    on.output_router_logits = True
+    cfg_on = models.ModelConfig.from_hf_dict(on.to_dict())
+    assert loss_lib.LossConfig().aux_weight(cfg_on) == on.router_aux_loss_coef
+
+
+def _loop_reference(x, experts, weights, gate, up, down):
+    """Expert by expert, token by token: what a capacity-free MoE computes."""
+    out = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for e, w in zip(experts[n], weights[n]):
+            h = x[n] @ gate[e]
+            out[n] += w * (((h / (1 + np.exp(-h))) * (x[n] @ up[e])) @ down[e])
+    return out
+
+
+def test_every_token_on_one_expert_is_computed_dropless():
+    rng = np.random.RandomState(0)
+    n, d, f, num_experts = 64, 8, 12, 4
+    x = rng.randn(n, d).astype(np.float32)
+    gate, up = (rng.randn(num_experts, d, f).astype(np.float32) * 0.3 for _ in range(2))
+    down = rng.randn(num_experts, f, d).astype(np.float32) * 0.3
+    experts = np.stack([np.full(n, 2), rng.randint(0, 2, n)], axis=1).astype(np.int32)
+    weights = rng.rand(n, 2).astype(np.float32)
+    got = moe.grouped_experts(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights),
+                              gate, up, down, jax.nn.silu)
+    np.testing.assert_allclose(got, _loop_reference(x, experts, weights, gate, up, down),
+                               atol=1e-5)
+
+
+def test_router_losses_count_only_real_tokens(tmp_path):
+    """Padding changes neither the load-balancing loss nor the expert shares."""
+    hf_reference.build("mixtral").save_pretrained(tmp_path)
+    cfg, params = models.load_hf(tmp_path)
+    batch = _batch(cfg.vocab_size)
+    config = loss_lib.LossConfig()
+    sums = loss_lib.batch_sums(cfg, params, batch, config)
+    garbage = dict(batch, inputs=np.where(batch["segment_ids"] > 0, batch["inputs"], 3))
+    again = loss_lib.batch_sums(cfg, params, garbage, config)
+    assert float(sums["router_aux"]) == pytest.approx(float(again["router_aux"]), abs=1e-6)
+    np.testing.assert_array_equal(sums["expert_counts"], again["expert_counts"])
+    real = int((batch["segment_ids"] > 0).sum())
+    np.testing.assert_array_equal(np.asarray(sums["expert_counts"]).sum(-1),
+                                  [real * cfg.moe.top_k] * cfg.num_layers)
+    metrics = router_metrics(sums)
+    assert metrics["expert_share_max"].shape == (cfg.num_layers,)
+    assert np.all(metrics["expert_share_max"] >= 1 / cfg.moe.num_experts)
+    assert np.all(metrics["expert_share_min"] <= 1 / cfg.moe.num_experts)
+
+
+def test_a_moe_run_trains_and_logs_its_routers(tmp_path, capsys):
+    """A from-scratch Mixtral-shaped model with the load-balancing loss on, two micro-batches:
+    metrics.jsonl has the router losses and the expert shares of every layer, and the loss
+    falls."""
+    import json
+    import os
+    from test_trainer import tiny_config
+    from coach_jax.train.loop import train_and_evaluate
+    config = tiny_config(tmp_path, **{"train.steps": 12, "train.log_every": 4,
+                                      "train.micro_batches": 2, "data.eval": "",
+                                      "train.global_batch_size": 16,
+                                      "train.router_aux_loss": 0.05,
+                                      "optimizer.learning_rate": 3e-3})
+    config.model.init.update(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+    train_and_evaluate(config, str(tmp_path / "run"))
+    assert "router aux" in capsys.readouterr().out  # the progress line
+    with open(os.path.join(tmp_path, "run", "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if "router_aux_loss" in line]
+    assert [r["step"] for r in records] == [1, 4, 8, 12]
+    for record in records:
+        assert len(record["expert_share_max"]) == len(record["expert_share_min"]) == 2
+        assert all(lo <= 0.25 <= hi for lo, hi in zip(record["expert_share_min"],
+                                                      record["expert_share_max"]))
+        assert record["router_loss"] == pytest.approx(0.05 * record["router_aux_loss"])
+        assert record["router_aux_loss"] >= 2.0 - 1e-4  # top 2: at least k when balanced
+    assert records[-1]["loss"] < records[0]["loss"]
