@@ -18,6 +18,7 @@ import time
 import machine
 
 SHAPE = dict(vocab=8192, d=256, layers=4, heads=8, kv=4, ff=688)
+MOE = dict(experts=8, top_k=2, expert_ff=344)
 
 
 def _timed(step, warmup: int, steps: int, sync) -> dict[str, float]:
@@ -36,18 +37,23 @@ def _timed(step, warmup: int, steps: int, sync) -> dict[str, float]:
             "step_s_pipelined": (time.perf_counter() - start) / steps}
 
 
-def run_jax(batch: int, seq: int, warmup: int, steps: int, lora_rank: int = 0) -> dict:
+def run_jax(batch: int, seq: int, warmup: int, steps: int, lora_rank: int = 0,
+            moe: bool = False) -> dict:
     """`lora_rank`: train a LoRA adapter (alpha 2 x rank, every projection) instead."""
     import dataclasses
     import jax
     import numpy as np
     from coach_jax import adapters, models, train
+    from coach_jax.models.config import MoeSpec
     from coach_jax.models.lora import LoraSpec, is_adapter_path
-    cfg = models.ModelConfig(model_type="llama", vocab_size=SHAPE["vocab"],
-                             hidden_size=SHAPE["d"], intermediate_size=SHAPE["ff"],
+    experts = dict(model_type="mixtral", intermediate_size=MOE["expert_ff"],
+                   feed_forward=("moe",) * SHAPE["layers"],
+                   moe=MoeSpec(MOE["experts"], MOE["top_k"], MOE["expert_ff"], True)) \
+        if moe else dict(model_type="llama", intermediate_size=SHAPE["ff"])
+    cfg = models.ModelConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["d"],
                              num_layers=SHAPE["layers"], num_heads=SHAPE["heads"],
                              num_kv_heads=SHAPE["kv"], head_dim=SHAPE["d"] // SHAPE["heads"],
-                             rms_norm_eps=1e-5, max_position_embeddings=2048)
+                             rms_norm_eps=1e-5, max_position_embeddings=2048, **experts)
     params = models.init(cfg, seed=0)
     base = None
     if lora_rank:
@@ -76,15 +82,19 @@ def run_jax(batch: int, seq: int, warmup: int, steps: int, lora_rank: int = 0) -
     return {"impl": "coach_jax", "jax": jax.__version__, **result}
 
 
-def run_torch(batch: int, seq: int, warmup: int, steps: int, lora_rank: int = 0) -> dict:
+def run_torch(batch: int, seq: int, warmup: int, steps: int, lora_rank: int = 0,
+              moe: bool = False) -> dict:
     """`lora_rank`: wrapped by PEFT with that LoRA (alpha 2 x rank, all-linear)."""
     import torch
     import transformers
-    config = transformers.LlamaConfig(
-        vocab_size=SHAPE["vocab"], hidden_size=SHAPE["d"], intermediate_size=SHAPE["ff"],
-        num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
-        num_key_value_heads=SHAPE["kv"], max_position_embeddings=2048, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, use_cache=False)
+    common = dict(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["d"],
+                  num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
+                  num_key_value_heads=SHAPE["kv"], max_position_embeddings=2048,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False)
+    config = (transformers.MixtralConfig(**common, intermediate_size=MOE["expert_ff"],
+                                         num_local_experts=MOE["experts"],
+                                         num_experts_per_tok=MOE["top_k"]) if moe
+              else transformers.LlamaConfig(**common, intermediate_size=SHAPE["ff"]))
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     versions = {"torch": torch.__version__}
@@ -120,10 +130,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--markdown", action="store_true", help="append to docs/benchmarks.md")
+    parser.add_argument("--moe", action="store_true", help="the mixture-of-experts shape")
     args = parser.parse_args()
     common = (args.batch, args.seq, args.warmup, args.steps)
     if args.impl:
-        result = (run_jax if args.impl == "jax" else run_torch)(*common)
+        result = (run_jax if args.impl == "jax" else run_torch)(*common, moe=args.moe)
         result["tokens_per_s"] = args.batch * args.seq / result["step_s_median"]
         print(json.dumps(result))
         return
@@ -131,7 +142,8 @@ def main() -> None:
     for impl in ("jax", "torch"):
         out = subprocess.run([sys.executable, __file__, "--impl", impl, "--batch",
                               str(args.batch), "--seq", str(args.seq), "--warmup",
-                              str(args.warmup), "--steps", str(args.steps)],
+                              str(args.warmup), "--steps", str(args.steps)]
+                             + ["--moe"] * args.moe,
                              check=True, capture_output=True, text=True).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(results[impl]))

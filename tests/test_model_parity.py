@@ -257,16 +257,19 @@ def test_query_blocks_match_hf(checkpoints, family):
                   - hf_reference.logits(hf_model, unpacked)).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize("family", ["olmo2", "smollm3_window", "gemma3_text"])
+@pytest.mark.parametrize("family", ["olmo2", "smollm3_window", "gemma3_text", "mixtral",
+                                    "qwen2_moe"])
 def test_a_data_fsdp_tensor_mesh_gives_one_devices_logits(checkpoints, family):
     """Parameters sharded over a (2, 2, 2) mesh as in training: OLMo 2's norm over all heads
-    spans the tensor-split heads, SmolLM3's per-layer RoPE flags ride the scan."""
+    spans the tensor-split heads, SmolLM3's per-layer RoPE flags ride the scan, experts'
+    weights split over FSDP and tensor axes feed the grouped matmuls."""
     _, folder = checkpoints[family]
     cfg, params = models.load_hf(folder)
     tokens = _tokens(batch=4)
     expected = np.asarray(models.apply(cfg, params, tokens))
     mesh = parallel.make_mesh((2, 2, 2))
     sharded = parallel.place(params, parallel.tree_shardings(params, cfg, mesh))
-    assert "tensor" in sharded["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec
+    layer = sharded["layers" if cfg.scan_layers else "layers_0"]
+    assert "tensor" in layer["self_attn"]["q_proj"]["kernel"].sharding.spec
     got = np.asarray(models.apply(cfg, sharded, tokens))
     np.testing.assert_allclose(got, expected, atol=5e-5)  # reduction order; parity is 1e-4

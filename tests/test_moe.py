@@ -118,9 +118,29 @@ def test_every_token_on_one_expert_is_computed_dropless():
     experts = np.stack([np.full(n, 2), rng.randint(0, 2, n)], axis=1).astype(np.int32)
     weights = rng.rand(n, 2).astype(np.float32)
     got = moe.grouped_experts(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights),
-                              gate, up, down, jax.nn.silu)
+                              *map(jnp.asarray, (gate, up, down)), jax.nn.silu)
     np.testing.assert_allclose(got, _loop_reference(x, experts, weights, gate, up, down),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [8, 128])
+def test_blocks_and_ragged_dot_give_the_same_values_and_gradients(block):
+    """The CPU/GPU block path against TPU's ragged_dot path, uneven groups (one empty, one
+    beyond a block), forward and backward."""
+    rng = np.random.RandomState(1)
+    d, f, sizes = 8, 12, jnp.asarray([3, 0, 21, 9], jnp.int32)
+    rows = jnp.asarray(rng.randn(int(sizes.sum()), d), jnp.float32)
+    weights = [jnp.asarray(rng.randn(*shape) * 0.3, jnp.float32)
+               for shape in ((4, d, f), (4, d, f), (4, f, d))]
+    def value(path):
+        return lambda r, *w: (path(r, sizes, *w, jax.nn.silu) ** 2).sum()
+    block_path = lambda *a: moe._block_mlp(*a, block=block)
+    for argnum in range(4):
+        np.testing.assert_allclose(
+            jax.grad(value(block_path), argnum)(rows, *weights),
+            jax.grad(value(moe._ragged_mlp), argnum)(rows, *weights), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(block_path(rows, sizes, *weights, jax.nn.silu),
+                               moe._ragged_mlp(rows, sizes, *weights, jax.nn.silu), atol=1e-5)
 
 
 def test_router_losses_count_only_real_tokens(tmp_path):

@@ -2,8 +2,9 @@
 
 Every token goes to its `top_k` experts, however unevenly the router spreads them: the
 (token, expert) pairs are sorted by expert and each expert's rows go through its weights
-in one grouped matmul (`jax.lax.ragged_dot` with the per-expert row counts), so no
-capacity factor exists and no token is dropped. Parameters (logical axes in brackets):
+as a grouped matmul (TPU: `jax.lax.ragged_dot` with the per-expert row counts; CPU and
+GPU: blocks of rows, each expert's padded to a block multiple), so no capacity factor
+exists and no token is dropped. Parameters (logical axes in brackets):
 
     mlp/gate/kernel                 [embed, expert]          the router
     mlp/experts/{gate,up}_proj      [expert, embed, mlp]     SwiGLU experts
@@ -51,20 +52,71 @@ def router_sums(logits_NxE: jax.Array, probs_NxE: jax.Array, experts_NxK: jax.Ar
             "z": (lse_N ** 2 * real).sum(), "tokens": real.sum()}
 
 
+# Rows per block of the block-grouped expert MLP (CPU and GPU): each expert's rows are
+# padded to a multiple of it, so at most experts x (BLOCK - 1) padding rows are computed.
+BLOCK = 128
+
+
+def _ragged_mlp(sorted_PxD: jax.Array, sizes_E: jax.Array, gate_ExDxF: jax.Array,
+                up_ExDxF: jax.Array, down_ExFxD: jax.Array, act) -> jax.Array:
+    """The experts' SwiGLU over rows sorted by expert, one `ragged_dot` per weight: TPU's
+    grouped matmul. (Elsewhere XLA expands ragged_dot into a dense matmul against every
+    expert, experts times the work: see `_block_mlp`.)"""
+    hidden_PxF = act(jax.lax.ragged_dot(sorted_PxD, gate_ExDxF, sizes_E)) * \
+        jax.lax.ragged_dot(sorted_PxD, up_ExDxF, sizes_E)
+    return jax.lax.ragged_dot(hidden_PxF, down_ExFxD, sizes_E)
+
+
+def _block_mlp(sorted_PxD: jax.Array, sizes_E: jax.Array, gate_ExDxF: jax.Array,
+               up_ExDxF: jax.Array, down_ExFxD: jax.Array, act, block: int = BLOCK
+               ) -> jax.Array:
+    """The same, as blocks: each expert's rows padded to a multiple of `block` (a static
+    bound: rows + experts x (block - 1)), then one scan over the blocks, each a dense
+    SwiGLU with its expert's weights. The work is the routed rows' plus the padding,
+    whatever the number of experts."""
+    rows, _ = sorted_PxD.shape
+    num_experts = gate_ExDxF.shape[0]
+    blocks = -(-(rows + num_experts * (block - 1)) // block)
+    padded_E = -(-sizes_E // block) * block
+    padded_end_E = jnp.cumsum(padded_E)
+    padded_start_E, start_E = padded_end_E - padded_E, jnp.cumsum(sizes_E) - sizes_E
+    slot_R = jnp.arange(blocks * block)  # padded rows: which expert, which sorted row
+    expert_R = jnp.minimum(jnp.searchsorted(padded_end_E, slot_R, side="right"),
+                           num_experts - 1)
+    offset_R = slot_R - padded_start_E[expert_R]
+    real_R = (offset_R < sizes_E[expert_R]) & (slot_R < padded_end_E[-1])
+    source_R = jnp.where(real_R, start_E[expert_R] + offset_R, 0)
+    padded_RxD = jnp.where(real_R[:, None], jnp.take(sorted_PxD, source_R, axis=0), 0)
+
+    def one_block(args):
+        x_BxD, expert = args
+        return (act(x_BxD @ gate_ExDxF[expert]) * (x_BxD @ up_ExDxF[expert])) @ \
+            down_ExFxD[expert]
+    out_RxD = jax.lax.map(one_block, (padded_RxD.reshape(blocks, block, -1),
+                                      expert_R.reshape(blocks, block)[:, 0]))
+    row_P = jnp.arange(rows)  # back: sorted row -> its padded slot
+    expert_P = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_E), row_P, side="right"),
+                           num_experts - 1)
+    slot_P = padded_start_E[expert_P] + row_P - start_E[expert_P]
+    return jnp.take(out_RxD.reshape(blocks * block, -1), slot_P, axis=0)
+
+
 def grouped_experts(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
                     gate_ExDxF: jax.Array, up_ExDxF: jax.Array, down_ExFxD: jax.Array,
                     act) -> jax.Array:
     """sum_k weight_k * down_e(act(gate_e(x)) * up_e(x)) over each row's chosen experts e,
-    dropless: the N*k (row, expert) pairs sorted by expert, one ragged matmul per weight."""
+    dropless: the N*k (row, expert) pairs sorted by expert, then grouped matmuls (TPU's
+    ragged_dot, elsewhere blocks: chosen when lowering for the platform)."""
     n, k = experts_NxK.shape
     num_experts = gate_ExDxF.shape[0]
     flat_P = experts_NxK.reshape(-1)
     order_P = jnp.argsort(flat_P, stable=True)  # pairs grouped by expert
     sizes_E = jnp.bincount(flat_P, length=num_experts).astype(jnp.int32)
     sorted_PxD = jnp.take(rows_NxD, order_P // k, axis=0)
-    hidden_PxF = act(jax.lax.ragged_dot(sorted_PxD, gate_ExDxF, sizes_E)) * \
-        jax.lax.ragged_dot(sorted_PxD, up_ExDxF, sizes_E)
-    out_PxD = jax.lax.ragged_dot(hidden_PxF, down_ExFxD, sizes_E)
+    weights = (gate_ExDxF, up_ExDxF, down_ExFxD)
+    out_PxD = jax.lax.platform_dependent(
+        sorted_PxD, sizes_E, *weights,
+        tpu=lambda *a: _ragged_mlp(*a, act), default=lambda *a: _block_mlp(*a, act))
     unsorted_PxD = jnp.take(out_PxD, jnp.argsort(order_P), axis=0)  # back to (row, k) order
     return jnp.einsum("nkd,nk->nd", unsorted_PxD.reshape(n, k, -1),
                       weights_NxK.astype(out_PxD.dtype))
