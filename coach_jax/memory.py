@@ -119,6 +119,12 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
                   if trained is not None and not trained & set(modules))
     mlp_trains = trained is None or any(m.startswith("mlp/") for m in trained)
     mlp = 6 * f if mlp_trains else 3 * f  # a frozen MLP: gate, up, one product suffice
+    if cfg.moe is not None:  # the mean over layers; an MoE layer keeps its k experts' set
+        spec = cfg.moe       # per token, the shared expert's, and the sorted rows in and out
+        moe = 6 * (spec.top_k * spec.expert_size + spec.shared_expert_size) + \
+            2 * spec.top_k * d
+        mlp = (mlp * cfg.feed_forward.count("mlp") + moe * cfg.feed_forward.count("moe")) \
+            / cfg.num_layers
     layer_set = tokens * ((mlp + 8 * d + 3 * q + kv - unsaved) * width + 2 * scores)
     inputs = tokens * 2 * d * width  # a layer's input and residual
     kept = {"none": layer_set,
@@ -153,6 +159,19 @@ def estimate(abstract_state: Any, state_shardings: Any, trainable: Any, cfg: Mod
     optimizer = _per_device(abstract_state.opt_state, state_shardings.opt_state)
     activations = activation_bytes(cfg, rows_per_device, seq_len, chunk_tokens, quantized)
     return MemoryEstimate(params, gradients, optimizer, activations)
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, those one token passes through): a mixture of experts' tokens
+    use `top_k` of its experts."""
+    from coach_jax.models.decoder import param_shapes, path_str
+    total = active = 0
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]:
+        size = int(np.prod(leaf.shape))
+        total += size
+        experts = path_str(key_path).split("/")[-2:-1] == ["experts"]
+        active += size * cfg.moe.top_k // cfg.moe.num_experts if experts and cfg.moe else size
+    return total, active
 
 
 def device_bytes() -> float | None:

@@ -59,6 +59,11 @@ def memory(config, workdir, **_) -> int:
     budget = settings.memory.device_bytes or memory_check.device_bytes()
     print(f"memory estimate: {found.describe()} (device: "
           f"{memory_check.human(budget) if budget else 'unknown'})")
+    cfg = memory_plan.model_config(settings, len(tokenizer), settings.mesh_shape[2])
+    if cfg.moe is not None:
+        total, active = memory_check.parameter_counts(cfg)
+        print(f"parameters: {total / 1e9:.2f}B in all, {active / 1e9:.2f}B active per token "
+              f"({cfg.moe.top_k} of {cfg.moe.num_experts} experts)")
     try:
         memory_check.check(found, budget, settings.memory.headroom, settings.mesh_shape,
                            settings.train.micro_batches, settings.model.remat,

@@ -189,3 +189,35 @@ def test_a_moe_run_trains_and_logs_its_routers(tmp_path, capsys):
         assert record["router_loss"] == pytest.approx(0.05 * record["router_aux_loss"])
         assert record["router_aux_loss"] >= 2.0 - 1e-4  # top 2: at least k when balanced
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_lora_on_a_moe_model_adapts_attention_and_says_so(tmp_path, caplog):
+    """all-linear on Mixtral: the attention projections, with one warning that the experts
+    take no adapter; a LoRA forward equals the base at step 0 (B = 0)."""
+    import dataclasses
+    from coach_jax import adapters
+    from coach_jax.models.lora import LoraSpec, is_adapter_path, join_base
+    hf_reference.build("mixtral").save_pretrained(tmp_path)
+    cfg, params = models.load_hf(tmp_path)
+    modules, layers = adapters.resolve(cfg, "all-linear")
+    assert modules == ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj",
+                       "self_attn/o_proj") and layers is None
+    assert "take no adapter" in caplog.text
+    with pytest.raises(adapters.TargetError, match="match no projection"):
+        adapters.resolve(cfg, ("gate_proj",))
+    lora_cfg = dataclasses.replace(cfg, projection="lora", lora=LoraSpec(4, 8.0, modules))
+    adapter = models.init(lora_cfg, 0, only=is_adapter_path)
+    tokens = np.random.RandomState(0).randint(0, 160, (1, 12)).astype(np.int32)
+    np.testing.assert_allclose(models.apply(lora_cfg, join_base(params, adapter), tokens),
+                               models.apply(cfg, params, tokens), atol=1e-6)
+
+
+def test_parameter_counts_separate_all_from_active():
+    """Tiny Mixtral: 4 experts, top 2, so half of the experts' weights are active."""
+    from coach_jax import memory
+    cfg = models.ModelConfig.from_hf_dict(hf_reference.FAMILIES["mixtral"]().to_dict())
+    total, active = memory.parameter_counts(cfg)
+    experts = cfg.num_layers * 4 * 3 * cfg.hidden_size * cfg.moe.expert_size
+    assert total == models.count_params(jax.tree.map(
+        lambda s: np.zeros(s.shape, np.int8), models.param_shapes(cfg)))
+    assert total - active == experts // 2

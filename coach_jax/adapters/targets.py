@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from absl import logging
+
 from coach_jax.models import families
 from coach_jax.models.config import ModelConfig
 
@@ -72,11 +74,18 @@ def resolve(cfg: ModelConfig, targets: str | tuple[str, ...],
             raise TargetError(f"adapter.layers {list(layers)}: this model has layers 0 to "
                               f"{cfg.num_layers - 1}")
     candidates = sorted(set(layers)) if layers is not None else range(cfg.num_layers)
-    per_layer = {i: tuple(m for m in PROJECTIONS if matches(targets, hf_module(cfg, i, m)))
+    projections = adaptable(cfg)
+    if projections != PROJECTIONS and any(
+            matches(targets, hf_module(cfg, i, m)) for i in candidates
+            for m in PROJECTIONS if m not in projections):
+        logging.warning("adapter.targets: the MLPs of this mixture-of-experts model take no "
+                        "adapter (its experts train in full fine-tuning only); adapting "
+                        "the attention projections")
+    per_layer = {i: tuple(m for m in projections if matches(targets, hf_module(cfg, i, m)))
                  for i in candidates}
     selected = [i for i in candidates if per_layer[i]]
     if not selected:
-        names = sorted({hf_module(cfg, 0, m).rsplit(".", 1)[-1] for m in PROJECTIONS})
+        names = sorted({hf_module(cfg, 0, m).rsplit(".", 1)[-1] for m in projections})
         raise TargetError(f"adapter.targets {targets!r} match no projection of this "
                           f"{cfg.model_type} model; its modules are {', '.join(names)} "
                           f"(or use {ALL_LINEAR})")
@@ -88,6 +97,14 @@ def resolve(cfg: ModelConfig, targets: str | tuple[str, ...],
                           f"({', '.join(chosen)}); adapters go on the same projections of "
                           "every layer they are in")
     return chosen, (None if selected == list(range(cfg.num_layers)) else tuple(selected))
+
+
+def adaptable(cfg: ModelConfig) -> tuple[str, ...]:
+    """The projections an adapter can go on: in a model with mixture-of-experts layers the
+    attention projections only (experts are stacked weights, not projections)."""
+    if cfg.moe is None:
+        return PROJECTIONS
+    return tuple(m for m in PROJECTIONS if not m.startswith("mlp/"))
 
 
 def hf_names(cfg: ModelConfig, modules: tuple[str, ...]) -> list[str]:

@@ -28,8 +28,9 @@ def is_quantized(x: Any) -> bool:
 
 
 def _quantizes(path: str) -> bool:
-    """Projection kernels of the decoder layers."""
-    return path.startswith("layers") and path.endswith("/kernel")
+    """Projection kernels of the decoder layers (not a mixture of experts' router or its
+    shared expert's gate, whose few weights steer every token)."""
+    return path.startswith("layers") and path.endswith("_proj/kernel")
 
 
 def quantize_kernel(kernel: jax.Array, path: str, qtype: str, block: int) -> qwix.QArray:
