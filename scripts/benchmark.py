@@ -35,16 +35,26 @@ PRESETS = {  # the shapes of ../shared/bench (Llama architecture, untied head)
                       num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
                       intermediate_size=6912, head_dim=256, sliding_window=512,
                       tie_word_embeddings=True, max_position_embeddings=32768),
+    # Qwen3-30B-A3B's layer: 128 experts of width 768, top 8 (cut with --layers to fit).
+    "qwen3_30b_a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                          max_position_embeddings=40960),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def step_flops(cfg: models.ModelConfig, rows: int, seq: int) -> float:
-    """6 x matmul params x tokens + causal attention (as ../shared/bench counts it)."""
+    """6 x matmul params x tokens + causal attention (as ../shared/bench counts it); a
+    mixture of experts counts the experts each token passes."""
     d, layers = cfg.hidden_size, cfg.num_layers
-    per_layer = (d * cfg.num_heads * cfg.head_dim * 2 + 2 * d * cfg.num_kv_heads * cfg.head_dim
-                 + 3 * d * cfg.intermediate_size)
-    matmul = layers * per_layer + d * cfg.vocab_size
+    attention = d * cfg.num_heads * cfg.head_dim * 2 + 2 * d * cfg.num_kv_heads * cfg.head_dim
+    mlps = {"mlp": 3 * d * cfg.intermediate_size}
+    if cfg.moe is not None:  # the experts a token passes, its shared expert, the router
+        mlps["moe"] = 3 * d * (cfg.moe.top_k * cfg.moe.expert_size
+                               + cfg.moe.shared_expert_size) + d * cfg.moe.num_experts
+    matmul = sum(attention + mlps[kind] for kind in cfg.feed_forward) + d * cfg.vocab_size
     tokens = rows * seq
     return 6 * matmul * tokens + 12 * layers * d * seq * tokens / 2
 
