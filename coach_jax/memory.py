@@ -165,12 +165,13 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
     """(all parameters, those one token passes through): a mixture of experts' tokens
     use `top_k` of its experts."""
     from coach_jax.models.decoder import param_shapes, path_str
+    from coach_jax.models.moe import is_expert_weight
     total = active = 0
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]:
         size = int(np.prod(leaf.shape))
         total += size
-        experts = path_str(key_path).split("/")[-2:-1] == ["experts"]
-        active += size * cfg.moe.top_k // cfg.moe.num_experts if experts and cfg.moe else size
+        routed = cfg.moe is not None and is_expert_weight(path_str(key_path))
+        active += size * cfg.moe.top_k // cfg.moe.num_experts if routed else size
     return total, active
 
 

@@ -237,13 +237,17 @@ def test_the_eval_step_lowers(platform):
 def test_generation_lowers(platform, family):
     """Prefill and the decode loop (LongRoPE's recompute branch for phi4_mini): the KV
     cache path attends one query to the whole cache on XLA's path on every platform."""
-    cfg = stand_in(family)
+    lowers_with(export_generation(stand_in(family), platform, 8), platform, None)
+
+
+def export_generation(cfg: models.ModelConfig, platform: str, new_tokens: int
+                      ) -> jax.export.Exported:
+    """Generation (prefill and the decode loop) of 32-token prompts, exported."""
     prompts = jax.ShapeDtypeStruct((ROWS, 32), jnp.int32)
-    exported = export(sampling._generate, platform, models.param_shapes(cfg), prompts,
-                      jax.ShapeDtypeStruct((ROWS,), jnp.int32),
-                      jax.ShapeDtypeStruct((1,), jnp.int32), jax.random.key(0), cfg=cfg,
-                      config=sampling.SamplingConfig(max_new_tokens=8))
-    lowers_with(exported, platform, None)
+    return export(sampling._generate, platform, models.param_shapes(cfg), prompts,
+                  jax.ShapeDtypeStruct((ROWS,), jnp.int32),
+                  jax.ShapeDtypeStruct((1,), jnp.int32), jax.random.key(0), cfg=cfg,
+                  config=sampling.SamplingConfig(max_new_tokens=new_tokens))
 
 
 def mesh_2x2x2() -> jax.sharding.Mesh:
@@ -345,11 +349,7 @@ def test_moe_train_steps_and_generation_lower(platform, family):
     step = train_step(cfg, micro_batches=2, loss=train.LossConfig(router_aux_loss=0.01,
                                                                    router_z_loss=0.001))
     lowers_with(export(step.fn, platform, *step.args), platform, AUTO_KERNEL[platform])
-    prompts = jax.ShapeDtypeStruct((ROWS, 32), jnp.int32)
-    exported = export(sampling._generate, platform, models.param_shapes(cfg), prompts,
-                      jax.ShapeDtypeStruct((ROWS,), jnp.int32),
-                      jax.ShapeDtypeStruct((1,), jnp.int32), jax.random.key(0), cfg=cfg,
-                      config=sampling.SamplingConfig(max_new_tokens=4))
+    exported = export_generation(cfg, platform, 4)
     # TPU's grouped matmul is ragged_dot; CUDA's the block scan (ragged_dot would expand
     # into a dense matmul against every expert there).
     assert ("ragged_dot" in exported.mlir_module()) == (platform == "tpu")

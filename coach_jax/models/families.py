@@ -537,7 +537,8 @@ register(Family("mixtral", "MixtralForCausalLM", windows=EVERY_LAYER, tensors=MI
 register(Family("qwen2_moe", "Qwen2MoeForCausalLM", windows=LAYER_TYPES,
                 switches=dict(qkv_bias="qkv_bias"), config_defaults={"qkv_bias": True},
                 moe=MoeKeys(("num_experts",), "moe_intermediate_size",
-                            normalize="norm_topk_prob", shared_expert_size="shared_expert_intermediate_size",
+                            normalize="norm_topk_prob",
+                            shared_expert_size="shared_expert_intermediate_size",
                             sparse_rule=True)))
 register(Family("qwen3_moe", "Qwen3MoeForCausalLM", windows=SwitchedEveryLayer(),
                 switches=dict(qk_norm=True, qkv_bias="attention_bias",

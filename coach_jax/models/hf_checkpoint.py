@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from coach_jax.models import families
+from coach_jax.models.moe import is_expert_weight
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import (Params, ShardingFn, kernel_input_dims, param_shapes,
                                       path_str)
@@ -103,17 +104,12 @@ class _Unit:
     tensors: list[_HfTensor]
 
 
-def _is_expert_weight(path: str) -> bool:
-    """An MoE layer's stacked expert weights (models/moe.py): [experts, in, out]."""
-    return path.split("/")[-2:-1] == ["experts"]
-
-
 def _piece(path: str, index: tuple[int, ...], shape: tuple[int, ...]) -> _Piece:
     leaf = path.rsplit("/", 1)[-1]
     if leaf == "kernel":
         in_dims = kernel_input_dims(path)
     else:
-        in_dims = int(path == "lm_head" or _is_expert_weight(path))
+        in_dims = int(path == "lm_head" or is_expert_weight(path))
     return _Piece(path, index, shape, in_dims, flat=leaf == "bias")
 
 
@@ -139,7 +135,7 @@ def _tensor_plan(cfg: ModelConfig, names: families.TensorNames | None = None
     def add_in_layer(layer: int, index: tuple[int, ...], shape: tuple[int, ...],
                      path: str) -> None:
         *module, leaf = path.split("/")[1:]
-        if _is_expert_weight(path):  # one HF tensor per expert: mlp/experts/3/gate_proj
+        if is_expert_weight(path):  # one HF tensor per expert: mlp/experts/3/gate_proj
             for expert in range(shape[0]):
                 hf_module, _ = names.in_layer(layer, "/".join([*module, str(expert), leaf]))
                 add(f"{hf_module}.weight", 0, _piece(path, (*index, expert), shape[1:]))
@@ -248,7 +244,7 @@ def _layout(cfg: ModelConfig, files: dict[str, str]) -> families.TensorNames:
         if f"{layout.top('embed_tokens')}.weight" in files:
             logging.warning("loading only the text decoder of a multimodal checkpoint: its "
                             "vision tower is not loaded, trained or exported")
-            return dataclasses.replace(layout, fused=own.fused)
+            return dataclasses.replace(layout, fused=own.fused, renames=own.renames)
     return own
 
 

@@ -26,6 +26,12 @@ from coach_jax.models import layers
 from coach_jax.models.config import ModelConfig
 
 
+def is_expert_weight(path: str) -> bool:
+    """A parameter path of the experts' stacked weights ("layers/mlp/experts/up_proj"),
+    [experts, in, out] per layer."""
+    return path.split("/")[-2:-1] == ["experts"]
+
+
 def route(logits_NxE: jax.Array, top_k: int, normalize: bool
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(float32 router probabilities [N, E], the chosen experts [N, k], their weights [N, k]):
@@ -42,7 +48,7 @@ def router_sums(logits_NxE: jax.Array, probs_NxE: jax.Array, experts_NxK: jax.Ar
     """One layer's router statistics over its real (non-padding) tokens, as sums so they
     add across layers and micro-batches: (token, expert) assignments per expert, router
     probability per expert, logsumexp(logits)^2 (the z-loss's), and the token count. Read
-    with `Decoder.hidden_states(..., mutable="intermediates")` (router_stats)."""
+    with `decoder.hidden_states_and_router`."""
     real = real_N.astype(jnp.float32)
     num_experts = probs_NxE.shape[-1]
     counts_E = jnp.zeros(num_experts, jnp.float32).at[experts_NxK.reshape(-1)].add(
