@@ -13,9 +13,10 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import ml_collections
 from ml_collections import config_dict
@@ -137,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = the devices left over
     c.mesh.fsdp = 1
+    c.mesh.expert = 1  # shards a mixture's experts; a data-parallel axis elsewhere
     c.mesh.tensor = 1
 
     c.distributed = ml_collections.ConfigDict()
@@ -306,7 +308,7 @@ class Settings:
     data: DataSettings
     train: TrainSettings
     optimizer: OptimizerConfig
-    mesh_shape: tuple[int, int, int]
+    mesh_shape: MeshShape
     memory: MemorySettings
     checkpoint: CheckpointSettings
     eval: EvalConfig
@@ -487,16 +489,17 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
                           "data.max_seq_len")
     eval_config = _eval_config(c, eval_sources)
 
-    mesh_shape = mesh_dims(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, device_count)
-    data_shards = mesh_shape[0] * mesh_shape[1]
+    mesh_shape = mesh_dims(c.mesh, device_count)
+    data_shards = mesh_shape.data * mesh_shape.fsdp * mesh_shape.expert
     batch, micro = c.train.global_batch_size, c.train.micro_batches
     if micro < 1:
         raise ConfigError(f"train.micro_batches={micro} must be at least 1")
     if batch % (micro * data_shards):
         raise ConfigError(
             f"train.global_batch_size={batch} is not divisible by train.micro_batches="
-            f"{micro} x data shards={data_shards} (mesh.data x mesh.fsdp = {mesh_shape[0]} x "
-            f"{mesh_shape[1]}); use a multiple of {micro * data_shards}")
+            f"{micro} x data shards={data_shards} (mesh.data x mesh.fsdp x mesh.expert = "
+            f"{mesh_shape.data} x {mesh_shape.fsdp} x {mesh_shape.expert}); use a multiple of "
+            f"{micro * data_shards}")
     if batch % process_count:
         raise ConfigError(f"train.global_batch_size={batch} is not divisible by the "
                           f"{process_count} processes")
@@ -606,26 +609,37 @@ def _eval_config(c: ml_collections.ConfigDict, eval_sources: tuple[SourceConfig,
         end_of_turn=c.data.end_of_turn)
 
 
-def mesh_dims(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with one -1 filled by the devices left over."""
-    dims = [data, fsdp, tensor]
+class MeshShape(NamedTuple):
+    """Devices along each mesh axis (parallel.AXES order)."""
+
+    data: int
+    fsdp: int
+    expert: int
+    tensor: int
+
+
+def mesh_dims(mesh: ml_collections.ConfigDict, device_count: int) -> MeshShape:
+    """The `mesh` section's sizes with one -1 filled by the devices left over."""
+    names = MeshShape._fields
+    dims = [int(mesh.get(name, 1)) for name in names]
+    keys = " x ".join(f"mesh.{name}" for name in names)
     if dims.count(-1) > 1:
-        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        raise ConfigError(f"at most one of {', '.join('mesh.' + n for n in names)} may be -1")
     known = 1
-    for d in dims:
+    for name, d in zip(names, dims):
         if d != -1:
             if d < 1:
-                raise ConfigError(f"mesh sizes must be positive or -1, got {dims}")
+                raise ConfigError(f"mesh.{name}={d}: mesh sizes must be positive or -1")
             known *= d
     if -1 in dims:
         if device_count % known:
-            raise ConfigError(f"{device_count} devices do not divide into mesh {dims}")
+            raise ConfigError(f"{device_count} devices do not divide into {keys} = "
+                              f"{' x '.join(map(str, dims))}")
         dims[dims.index(-1)] = device_count // known
-    if dims[0] * dims[1] * dims[2] != device_count:
-        raise ConfigError(f"mesh data x fsdp x tensor = {dims[0]} x {dims[1]} x {dims[2]} "
-                          f"needs {dims[0] * dims[1] * dims[2]} devices; {device_count} "
-                          "are available")
-    return tuple(dims)
+    if math.prod(dims) != device_count:
+        raise ConfigError(f"{keys} = {' x '.join(map(str, dims))} needs {math.prod(dims)} "
+                          f"devices; {device_count} are available")
+    return MeshShape(*dims)
 
 
 def flat_config(c: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -72,7 +72,14 @@ def dequantized_layer_bytes(cfg: ModelConfig) -> float:
     (and its recomputation in the backward pass) holds dequantized at a time."""
     q = cfg.num_heads * cfg.head_dim
     kv = 2 * cfg.num_kv_heads * cfg.head_dim
-    weights = cfg.hidden_size * (2 * q + kv) + 3 * cfg.hidden_size * cfg.intermediate_size
+    d = cfg.hidden_size
+    mlp = 3 * d * cfg.intermediate_size
+    if cfg.moe is not None:  # the mean over layers; an MoE layer dequantizes every expert
+        spec = cfg.moe
+        experts = 3 * d * (spec.num_experts * spec.expert_size + spec.shared_expert_size)
+        mlp = (mlp * cfg.feed_forward.count("mlp") + experts * cfg.feed_forward.count("moe")
+               ) / cfg.num_layers
+    weights = d * (2 * q + kv) + mlp
     return float(weights * np.dtype(cfg.compute_dtype).itemsize)
 
 
@@ -83,8 +90,20 @@ def _keys_per_query(seq_len: int, block: int = 64) -> float:
     return sum(min((i + 1) * block, seq_len) for i in range(blocks)) / blocks
 
 
+def expert_exchange(cfg: ModelConfig, expert_shards: int = 1) -> float:
+    """Bytes per local token an MoE layer keeps for its routed experts: the k experts'
+    SwiGLU set and the sorted rows in and out. Under expert parallelism a device computes
+    for its expert group's gathered tokens, a static bound of `expert_shards` times the
+    pairs (models/moe.py), plus the gathered rows themselves."""
+    spec, d = cfg.moe, cfg.hidden_size
+    width = np.dtype(cfg.compute_dtype).itemsize
+    per_pair = 6 * spec.expert_size + 2 * d
+    gathered = d if expert_shards > 1 else 0
+    return float(expert_shards * (spec.top_k * per_pair + gathered) * width)
+
+
 def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: int,
-                     quantized: bool = False) -> float:
+                     quantized: bool = False, expert_shards: int = 1) -> float:
     """What one micro-batch's backward pass keeps on one device (an estimate).
 
     Counted from what autodiff saves of one decoder layer (per token, in the compute
@@ -121,8 +140,7 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
     mlp = 6 * f if mlp_trains else 3 * f  # a frozen MLP: gate, up, one product suffice
     if cfg.moe is not None:  # the mean over layers; an MoE layer keeps its k experts' set
         spec = cfg.moe       # per token, the shared expert's, and the sorted rows in and out
-        moe = 6 * (spec.top_k * spec.expert_size + spec.shared_expert_size) + \
-            2 * spec.top_k * d
+        moe = 6 * spec.shared_expert_size + expert_exchange(cfg, expert_shards) / width
         mlp = (mlp * cfg.feed_forward.count("mlp") + moe * cfg.feed_forward.count("moe")) \
             / cfg.num_layers
     layer_set = tokens * ((mlp + 8 * d + 3 * q + kv - unsaved) * width + 2 * scores)
@@ -157,7 +175,9 @@ def estimate(abstract_state: Any, state_shardings: Any, trainable: Any, cfg: Mod
     gradients = float(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize * shard_fraction(s)
                           for x, s in trainable_leaves))
     optimizer = _per_device(abstract_state.opt_state, state_shardings.opt_state)
-    activations = activation_bytes(cfg, rows_per_device, seq_len, chunk_tokens, quantized)
+    mesh = jax.tree.leaves(state_shardings)[0].mesh
+    activations = activation_bytes(cfg, rows_per_device, seq_len, chunk_tokens, quantized,
+                                   dict(mesh.shape).get("expert", 1))
     return MemoryEstimate(params, gradients, optimizer, activations)
 
 
@@ -187,7 +207,7 @@ def check(found: MemoryEstimate, budget: float | None, headroom: float, mesh_sha
     `adapter`: the run's AdapterSettings (what an adapter run can change)."""
     if budget is None or found.total <= headroom * budget:
         return
-    data, fsdp, tensor = mesh_shape
+    data, fsdp = mesh_shape[0], mesh_shape[1]
     hints = []
     weights = found.params + found.optimizer + found.gradients
     if weights > 0.5 * found.total:

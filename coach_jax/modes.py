@@ -59,11 +59,18 @@ def memory(config, workdir, **_) -> int:
     budget = settings.memory.device_bytes or memory_check.device_bytes()
     print(f"memory estimate: {found.describe()} (device: "
           f"{memory_check.human(budget) if budget else 'unknown'})")
-    cfg = memory_plan.model_config(settings, len(tokenizer), settings.mesh_shape[2])
+    cfg = memory_plan.model_config(settings, len(tokenizer), settings.mesh_shape.tensor)
     if cfg.moe is not None:
         total, active = memory_check.parameter_counts(cfg)
         print(f"parameters: {total / 1e9:.2f}B in all, {active / 1e9:.2f}B active per token "
               f"({cfg.moe.top_k} of {cfg.moe.num_experts} experts)")
+        mesh = settings.mesh_shape
+        tokens = settings.data.max_seq_len * max(1, settings.train.global_batch_size // (
+            settings.train.micro_batches * mesh.data * mesh.fsdp * mesh.expert))
+        print(f"routed experts: {cfg.moe.num_experts // mesh.expert} per device "
+              f"(mesh.expert={mesh.expert}); their gathered tokens and sorted rows take "
+              f"{memory_check.human(memory_check.expert_exchange(cfg, mesh.expert) * tokens)} "
+              "per MoE layer")
     try:
         memory_check.check(found, budget, settings.memory.headroom, settings.mesh_shape,
                            settings.train.micro_batches, settings.model.remat,

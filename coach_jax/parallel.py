@@ -1,11 +1,13 @@
 """The device mesh, logical-axis rules, and where every array lives.
 
-One device is a mesh too: the loop always runs on a (data, fsdp, tensor) mesh, so the same
-code serves a laptop, a GPU node and a TPU slice. Parameters carry logical axis names
-(models/layers.py); RULES map them onto mesh axes: FSDP shards `embed` (so parameters,
-gradients and optimizer state are split over data-parallel devices), tensor parallelism
-shards heads, KV heads, MLP and vocabulary. A dimension that does not divide its mesh
-axis stays whole (replicated) rather than failing. Batches are split over (data, fsdp).
+One device is a mesh too: the loop always runs on a (data, fsdp, expert, tensor) mesh, so
+the same code serves a laptop, a GPU node and a TPU slice. Parameters carry logical axis
+names (models/layers.py); RULES map them onto mesh axes: FSDP shards `embed` (so
+parameters, gradients and optimizer state are split over data-parallel devices), expert
+parallelism shards a mixture's experts (models/moe.py exchanges the tokens), tensor
+parallelism shards heads, KV heads, MLP and vocabulary. A dimension that does not divide
+its mesh axis stays whole (replicated) rather than failing. Batches are split over
+(data, fsdp, expert): outside the experts the expert axis is one more data-parallel axis.
 """
 
 from __future__ import annotations
@@ -20,24 +22,34 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from coach_jax.models.attention import BATCH_AXES
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.decoder import Params, logical_axes, path_str
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "expert", "tensor")
 RULES: dict[str, Any] = {
     "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",
-    "mlp": "tensor", "head_dim": None, "layers": None,
+    "mlp": "tensor", "expert": "expert", "head_dim": None, "layers": None,
 }
 
 
-def make_mesh(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
-    """A mesh over all devices with Auto axes (XLA places the collectives)."""
-    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+def make_mesh(shape: tuple[int, ...]) -> jax.sharding.Mesh:
+    """A mesh over all devices with Auto axes (XLA places the collectives). `shape`:
+    (data, fsdp, expert, tensor), or (data, fsdp, tensor) without expert parallelism."""
+    if len(shape) == 3:
+        shape = (shape[0], shape[1], 1, shape[2])
+    return jax.make_mesh(tuple(shape), AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Rows of a batch split over the data-parallel axes."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def data_shards(mesh: jax.sharding.Mesh | None) -> int:
+    """How many ways a batch's rows are split."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -163,7 +163,7 @@ def generate_tokens(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
         real_rows = len(chunk)
-        shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+        shards = parallel.data_shards(mesh)
         chunk += [chunk[-1]] * (-len(chunk) % shards)
         longest = max(len(p) for p in chunk)
         width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET

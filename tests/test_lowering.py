@@ -50,7 +50,8 @@ RECIPE_FAMILIES = {
     "llama3_2_1b": "llama3", "llama3_2_1b_lora": "llama3", "llama3_2_1b_qlora": "llama3",
     "olmo2_1b": "olmo2", "phi4_mini": "phi4_mini", "qwen2_5_0_5b": "qwen2",
     "qwen2_5_0_5b_lora": "qwen2", "qwen2_5_0_5b_qlora": "qwen2", "qwen3_0_6b": "qwen3",
-    "smollm3_3b": "smollm3_window",
+    "smollm3_3b": "smollm3_window", "qwen3_30b_a3b_lora": "qwen3_moe",
+    "mixtral_8x7b_qlora": "mixtral",
 }
 LAB_RECIPES = ("default", "lab_bad_coach", "lab_coach_too_hard", "lab_lora", "lab_pretrain")
 
@@ -355,14 +356,20 @@ def test_moe_train_steps_and_generation_lower(platform, family):
     assert ("ragged_dot" in exported.mlir_module()) == (platform == "tpu")
 
 
-def test_the_sharded_moe_step_lowers_for_tpu():
-    """Mixtral's experts on the (2, 2, 2) mesh: expert weights keep their FSDP and tensor
-    shardings in the export."""
-    mesh = mesh_2x2x2()
-    step = train_step(stand_in("mixtral"), rows=8, mesh=mesh)
-    exported = export(step.fn, "tpu", *step.args)
-    lowers_with(exported, "tpu", "splash")
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_the_expert_parallel_moe_step_lowers(platform):
+    """Mixtral's experts on a (fsdp 2, expert 2, tensor 2) mesh: every argument keeps the
+    run's sharding (experts split over the expert axis) and the tokens move by all-gather
+    and reduce-scatter inside the experts' shard_map."""
+    mesh = parallel.make_mesh((1, 2, 2, 2))
+    step = train_step(stand_in("mixtral", attention="xla"), rows=8, mesh=mesh)
+    exported = export(step.fn, platform, *step.args)
     got = exported.in_shardings_jax(mesh)
     expected = jax.tree.leaves(step.shardings)
     for arg, want, found in zip(jax.tree.leaves(step.args), expected, got):
         assert found.is_equivalent_to(want, len(arg.shape)), (arg.shape, want.spec, found.spec)
+    experts = step.shardings[0].params["layers"]["mlp"]["experts"]["up_proj"]
+    assert experts.spec == P(None, "expert", "fsdp", "tensor")
+    text = exported.mlir_module()
+    assert "sdy.manual_computation" in text
+    assert "all_gather" in text and "reduce_scatter" in text

@@ -189,6 +189,13 @@ def test_a_moe_run_trains_and_logs_its_routers(tmp_path, capsys):
         assert record["router_loss"] == pytest.approx(0.05 * record["router_aux_loss"])
         assert record["router_aux_loss"] >= 2.0 - 1e-4  # top 2: at least k when balanced
     assert records[-1]["loss"] < records[0]["loss"]
+    with open(os.path.join(tmp_path, "run", "report.md")) as f:
+        report = f.read()
+    first, last = records[0], records[-1]
+    assert "## Experts" in report
+    assert (f"| 1 | {first['expert_share_max'][1]:.1%} -> {last['expert_share_max'][1]:.1%} | "
+            f"{first['expert_share_min'][1]:.1%} -> {last['expert_share_min'][1]:.1%} |"
+            ) in report
 
 
 def test_lora_on_a_moe_model_adapts_attention_and_says_so(tmp_path, caplog):
@@ -221,3 +228,48 @@ def test_parameter_counts_separate_all_from_active():
     assert total == models.count_params(jax.tree.map(
         lambda s: np.zeros(s.shape, np.int8), models.param_shapes(cfg)))
     assert total - active == experts // 2
+
+
+def _routed_batch(vocab: int, rows: int = 8, length: int = 24) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (rows, length + 1)).astype(np.int32)
+    segments = np.ones((rows, length), np.int32)
+    segments[::3, 18:] = 0  # padding the routers must not count
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": (rng.random((rows, length)) < 0.6).astype(np.int32) * (segments > 0),
+            "segment_ids": segments,
+            "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+            "source_ids": np.zeros((rows, length), np.int32)}
+
+
+@pytest.mark.parametrize("family,mesh_shape", [
+    ("qwen2_moe", (2, 1, 4, 1)),  # expert x data; a dense layer and a shared expert
+    ("mixtral", (1, 2, 4, 1)),    # expert x fsdp, scanned layers
+    ("qwen2_moe", (1, 2, 2, 2)),  # fsdp x expert x tensor
+])
+def test_an_expert_parallel_step_equals_one_device(family, mesh_shape, tmp_path):
+    """One SGD step with the router's auxiliary loss, experts split over the mesh's
+    expert axis: loss, gradient norm and new parameters equal one device's."""
+    from coach_jax import parallel, train
+    hf_reference.build(family, output_router_logits=True,
+                       router_aux_loss_coef=0.3).save_pretrained(tmp_path)
+    cfg, params = models.load_hf(tmp_path)
+    params = jax.tree.map(np.asarray, params)  # a step donates its state
+    batch = _routed_batch(cfg.vocab_size)
+    optimizer = train.OptimizerConfig("sgd", 0.1, schedule=train.ScheduleConfig("constant"))
+    step_config, parts = train.prepare(cfg, params, optimizer, train.ParamGroups(), 10)
+    create = lambda p: train.create_state(p, parts)
+    state, single = train.compile_train_step(step_config, parts)(create(params), batch)
+
+    mesh = parallel.make_mesh(mesh_shape)
+    _, shardings = parallel.state_shardings(create, params, cfg, mesh)
+    experts = shardings.params["layers" if cfg.scan_layers else "layers_0"]["mlp"]["experts"]
+    assert "expert" in experts["gate_proj"].spec
+    rows = parallel.batch_sharding(mesh)
+    step = train.compile_train_step(step_config, parts, shardings, rows)
+    sharded_state, sharded = step(parallel.place(create(params), shardings),
+                                  parallel.global_batch(batch, rows), None)
+    for key in ("loss", "grad_norm", "router_aux_loss"):
+        np.testing.assert_allclose(float(sharded[key]), float(single[key]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(sharded_state.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

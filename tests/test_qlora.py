@@ -2,6 +2,7 @@
 NF4 codes against bitsandbytes, the loss against LoRA on the dequantized base, memory."""
 
 import dataclasses
+import functools
 
 import bitsandbytes.functional as bnb
 import jax
@@ -80,6 +81,25 @@ def test_nf4_codes_equal_bitsandbytes():
         atol=1e-6)
 
 
+def _dequantized(base):
+    """Every quantized kernel (stacked per layer) as plain float32 weights."""
+    return jax.tree.map(
+        lambda x: jax.vmap(lambda q: quantize.dequantize(q, jnp.float32))(x)
+        if quantize.is_quantized(x) else x, base, is_leaf=quantize.is_quantized)
+
+
+def _lora_loss(lora_cfg, adapter_params, base_params):
+    """The masked loss of one fixed batch with `adapter_params` on `base_params`."""
+    batch = {"inputs": np.tile(np.arange(3, 27, dtype=np.int32), (2, 1)),
+             "targets": np.tile(np.arange(4, 28, dtype=np.int32), (2, 1)),
+             "loss_mask": np.ones((2, 24), np.int32), "segment_ids": np.ones((2, 24), np.int32),
+             "positions": np.tile(np.arange(24, dtype=np.int32), (2, 1)),
+             "source_ids": np.zeros((2, 24), np.int32)}
+    sums = train.loss.batch_sums(lora_cfg, adapters.union(base_params, adapter_params),
+                                 batch, train.LossConfig())
+    return sums["numerator"] / sums["denominator"]
+
+
 @pytest.mark.parametrize("qtype", ["int8", "nf4"])
 def test_a_qlora_step_is_lora_on_the_dequantized_base(llama, qtype):
     """The same adapter and batch: the loss and adapter gradients of the quantized base
@@ -89,25 +109,44 @@ def test_a_qlora_step_is_lora_on_the_dequantized_base(llama, qtype):
         4, 8.0, targets.resolve(cfg, "all-linear")[0]))
     adapter = jax.tree.map(lambda x: x + 0.05, adapters.split(models.init(lora_cfg, 0))[1])
     quantized = quantize.quantize_base(base, qtype, BLOCK)
-    dequantized = jax.tree.map(
-        lambda x: jax.vmap(lambda q: quantize.dequantize(q, jnp.float32))(x)
-        if quantize.is_quantized(x) else x, quantized, is_leaf=quantize.is_quantized)
-    batch = {"inputs": np.tile(np.arange(3, 27, dtype=np.int32), (2, 1)),
-             "targets": np.tile(np.arange(4, 28, dtype=np.int32), (2, 1)),
-             "loss_mask": np.ones((2, 24), np.int32), "segment_ids": np.ones((2, 24), np.int32),
-             "positions": np.tile(np.arange(24, dtype=np.int32), (2, 1)),
-             "source_ids": np.zeros((2, 24), np.int32)}
-
-    def loss(adapter_params, base_params):
-        sums = train.loss.batch_sums(lora_cfg, adapters.union(base_params, adapter_params),
-                                     batch, train.LossConfig())
-        return sums["numerator"] / sums["denominator"]
-
+    loss = functools.partial(_lora_loss, lora_cfg)
     q_loss, q_grads = jax.value_and_grad(loss)(adapter, quantized)
-    d_loss, d_grads = jax.value_and_grad(loss)(adapter, dequantized)
+    d_loss, d_grads = jax.value_and_grad(loss)(adapter, _dequantized(quantized))
     f_loss = loss(adapter, base)
     assert abs(float(q_loss) - float(d_loss)) <= 1e-5
     assert abs(float(q_loss) - float(f_loss)) > 1e-5  # quantization did change the model
+    for a, b in zip(jax.tree.leaves(q_grads), jax.tree.leaves(d_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_a_mixtures_experts_are_held_quantized_and_train_lora_on_their_dequantized_values(
+        tmp_path):
+    """Mixtral under QLoRA: the stacked experts are NF4 codes per block of their input
+    axis (within the stated error), the router is not, and the loss and adapter gradients
+    equal LoRA's on the dequantized experts."""
+    hf_reference.build("mixtral").save_pretrained(tmp_path)
+    cfg, base = models.load_hf(tmp_path)
+    quantized = quantize.quantize_base(base, "nf4", BLOCK)
+    mlp, q_mlp = base["layers"]["mlp"], quantized["layers"]["mlp"]
+    assert not quantize.is_quantized(q_mlp["gate"]["kernel"])
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        codes = q_mlp["experts"][name]
+        assert quantize.is_quantized(codes)
+        experts = np.asarray(mlp["experts"][name])  # [layers, experts, in, out]
+        for layer in range(cfg.num_layers):
+            one = jax.tree.map(lambda x: x[layer], codes)
+            error = np.abs(np.asarray(quantize.dequantize(one, jnp.float32)) - experts[layer])
+            absmax = np.abs(_blocks(experts[layer], 1)).max(axis=2, keepdims=True)
+            limit = np.broadcast_to(absmax, _blocks(error, 1).shape).reshape(error.shape)
+            assert (error <= BOUNDS["nf4"] * limit + 1e-7).all() and error.max() > 0, name
+    lora_cfg = dataclasses.replace(cfg, projection="lora", lora=LoraSpec(
+        4, 8.0, targets.resolve(cfg, "all-linear")[0]))
+    adapter = jax.tree.map(lambda x: x + 0.05, adapters.split(models.init(lora_cfg, 0))[1])
+    loss = functools.partial(_lora_loss, lora_cfg)
+    q_loss, q_grads = jax.value_and_grad(loss)(adapter, quantized)
+    d_loss, d_grads = jax.value_and_grad(loss)(adapter, _dequantized(quantized))
+    assert abs(float(q_loss) - float(d_loss)) <= 1e-5
+    assert abs(float(q_loss) - float(loss(adapter, base))) > 1e-5
     for a, b in zip(jax.tree.leaves(q_grads), jax.tree.leaves(d_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 

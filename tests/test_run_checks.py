@@ -1,6 +1,7 @@
 """Checks that run before anything compiles: sequence length against the model's
 positions, parameter-group rules, `None` from the command line."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import pytest
 
 from coach_jax import models
 from coach_jax.config import ConfigError, resolve
+from coach_jax.models.config import MoeSpec
 from coach_jax.train import param_groups
 from coach_jax.train.param_groups import ParamGroupError, ParamGroups
 from test_trainer import LAB, ROOT, tiny_config
@@ -136,3 +138,37 @@ def test_an_explicit_cudnn_off_a_gpu_is_refused_before_any_weight_is_read(tmp_pa
     with pytest.raises(ConfigError, match=r"model.attention='cudnn' needs a CUDA GPU \(this "
                                           r"platform is cpu\); use 'auto'"):
         loop.build_params(settings, tokenizer, None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mesh.expert": 4, "mesh.data": -1}, None),
+    ({"mesh.expert": 3, "mesh.data": -1}, r"8 devices do not divide into mesh.data x "
+                                          r"mesh.fsdp x mesh.expert x mesh.tensor = -1 x 1 x 3"),
+    ({"mesh.expert": -1, "mesh.data": -1}, r"at most one of mesh.data, mesh.fsdp, "
+                                           r"mesh.expert, mesh.tensor may be -1"),
+    ({"mesh.expert": 0}, r"mesh.expert=0: mesh sizes must be positive"),
+    ({"mesh.expert": 2, "mesh.data": 2}, r"= 2 x 1 x 2 x 1 needs 4 devices; 8 are available"),
+])
+def test_the_mesh_is_checked_naming_its_keys(tmp_path, overrides, message):
+    config = tiny_config(tmp_path, **overrides, **{"train.global_batch_size": 8})
+    if message is None:
+        assert resolve(config, 8).mesh_shape == (2, 1, 4, 1)
+        return
+    with pytest.raises(ConfigError, match=message):
+        resolve(config, 8)
+
+
+@pytest.mark.parametrize("experts, message", [
+    (None, r"mesh.expert=2 shards the experts of a mixture, and this model has none: put "
+           r"those devices on mesh.data or mesh.fsdp"),
+    (3, r"mesh.expert=2 does not divide the model's 3 experts"),
+])
+def test_an_expert_axis_the_model_cannot_use_is_refused(experts, message):
+    from coach_jax.train import loop
+    cfg = models.ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=32,
+                             intermediate_size=64, num_layers=1, num_heads=2,
+                             num_kv_heads=2, head_dim=16)
+    if experts:
+        cfg = dataclasses.replace(cfg, feed_forward=("moe",), moe=MoeSpec(experts, 2, 32, True))
+    with pytest.raises(ConfigError, match=message):
+        loop.check_expert_axis(cfg, 2)

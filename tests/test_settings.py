@@ -43,7 +43,7 @@ def test_resolve_gives_every_section(tmp_path):
     assert settings.eval.chunk_tokens == settings.train.loss.chunk_tokens
     assert settings.data.max_seq_len == 256
     assert dict(settings.model.init)["hidden_size"] == 32
-    assert settings.mesh_shape == (1, 1, 1)
+    assert settings.mesh_shape == (1, 1, 1, 1)
 
 
 def test_optimizer_checked_once_and_before_the_model_is_built(tmp_path, monkeypatch):

@@ -240,6 +240,24 @@ def _data_section(stats: dict[str, Any] | None) -> str:
     return text + "\n"
 
 
+def _router_section(records: list[dict[str, Any]]) -> list[str]:
+    """A mixture of experts' load per MoE layer, at the first and the last logged step:
+    the busiest and the idlest expert's share of the (token, expert) assignments."""
+    logged = [r for r in records if "expert_share_max" in r]
+    if not logged:
+        return []
+    first, last = logged[0], logged[-1]
+    rows = [[layer, f"{first['expert_share_max'][layer]:.1%} -> {busiest:.1%}",
+             f"{first['expert_share_min'][layer]:.1%} -> {last['expert_share_min'][layer]:.1%}"]
+            for layer, busiest in enumerate(last["expert_share_max"])]
+    return ["## Experts", "",
+            f"Load-balancing loss {_fmt(first.get('router_aux_loss'))} at step "
+            f"{first['step']} -> {_fmt(last.get('router_aux_loss'))} at step {last['step']} "
+            "(the number of experts per token when perfectly balanced). Share of the "
+            "assignments per MoE layer (1 / experts each when balanced):", "",
+            _table(["MoE layer", "busiest expert", "idlest expert"], rows), ""]
+
+
 def write_report(workdir: str) -> str:
     """Writes DIR/report.md (and its PNGs, when matplotlib is installed); returns its path."""
     config = _read_json(os.path.join(workdir, "config.json"))
@@ -264,6 +282,7 @@ def write_report(workdir: str) -> str:
                       f"SFT data shows): {chance:.4g}.", ""]
     if plot_losses(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png")):
         lines += ["## Loss", "", "![loss curves](loss.png)", ""]
+    lines += _router_section(records)
     if evals:
         lines += ["## Evals over time", "",
                   _table(["step"] + keys, [[r["step"]] + [r.get(k) for k in keys] for r in evals]),

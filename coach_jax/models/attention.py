@@ -287,8 +287,8 @@ def splash_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
-    rows = _dividing_axes(mesh, batch, BATCH_AXES)
-    head_axes = _dividing_axes(mesh, kv_heads, HEAD_AXES)  # q heads follow their KV head
+    rows = dividing_axes(mesh, batch, BATCH_AXES)
+    head_axes = dividing_axes(mesh, kv_heads, HEAD_AXES)  # q heads follow their KV head
     q_spec = P(rows, None, head_axes, None)
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, q_spec, q_spec, P(rows, None)),
                          out_specs=q_spec, check_vma=False)(
@@ -297,11 +297,11 @@ def splash_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.
 
 # Where activations live on the mesh (parallel.py's layout): rows over the data-parallel
 # axes, heads over the tensor axis. An axis a dimension does not divide is left out.
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 HEAD_AXES = ("tensor",)
 
 
-def _dividing_axes(mesh: Any, size: int, names: tuple[str, ...]) -> tuple[str, ...] | None:
+def dividing_axes(mesh: Any, size: int, names: tuple[str, ...]) -> tuple[str, ...] | None:
     used, ways = [], 1
     for name in names:
         if name in mesh.axis_names and mesh.shape[name] > 1 \

@@ -12,6 +12,10 @@ exists and no token is dropped. Parameters (logical axes in brackets):
     mlp/shared_expert/...           a dense Mlp every token passes (Qwen2-MoE)
     mlp/shared_expert_gate/kernel   [embed, None]            its sigmoid gate
 
+With a mesh `expert` axis the experts are sharded over it (`expert_parallel`): each
+device gathers its expert group's tokens, computes the pairs routed to its own experts,
+and the partial outputs are summed back onto the tokens' devices (reduce-scatter).
+
 Registered as the feed-forward "moe" (layers.FEED_FORWARDS); `ModelConfig.moe` holds the
 family's routing rule.
 """
@@ -23,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from coach_jax.models import layers
+from coach_jax.models.attention import BATCH_AXES, dividing_axes
 from coach_jax.models.config import ModelConfig
 
 
@@ -94,12 +99,19 @@ def _block_mlp(sorted_PxD: jax.Array, sizes_E: jax.Array, gate_ExDxF: jax.Array,
     source_R = jnp.where(real_R, start_E[expert_R] + offset_R, 0)
     padded_RxD = jnp.where(real_R[:, None], jnp.take(sorted_PxD, source_R, axis=0), 0)
 
+    used_blocks = padded_end_E[-1] // block  # the rest is the static bound's slack
+
     def one_block(args):
-        x_BxD, expert = args
-        return (act(x_BxD @ gate_ExDxF[expert]) * (x_BxD @ up_ExDxF[expert])) @ \
-            down_ExFxD[expert]
+        x_BxD, expert, index = args
+        def swiglu(x_BxD):
+            return (act(x_BxD @ gate_ExDxF[expert]) * (x_BxD @ up_ExDxF[expert])) @ \
+                down_ExFxD[expert]
+        def skipped(x_BxD):  # zeros typed as swiglu's (its varying axes in shard_map)
+            return jnp.zeros_like(x_BxD) * down_ExFxD[expert, :1]
+        return jax.lax.cond(index < used_blocks, swiglu, skipped, x_BxD)
     out_RxD = jax.lax.map(one_block, (padded_RxD.reshape(blocks, block, -1),
-                                      expert_R.reshape(blocks, block)[:, 0]))
+                                      expert_R.reshape(blocks, block)[:, 0],
+                                      jnp.arange(blocks)))
     row_P = jnp.arange(rows)  # back: sorted row -> its padded slot
     expert_P = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_E), row_P, side="right"),
                            num_experts - 1)
@@ -109,23 +121,74 @@ def _block_mlp(sorted_PxD: jax.Array, sizes_E: jax.Array, gate_ExDxF: jax.Array,
 
 def grouped_experts(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
                     gate_ExDxF: jax.Array, up_ExDxF: jax.Array, down_ExFxD: jax.Array,
-                    act) -> jax.Array:
+                    act, first_expert: jax.Array | int = 0) -> jax.Array:
     """sum_k weight_k * down_e(act(gate_e(x)) * up_e(x)) over each row's chosen experts e,
     dropless: the N*k (row, expert) pairs sorted by expert, then grouped matmuls (TPU's
-    ragged_dot, elsewhere blocks: chosen when lowering for the platform)."""
+    ragged_dot, elsewhere blocks: chosen when lowering for the platform).
+
+    The weights may be a shard of the experts, from expert `first_expert` on: pairs
+    routed to other experts sort last and add nothing."""
     n, k = experts_NxK.shape
     num_experts = gate_ExDxF.shape[0]
-    flat_P = experts_NxK.reshape(-1)
-    order_P = jnp.argsort(flat_P, stable=True)  # pairs grouped by expert
-    sizes_E = jnp.bincount(flat_P, length=num_experts).astype(jnp.int32)
+    local_P = experts_NxK.reshape(-1) - first_expert
+    mine_P = (local_P >= 0) & (local_P < num_experts)
+    local_P = jnp.where(mine_P, local_P, num_experts)
+    order_P = jnp.argsort(local_P, stable=True)  # pairs grouped by expert
+    sizes_E = jnp.bincount(local_P, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     sorted_PxD = jnp.take(rows_NxD, order_P // k, axis=0)
     weights = (gate_ExDxF, up_ExDxF, down_ExFxD)
     out_PxD = jax.lax.platform_dependent(
         sorted_PxD, sizes_E, *weights,
         tpu=lambda *a: _ragged_mlp(*a, act), default=lambda *a: _block_mlp(*a, act))
     unsorted_PxD = jnp.take(out_PxD, jnp.argsort(order_P), axis=0)  # back to (row, k) order
-    return jnp.einsum("nkd,nk->nd", unsorted_PxD.reshape(n, k, -1),
-                      weights_NxK.astype(out_PxD.dtype))
+    weights_NxK = jnp.where(mine_P.reshape(n, k), weights_NxK, 0).astype(out_PxD.dtype)
+    unsorted_PxD = jnp.where(mine_P[:, None], unsorted_PxD, 0)
+    return jnp.einsum("nkd,nk->nd", unsorted_PxD.reshape(n, k, -1), weights_NxK)
+
+
+def expert_parallel(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
+                    gate_ExDxF: jax.Array, up_ExDxF: jax.Array, down_ExFxD: jax.Array,
+                    act) -> jax.Array:
+    """`grouped_experts` with the experts sharded over the context mesh's `expert` axis.
+
+    The tokens of the devices along the expert axis are all-gathered, each device runs
+    its E/ep experts over the pairs routed to them, and a reduce-scatter sums the partial
+    outputs back onto the tokens' devices (the all-gather dispatcher of Megatron-Core).
+    Shapes stay static and nothing is dropped or capped. Per device this moves
+    (ep - 1) x tokens x embed each way, against all-to-all's (ep - 1)/ep x top_k x tokens x
+    embed: no more whenever ep <= top_k. The price is the static bound: a device's sorted
+    rows hold the whole group's pairs (unused blocks are skipped, not computed). The
+    `mlp` axis stays split over `tensor` (partial sums added there); FSDP's `embed` split
+    is gathered on entry, as FSDP gathers every weight."""
+    mesh = jax.sharding.get_abstract_mesh()
+    num_experts, _, width = gate_ExDxF.shape
+    ep = 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
+    if ep == 1 or num_experts % ep:
+        return grouped_experts(rows_NxD, experts_NxK, weights_NxK, gate_ExDxF, up_ExDxF,
+                               down_ExFxD, act)
+    row_axes = dividing_axes(mesh, rows_NxD.shape[0], BATCH_AXES)
+    tensor = dividing_axes(mesh, width, ("tensor",))
+    gathered = row_axes is not None and "expert" in row_axes
+    row_spec = jax.sharding.PartitionSpec(row_axes, None)
+    up_spec = jax.sharding.PartitionSpec("expert", None, tensor)
+    down_spec = jax.sharding.PartitionSpec("expert", tensor, None)
+
+    def local(rows, experts, weights, gate, up, down):
+        if gathered:
+            rows, experts, weights = (jax.lax.all_gather(x, "expert", axis=0, tiled=True)
+                                      for x in (rows, experts, weights))
+        first = jax.lax.axis_index("expert") * gate.shape[0]
+        out = grouped_experts(rows, experts, weights, gate, up, down, act, first)
+        if tensor:
+            out = jax.lax.psum(out, tensor)
+        if gathered:
+            return jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
+        return jax.lax.psum(out, "expert")
+
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(row_spec, row_spec, row_spec, up_spec, up_spec, down_spec),
+                         out_specs=row_spec)(rows_NxD, experts_NxK, weights_NxK,
+                                             gate_ExDxF, up_ExDxF, down_ExFxD)
 
 
 class _Linear(nn.Module):
@@ -155,11 +218,15 @@ class _Experts(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         dtype = rows_NxD.dtype
         def weight(name, shape, axes):
-            return layers._param(self, name, init, shape, axes, cfg).astype(dtype)
+            value = layers._param(self, name, init, shape, axes, cfg)
+            if not isinstance(value, jax.Array):  # QLoRA's quantized base
+                from coach_jax.models import quantize  # qwix is needed only for QLoRA
+                return quantize.dequantize(value, dtype)
+            return value.astype(dtype)
         gate = weight("gate_proj", (e, d, f), ("expert", "embed", "mlp"))
         up = weight("up_proj", (e, d, f), ("expert", "embed", "mlp"))
         down = weight("down_proj", (e, f, d), ("expert", "mlp", "embed"))
-        return grouped_experts(rows_NxD, experts_NxK, weights_NxK, gate, up, down,
+        return expert_parallel(rows_NxD, experts_NxK, weights_NxK, gate, up, down,
                                layers.activation(cfg))
 
 
@@ -173,7 +240,7 @@ class MoeFeedForward(nn.Module):
         cfg, spec = self.cfg, self.cfg.moe
         b, t, d = x_BxTxD.shape
         rows_NxD = x_BxTxD.reshape(-1, d)
-        logits_NxE = _Linear(cfg, spec.num_experts, "expert", name="gate")(rows_NxD)
+        logits_NxE = _Linear(cfg, spec.num_experts, None, name="gate")(rows_NxD)
         probs_NxE, experts_NxK, weights_NxK = route(logits_NxE, spec.top_k,
                                                     spec.normalize_top_k)
         self.sow("intermediates", "router", router_sums(

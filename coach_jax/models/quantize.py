@@ -3,9 +3,11 @@
 Google's qwix holds the representation (int8, int4 or NF4 codes with one scale per block
 of `block` consecutive input channels, absmax-calibrated: bitsandbytes' blocks of a
 [out, in] weight) and does the (de)quantization; coach_jax decides what is quantized (the
-decoder layers' projection kernels; embeddings, norms and the LM head stay as loaded) and
+decoder layers' projection kernels and experts; embeddings, norms, routers and the LM
+head stay as loaded) and
 where it lives (a kernel's codes shard as the kernel does). A projection dequantizes its
-kernel to the compute dtype when it runs (models/lora.py), one layer at a time under scan.
+kernel to the compute dtype when it runs (models/lora.py), a mixture its experts
+(models/moe.py), one layer at a time under scan.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import qwix
 
 from coach_jax.models.decoder import Params, kernel_input_dims, path_str
+from coach_jax.models.moe import is_expert_weight
 
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4"}
 BITS = {"int8": 8, "int4": 4, "nf4": 4}
@@ -28,15 +31,17 @@ def is_quantized(x: Any) -> bool:
 
 
 def _quantizes(path: str) -> bool:
-    """Projection kernels of the decoder layers (not a mixture of experts' router or its
-    shared expert's gate, whose few weights steer every token)."""
-    return path.startswith("layers") and path.endswith("_proj/kernel")
+    """Projection kernels of the decoder layers and a mixture's stacked experts (not its
+    router or its shared expert's gate, whose few weights steer every token)."""
+    return path.startswith("layers") and (path.endswith("_proj/kernel")
+                                          or is_expert_weight(path))
 
 
 def quantize_kernel(kernel: jax.Array, path: str, qtype: str, block: int) -> qwix.QArray:
     """One layer's kernel, in blocks along its last input axis (q/k/v/gate/up/down
-    contract one leading dim, o_proj two: heads, head_dim)."""
-    axis = kernel_input_dims(path) - 1
+    contract one leading dim, o_proj two: heads, head_dim; experts [experts, in, out]
+    one, after the expert axis)."""
+    axis = 1 if is_expert_weight(path) else kernel_input_dims(path) - 1
     if kernel.shape[axis] % block:
         raise ValueError(f"{path}: input dim {kernel.shape[axis]} is not a multiple of the "
                          f"quantization block {block} (adapter.quantize_block)")

@@ -81,17 +81,29 @@ def build_params(settings: Settings, tokenizer: Any, mesh: jax.sharding.Mesh
     """The starting parameters, created straight into their shards: checkpoint.init_from's
     when set (read once), else the HF folder's or fresh ones (models.builder). An
     attention kernel the run cannot use is refused first, before any weight is read."""
+    planned = model_config_of(settings.model, len(tokenizer))
     try:
-        attention.for_run(settings.model.attention,
-                          model_config_of(settings.model, len(tokenizer)),
-                          settings.data.max_seq_len)
+        attention.for_run(settings.model.attention, planned, settings.data.max_seq_len)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_expert_axis(planned, settings.mesh_shape.expert)
     model_cfg, params = build_model(settings.model, len(tokenizer), settings.train.seed, mesh,
                                     transform=adapter_run.base_transform(settings))
     if settings.checkpoint.init_from:
         params = init_params_from(settings.checkpoint.init_from, params)
     return model_cfg, params
+
+
+def check_expert_axis(cfg: ModelConfig, expert: int) -> None:
+    """mesh.expert shards a mixture's experts: it must divide them."""
+    if expert == 1:
+        return
+    if cfg.moe is None:
+        raise ConfigError(f"mesh.expert={expert} shards the experts of a mixture, and this "
+                          "model has none: put those devices on mesh.data or mesh.fsdp")
+    if cfg.moe.num_experts % expert:
+        raise ConfigError(f"mesh.expert={expert} does not divide the model's "
+                          f"{cfg.moe.num_experts} experts")
 
 
 def init_params_from(directory: str, like: Params) -> Params:
@@ -221,7 +233,7 @@ class Trainer:
         s = self.settings
         trainable, _ = param_groups.split(abstract_state.params, self.parts.label_tree)
         rows = s.train.global_batch_size // (
-            s.train.micro_batches * self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+            s.train.micro_batches * parallel.data_shards(self.mesh))
         self.memory = memory.estimate(abstract_state, self.state_sharding, trainable,
                                       self.model_cfg, max(rows, 1), s.data.max_seq_len,
                                       s.train.loss.chunk_tokens, self.base,

@@ -59,7 +59,7 @@ def estimate(settings: Settings, tokenizer_size: int, mesh: jax.sharding.Mesh
     abstract_state, shardings = parallel.state_shardings(create, shapes, cfg, mesh)
     trainable, _ = train.param_groups.split(abstract_state.params, parts.label_tree)
     rows = s.train.global_batch_size // (
-        s.train.micro_batches * mesh.shape["data"] * mesh.shape["fsdp"])
+        s.train.micro_batches * parallel.data_shards(mesh))
     return memory.estimate(abstract_state, shardings, trainable, cfg, max(rows, 1),
                            s.data.max_seq_len, s.train.loss.chunk_tokens, base,
                            quantized=a.enabled and a.quantize_base != "none")
