@@ -35,6 +35,11 @@ FAMILIES = {
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     "qwen3": lambda: transformers.Qwen3Config(
         **_COMMON, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 30000.0}),
+    # YaRN past an original context of 16 tokens, its ramp not rounded outwards.
+    "qwen3_yarn": lambda: transformers.Qwen3Config(
+        **_COMMON, head_dim=32, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 30000.0, "factor": 4.0, "beta_fast": 16.0,
+            "beta_slow": 2.0, "truncate": False, "original_max_position_embeddings": 16}),
     # Layers 1 and 3 without RoPE; in the second, those layers also slide (window 8).
     "smollm3": lambda: transformers.SmolLM3Config(
         **_SMOLLM3, rope_parameters={"rope_type": "default", "rope_theta": 30000.0}),

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import transformers
 
@@ -32,7 +33,8 @@ def test_qwen2_sliding_layers_follow_max_window_layers():
                                             "sliding_window": 64}).layer_windows == (0, 0)
 
 
-@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "llama_biases"])
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "llama_biases",
+                                    "qwen3_yarn"])
 def test_exported_config_rebuilds_the_same_architecture(family):
     import hf_reference
     hf = hf_reference.FAMILIES[family]().to_dict()
@@ -46,8 +48,10 @@ def test_exported_config_rebuilds_the_same_architecture(family):
 
 @pytest.mark.parametrize("change, message", [
     (dict(model_type="gpt2"), r"model_type 'gpt2' is not supported; supported: llama, mistral"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}),
+     r"rope scaling type 'dynamic' is not supported"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-     r"rope scaling type 'yarn' is not supported"),
+     r"yarn rope scaling lacks 'original_max_position_embeddings'"),
     (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
     (dict(num_key_value_heads=3), r"not a multiple of num_key_value_heads=3"),
     (dict(partial_rotary_factor=0.5), r"partial_rotary_factor=0.5"),
@@ -192,3 +196,28 @@ def test_bad_longrope_configs_name_the_problem(change, message):
                                    "long_factor": LONG}, **change}
     with pytest.raises(models.UnsupportedModelError, match=message):
         models.ModelConfig.from_hf_dict(hf)
+
+
+@pytest.mark.parametrize("rope", [
+    {"factor": 4.0, "original_max_position_embeddings": 32},
+    {"factor": 8.0, "original_max_position_embeddings": 4096, "beta_fast": 16.0,
+     "beta_slow": 2.0, "truncate": False},  # gpt-oss's settings, cut down
+    {"factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+     "mscale_all_dim": 0.707},  # DeepSeek's attention-factor pair
+    {"factor": 2.0, "original_max_position_embeddings": 64, "attention_factor": 1.3},
+])
+def test_yarn_frequencies_and_attention_factor_equal_transformers(rope):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from coach_jax.models import rope as rope_lib
+    hf = transformers.Qwen3Config(
+        vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, **rope})
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    cfg = models.ModelConfig.from_hf_dict(hf.to_dict())
+    assert cfg.rope_type == "yarn"
+    assert cfg.rope_scaling.attention_factor == pytest.approx(attention_factor, rel=1e-12)
+    ours = rope_lib.inverse_frequencies(cfg)
+    assert (ours != rope_lib.inverse_frequencies(dataclasses.replace(cfg, rope_scaling=None))).any()
+    np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)

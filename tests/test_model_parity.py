@@ -69,6 +69,11 @@ NEGATIVE_CONTROLS = {
     # attention factor ignored.
     "phi4_mini/longrope_switch": lambda cfg: dict(rope_scaling=dataclasses.replace(
         cfg.rope_scaling, long_factor=cfg.rope_scaling.short_factor)),
+    "qwen3_yarn": dict(rope_scaling=None),
+    "qwen3_yarn/ramp": lambda cfg: dict(rope_scaling=dataclasses.replace(
+        cfg.rope_scaling, beta_fast=32.0, beta_slow=1.0)),
+    "qwen3_yarn/attention_factor": lambda cfg: dict(rope_scaling=dataclasses.replace(
+        cfg.rope_scaling, attention_factor=1.0)),
     "phi4_mini/attention_factor": lambda cfg: dict(rope_scaling=dataclasses.replace(
         cfg.rope_scaling, attention_factor=1.0)),
     "olmo2/post_norms": dict(post_norms=False),

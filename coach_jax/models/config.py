@@ -19,7 +19,7 @@ from coach_jax.models.lora import LoraSpec
 from coach_jax.models.families import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = families.FAMILIES.keys()  # a live view: registered families count
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names
@@ -79,9 +79,25 @@ class MoeSpec:
                                         f"[1, {self.num_experts}] (the number of experts)")
 
 
-RopeScaling = Llama3RopeScaling | LinearRopeScaling | LongRopeScaling
+@dataclasses.dataclass(frozen=True)
+class YarnRopeScaling:
+    """YaRN (`rope_type: yarn`): frequencies interpolated by `factor` below the
+    correction range set by `beta_fast` / `beta_slow` rotations within
+    `original_max_position_embeddings`, kept above it, linearly blended inside it
+    (`truncate` rounds the range outwards); cos/sin scaled by `attention_factor`
+    (0.1 ln(factor) + 1 unless config.json sets it or its mscale pair)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float
+    beta_slow: float
+    truncate: bool
+    attention_factor: float
+
+
+RopeScaling = Llama3RopeScaling | LinearRopeScaling | LongRopeScaling | YarnRopeScaling
 ROPE_TYPE_NAMES = {Llama3RopeScaling: "llama3", LinearRopeScaling: "linear",
-                   LongRopeScaling: "longrope"}
+                   LongRopeScaling: "longrope", YarnRopeScaling: "yarn"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +402,8 @@ def _parse_rope(hf: dict[str, Any], family: families.Family
     try:
         if rope_type == "longrope":
             return float(theta), _longrope(hf, params, original, partial), float(partial)
+        if rope_type == "yarn":
+            return float(theta), _yarn(hf, params, original), float(partial)
         scaling = Llama3RopeScaling(
             factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]),
@@ -422,3 +440,28 @@ def _longrope(hf: dict[str, Any], params: dict[str, Any], original: Any,
                             math.sqrt(1 + math.log(factor) / math.log(original)))
     return LongRopeScaling(original_max_position_embeddings=original, factor=float(factor),
                            attention_factor=float(attention_factor), **factors)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(hf: dict[str, Any], params: dict[str, Any], original: Any) -> YarnRopeScaling:
+    """YaRN's settings with transformers' defaults: factor from max_position_embeddings /
+    original when absent, beta_fast 32, beta_slow 1, truncate on, and the attention factor
+    from factor (or the mscale / mscale_all_dim pair)."""
+    original = int(params["original_max_position_embeddings"] if original is None
+                   else original)
+    factor = params.get("factor")
+    if factor is None:
+        factor = hf.get("max_position_embeddings", original) / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+    return YarnRopeScaling(
+        factor=float(factor), original_max_position_embeddings=original,
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        truncate=bool(params.get("truncate", True)), attention_factor=float(attention_factor))

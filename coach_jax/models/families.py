@@ -479,12 +479,15 @@ def family(model_type: Any) -> Family:
     return FAMILIES[model_type]
 
 
-register(Family("llama", "LlamaForCausalLM", rope_types=("default", "llama3"), switches=dict(
-    qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias")))
-register(Family("mistral", "MistralForCausalLM", windows=EVERY_LAYER))
+# RoPE the llama-style families' configs compute besides the default (transformers' YaRN).
+YARN = ("default", "yarn")
+register(Family("llama", "LlamaForCausalLM", rope_types=("default", "llama3", "yarn"),
+                switches=dict(qkv_bias="attention_bias", o_bias="attention_bias",
+                              mlp_bias="mlp_bias")))
+register(Family("mistral", "MistralForCausalLM", windows=EVERY_LAYER, rope_types=YARN))
 register(Family("qwen2", "Qwen2ForCausalLM", switches=dict(qkv_bias=True),
-                windows=LAYER_TYPES))
-register(Family("qwen3", "Qwen3ForCausalLM", windows=LAYER_TYPES, switches=dict(
+                windows=LAYER_TYPES, rope_types=YARN))
+register(Family("qwen3", "Qwen3ForCausalLM", windows=LAYER_TYPES, rope_types=YARN, switches=dict(
     qk_norm=True, qkv_bias="attention_bias", o_bias="attention_bias")))
 register(Family("phi3", "Phi3ForCausalLM", windows=EVERY_LAYER, partial_rotary=True,
                 rope_types=("default", "longrope"),
@@ -495,7 +498,7 @@ register(Family("phi3", "Phi3ForCausalLM", windows=EVERY_LAYER, partial_rotary=T
                                                  "self_attn/v_proj"), group="qkv"),
                     Fused("mlp.gate_up_proj", ("mlp/gate_proj", "mlp/up_proj"),
                           group="gate_up")))))
-register(Family("olmo2", "Olmo2ForCausalLM", switches=dict(
+register(Family("olmo2", "Olmo2ForCausalLM", rope_types=YARN, switches=dict(
     qk_norm=True, qk_norm_all_heads=True, post_norms=True, qkv_bias="attention_bias",
     o_bias="attention_bias")))
 register(Family("gemma2", "Gemma2ForCausalLM", windows=AlternatingLayers(2),
@@ -533,19 +536,21 @@ MIXTRAL_TENSORS = TensorNames(renames=(
     (r"^mlp/experts/(\d+)/down_proj$", r"block_sparse_moe/experts/\1/w2"),
     (r"^mlp/gate$", "block_sparse_moe/gate")))
 register(Family("mixtral", "MixtralForCausalLM", windows=EVERY_LAYER, tensors=MIXTRAL_TENSORS,
+                rope_types=YARN,
                 moe=MoeKeys(("num_local_experts",), "intermediate_size", normalize=True)))
-register(Family("qwen2_moe", "Qwen2MoeForCausalLM", windows=LAYER_TYPES,
+register(Family("qwen2_moe", "Qwen2MoeForCausalLM", windows=LAYER_TYPES, rope_types=YARN,
                 switches=dict(qkv_bias="qkv_bias"), config_defaults={"qkv_bias": True},
                 moe=MoeKeys(("num_experts",), "moe_intermediate_size",
                             normalize="norm_topk_prob",
                             shared_expert_size="shared_expert_intermediate_size",
                             sparse_rule=True)))
 register(Family("qwen3_moe", "Qwen3MoeForCausalLM", windows=SwitchedEveryLayer(),
+                rope_types=YARN,
                 switches=dict(qk_norm=True, qkv_bias="attention_bias",
                               o_bias="attention_bias"),
                 moe=MoeKeys(("num_local_experts", "num_experts"), "moe_intermediate_size",
                             normalize="norm_topk_prob", sparse_rule=True)))
-register(Family("olmoe", "OlmoeForCausalLM", switches=dict(
+register(Family("olmoe", "OlmoeForCausalLM", rope_types=YARN, switches=dict(
     qk_norm=True, qk_norm_all_heads=True, qkv_bias="attention_bias", o_bias="attention_bias"),
                 moe=MoeKeys(("num_experts",), "intermediate_size", normalize="norm_topk_prob"),
                 refused=("clip_qkv",)))

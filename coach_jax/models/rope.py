@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coach_jax.models.config import LinearRopeScaling, LongRopeScaling, ModelConfig
+from coach_jax.models.config import (LinearRopeScaling, LongRopeScaling, ModelConfig,
+                                     YarnRopeScaling)
 
 Tables = tuple[jax.Array, jax.Array]
 
@@ -22,7 +23,8 @@ def inverse_frequencies(cfg: ModelConfig, theta: float | None = None,
     dim = cfg.rotary_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     base = np.float32(cfg.rope_theta if theta is None else theta)
-    inv_freq = (1.0 / (base ** exponents)).astype(np.float32)
+    wavelengths = (base ** exponents).astype(np.float32)  # per channel pair, over 2 pi
+    inv_freq = (1.0 / wavelengths).astype(np.float32)
     scaling = cfg.rope_scaling if scaled else None
     if scaling is None:
         return inv_freq
@@ -31,6 +33,8 @@ def inverse_frequencies(cfg: ModelConfig, theta: float | None = None,
     if isinstance(scaling, LongRopeScaling):
         factors = np.asarray(scaling.long_factor if long else scaling.short_factor, np.float32)
         return (1.0 / (factors * base ** exponents)).astype(np.float32)
+    if isinstance(scaling, YarnRopeScaling):
+        return _yarn_frequencies(scaling, dim, float(base), wavelengths)
     old_context = scaling.original_max_position_embeddings
     low_freq_wavelen = old_context / scaling.low_freq_factor
     high_freq_wavelen = old_context / scaling.high_freq_factor
@@ -41,6 +45,28 @@ def inverse_frequencies(cfg: ModelConfig, theta: float | None = None,
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn_frequencies(scaling: YarnRopeScaling, dim: int, base: float,
+                      wavelengths: np.ndarray) -> np.ndarray:
+    """YaRN's blend of interpolated (inv_freq / factor) and kept frequencies: a linear
+    ramp over the channel pairs between the ones that turn `beta_fast` and `beta_slow`
+    times within the original context (transformers' `_compute_yarn_parameters`)."""
+    def pair_turning(rotations: float) -> float:
+        return (dim * math.log(scaling.original_max_position_embeddings
+                               / (rotations * 2 * math.pi))) / (2 * math.log(base))
+    low, high = pair_turning(scaling.beta_fast), pair_turning(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low))
+                   / np.float32(high - low), 0, 1)
+    kept = (1 - ramp).astype(np.float32)
+    interpolated = (1.0 / (np.float32(scaling.factor) * wavelengths)).astype(np.float32)
+    extrapolated = (1.0 / wavelengths).astype(np.float32)
+    return (interpolated * (1 - kept) + extrapolated * kept).astype(np.float32)
 
 
 def example_lengths(positions_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
@@ -77,6 +103,8 @@ def position_tables(cfg: ModelConfig, positions_BxT: jax.Array,
         cos, sin = tables(positions_BxT, inv_freq)
         return cos * scaling.attention_factor, sin * scaling.attention_factor
     full = tables(positions_BxT, inverse_frequencies(cfg))
+    if isinstance(scaling, YarnRopeScaling):
+        full = full[0] * scaling.attention_factor, full[1] * scaling.attention_factor
     if cfg.local_rope_theta is None:
         return full
     local = inverse_frequencies(cfg, cfg.local_rope_theta, scaled=False)
