@@ -124,7 +124,8 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
     kv = 2 * cfg.num_kv_heads * cfg.head_dim
     path = "cudnn" if cfg.attention == "cudnn" else attention.choose(  # planned for a GPU
         cfg.attention, attention.runtime_platform(), attention.AttentionShape(
-            seq_len, cfg.head_dim, cfg.compute_dtype, cfg.attn_logit_softcapping)
+            seq_len, cfg.head_dim, cfg.compute_dtype, cfg.attn_logit_softcapping,
+            cfg.attention_sinks)
     ).implementation
     scores = (cfg.num_heads * _keys_per_query(seq_len) * 4 if path == "xla"
               else cfg.num_heads * 4)  # per token, float32

@@ -152,3 +152,36 @@ def test_capped_attention_equals_a_hand_computation():
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     np.testing.assert_allclose(out[0], np.einsum("hts,shd->thd", weights, v[0]), atol=1e-6)
+
+
+def test_attention_sinks_equal_gpt_oss_eager_attention():
+    """gpt-oss's sink logit per head in the softmax, against transformers' own
+    `eager_attention_forward` (4 heads on 2 KV heads, a causal mask): the training path and
+    the KV-cache path agree with it; without the sinks the result moves."""
+    import types
+    import torch
+    from transformers.models.gpt_oss import modeling_gpt_oss
+    rng = np.random.default_rng(5)
+    length, heads, kv_heads, dim = 7, 4, 2, 8
+    q = rng.normal(size=(1, length, heads, dim)).astype(np.float32)
+    k, v = (rng.normal(size=(1, length, kv_heads, dim)).astype(np.float32) for _ in range(2))
+    sinks = np.asarray([0.5, -1.0, 2.0, 0.0], np.float32)
+    causal = np.triu(np.full((length, length), -np.inf, np.float32), 1)[None, None]
+    module = types.SimpleNamespace(sinks=torch.tensor(sinks), num_key_value_groups=2,
+                                   training=False)
+    as_heads = lambda x: torch.tensor(x).transpose(1, 2)
+    expected, _ = modeling_gpt_oss.eager_attention_forward(
+        module, as_heads(q), as_heads(k), as_heads(v), torch.tensor(causal), scaling=0.25)
+    positions = np.arange(length, dtype=np.int32)[None]
+    segments = np.ones((1, length), np.int32)
+    got = attention.attend("xla", q, k, v, positions, segments, None, scale=0.25,
+                           sinks_N=jnp.asarray(sinks))
+    np.testing.assert_allclose(np.asarray(got), expected.numpy(), atol=1e-6)
+    mask = attention.attention_mask(positions, positions, segments, segments, None)
+    cached = attention.dot_product_attention(q, k, v, mask, scale=0.25, sinks_N=sinks)
+    np.testing.assert_allclose(np.asarray(cached), expected.numpy(), atol=1e-6)
+    plain = attention.attend("xla", q, k, v, positions, segments, None, scale=0.25)
+    assert np.abs(np.asarray(plain) - expected.numpy()).max() > 0.05
+    on_tpu = attention.choose("auto", "tpu", attention.AttentionShape(128, dim, "bfloat16",
+                                                                     sinks=True))
+    assert on_tpu == attention.Choice("xla", "splash attention has no attention sinks (gpt-oss)")

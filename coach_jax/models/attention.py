@@ -48,6 +48,7 @@ class AttentionShape:
     head_dim: int
     dtype: str
     softcap: float | None = None
+    sinks: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +88,14 @@ def for_run(implementation: str, cfg: Any, length: int) -> Choice:
     process's platform; raises ValueError (naming model.attention) for an explicit
     kernel that cannot run, before any weight is read."""
     return choose(implementation, runtime_platform(), AttentionShape(
-        length, cfg.head_dim, cfg.compute_dtype, cfg.attn_logit_softcapping))
+        length, cfg.head_dim, cfg.compute_dtype, cfg.attn_logit_softcapping,
+        cfg.attention_sinks))
 
 
 def splash_limit(shape: AttentionShape) -> str:
     """What the splash kernel needs that `shape` lacks ("" when it can take it)."""
+    if shape.sinks:
+        return "has no attention sinks (gpt-oss)"
     if shape.length % SPLASH_BLOCKS[-1]:
         return (f"needs a sequence length that is a multiple of {SPLASH_BLOCKS[-1]} "
                 f"(length {shape.length}: data.max_seq_len)")
@@ -112,6 +116,8 @@ def cudnn_limit(shape: AttentionShape, platform: str) -> str:
         return "needs the cuDNN library, which this machine does not have"
     if shape.softcap:
         return (f"cannot soft-cap attention logits (attn_logit_softcapping={shape.softcap})")
+    if shape.sinks:
+        return "has no attention sinks (gpt-oss)"
     if shape.dtype not in _CUDNN_DTYPES:
         return f"needs 16-bit compute (model.dtype={shape.dtype})"
     head_dim_max = _cudnn_head_dim_max()
@@ -161,7 +167,8 @@ def _log_once(message: str, warn: bool) -> None:
 def attend(implementation: str, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array,
            v_BxSxKxH: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
            window: jax.Array | int | None, windows: tuple[int, ...] = (),
-           scale: float | None = None, softcap: float | None = None) -> jax.Array:
+           scale: float | None = None, softcap: float | None = None,
+           sinks_N: jax.Array | None = None) -> jax.Array:
     """Causal, segment-aware self-attention by the `model.attention` value `implementation`;
     all kernels give the same result (tests compare them with the XLA path).
 
@@ -169,9 +176,10 @@ def attend(implementation: str, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array,
     one jitted step runs splash when lowered for TPU and cuDNN for CUDA. `window` is this
     layer's sliding window (an int, or traced under scan); `windows` every value it can
     take (fused kernels build their masks at trace time). `scale` replaces head_dim**-0.5;
-    `softcap` bends scores to cap * tanh(s / cap) before the mask (Gemma)."""
+    `softcap` bends scores to cap * tanh(s / cap) before the mask (Gemma); `sinks_N`, one
+    logit per head, joins every softmax (gpt-oss)."""
     shape = AttentionShape(q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1],
-                           jnp.dtype(q_BxTxNxH.dtype).name, softcap)
+                           jnp.dtype(q_BxTxNxH.dtype).name, softcap, sinks_N is not None)
     here = runtime_platform()
     if here in KERNEL_PLATFORMS or implementation != "cudnn":  # explicit cuDNN off a GPU:
         choice = choose(implementation, here, shape)          # the Trainer refuses it
@@ -188,7 +196,7 @@ def attend(implementation: str, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array,
             kernels[platform] = functools.partial(
                 _KERNELS[kernel], windows=windows, scale=scale, softcap=softcap,
                 interpret=platform != "tpu")
-    default = functools.partial(_xla_attention, scale=scale, softcap=softcap)
+    default = functools.partial(_xla_attention, scale=scale, softcap=softcap, sinks_N=sinks_N)
     if "tpu" in kernels and implementation == "splash":  # by name: interpreted elsewhere
         default = functools.partial(_splash, windows=windows, scale=scale, softcap=softcap,
                                     interpret=True)
@@ -197,9 +205,10 @@ def attend(implementation: str, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array,
     return jax.lax.platform_dependent(*args, default=default, **kernels)
 
 
-def _xla_attention(q, k, v, positions, segment_ids, window, scale=None, softcap=None):
+def _xla_attention(q, k, v, positions, segment_ids, window, scale=None, softcap=None,
+                   sinks_N=None):
     mask = attention_mask(positions, positions, segment_ids, segment_ids, window)
-    return dot_product_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    return dot_product_attention(q, k, v, mask, scale=scale, softcap=softcap, sinks_N=sinks_N)
 
 
 def _cudnn(q, k, v, positions, segment_ids, window, windows=(), scale=None, softcap=None,
@@ -313,8 +322,8 @@ def dividing_axes(mesh: Any, size: int, names: tuple[str, ...]) -> tuple[str, ..
 
 def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
                           mask_Bx1xTxS: jax.Array, block_size: int = 64,
-                          scale: float | None = None, softcap: float | None = None
-                          ) -> jax.Array:
+                          scale: float | None = None, softcap: float | None = None,
+                          sinks_N: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads (N a multiple of K).
 
     Logits and softmax run in float32 whatever the input dtype. For self-attention over
@@ -324,7 +333,7 @@ def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH:
     cache; the result is the same.
     """
     length = q_BxTxNxH.shape[1]
-    attend_block = functools.partial(_attend, scale=scale, softcap=softcap)
+    attend_block = functools.partial(_attend, scale=scale, softcap=softcap, sinks_N=sinks_N)
     if k_BxSxKxH.shape[1] != length or length <= block_size or length % block_size:
         return attend_block(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS)
     blocks = []
@@ -335,24 +344,32 @@ def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH:
     return jnp.concatenate(blocks, axis=1)
 
 
-def _attend(q, k, v, mask, scale=None, softcap=None):
-    if not softcap:
+def _attend(q, k, v, mask, scale=None, softcap=None, sinks_N=None):
+    if not softcap and sinks_N is None:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                             implementation="xla")
-    return _capped_attention(q, k, v, mask, scale, softcap)
+    return _explicit_attention(q, k, v, mask, scale, softcap, sinks_N)
 
 
-def _capped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap):
-    """Attention with Gemma's score soft-capping, spelled out (no fused kernel has it):
-    scores * scale -> cap * tanh(s / cap) -> mask -> float32 softmax -> values."""
+def _explicit_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale, softcap,
+                        sinks_N=None):
+    """Attention spelled out for what no fused kernel has: scores * scale -> Gemma's
+    cap * tanh(s / cap) -> mask -> float32 softmax (over the keys and gpt-oss's sink logit
+    of the head, whose weight is dropped) -> values."""
     batch, length, heads, head_dim = q_BxTxNxH.shape
     kv_heads = k_BxSxKxH.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
     q = q_BxTxNxH.astype(jnp.float32).reshape(batch, length, kv_heads, heads // kv_heads,
                                               head_dim)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH.astype(jnp.float32)) * scale
-    scores = softcap * jnp.tanh(scores / softcap)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1)
+    if sinks_N is None:
+        weights = jax.nn.softmax(scores, axis=-1)
+    else:  # heads n = kv_head * group + g, as q was split
+        sinks = jnp.broadcast_to(sinks_N.astype(jnp.float32).reshape(
+            1, kv_heads, heads // kv_heads, 1, 1), (*scores.shape[:-1], 1))
+        weights = jax.nn.softmax(jnp.concatenate([scores, sinks], axis=-1), axis=-1)[..., :-1]
     out = jnp.einsum("bkgts,bskh->btkgh", weights, v_BxSxKxH.astype(jnp.float32))
     return out.reshape(batch, length, heads, head_dim).astype(q_BxTxNxH.dtype)

@@ -139,6 +139,9 @@ class ModelConfig:
     norm_unit_offset: bool = False
     sandwich_norms: bool = False
     scale_embeddings: bool = False
+    # gpt-oss: a learned logit per head (`self_attn/sinks`) joins each query's softmax
+    # over the keys and takes its share of the weight, attending to nothing.
+    attention_sinks: bool = False
     activation: str = "silu"  # one of ACTIVATIONS: the MLP's gate activation
     query_pre_attn_scalar: float | None = None  # attention scale s**-0.5; None: head_dim
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)

@@ -24,7 +24,7 @@ class UnsupportedModelError(ValueError):
 
 # The boolean feature fields of `ModelConfig` a family fixes or reads from its config.json.
 SWITCHES = ("qk_norm", "qkv_bias", "o_bias", "mlp_bias", "qk_norm_all_heads", "post_norms",
-            "norm_unit_offset", "sandwich_norms", "scale_embeddings")
+            "norm_unit_offset", "sandwich_norms", "scale_embeddings", "attention_sinks")
 # The non-boolean feature fields a family reads from its config.json: field -> (key, the
 # value transformers assumes when the key is absent). Fields a family does not name keep
 # ModelConfig's default (and export refuses any other value).

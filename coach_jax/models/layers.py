@@ -177,6 +177,8 @@ class Attention(nn.Module):
         layer_window = window if cfg.has_sliding_window else None
         scale = (cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar is not None
                  else None)
+        sinks_N = (_param(self, "sinks", nn.initializers.zeros, (cfg.num_heads,), ("heads",),
+                          cfg) if cfg.attention_sinks else None)
         if kv is not None:
             kv_positions_BxS, kv_segment_ids_BxS, index = slots
             keys, k_BxSxKxH = kv_cache.write(kv[0], k_BxTxKxH, layer, index)
@@ -187,12 +189,12 @@ class Attention(nn.Module):
             out_BxTxNxH = attention.dot_product_attention(
                 q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype),
                 v_BxSxKxH.astype(q_BxTxNxH.dtype), mask, scale=scale,
-                softcap=cfg.attn_logit_softcapping)
+                softcap=cfg.attn_logit_softcapping, sinks_N=sinks_N)
         else:
             out_BxTxNxH = attention.attend(
                 cfg.attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT,
                 segment_ids_BxT, layer_window, windows=tuple(sorted(set(cfg.layer_windows))),
-                scale=scale, softcap=cfg.attn_logit_softcapping)
+                scale=scale, softcap=cfg.attn_logit_softcapping, sinks_N=sinks_N)
         out_BxTxNxH = checkpoint_name(out_BxTxNxH, "attention_out")
         return make("o_proj", ("heads", "head_dim"), ("embed",), (cfg.hidden_size,),
                     cfg.o_bias)(out_BxTxNxH), kv

@@ -147,7 +147,7 @@ LATER_MODEL_FIELDS = {
     "sandwich_norms": False, "scale_embeddings": False, "activation": "silu",
     "query_pre_attn_scalar": None, "attn_logit_softcapping": None,
     "final_logit_softcapping": None, "local_rope_theta": None, "lora": None,
-    "feed_forward": (), "moe": None}
+    "feed_forward": (), "moe": None, "attention_sinks": False}
 
 
 def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
