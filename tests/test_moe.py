@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 from coach_jax import models
 from coach_jax.models import moe
+from coach_jax.models.config import MoeSpec
 from coach_jax.train import loss as loss_lib
 from coach_jax.train.step import router_metrics
 
 LENGTH = 20
+SWIGLU = lambda gate, up: jax.nn.silu(gate) * up  # noqa: E731
 PADDED = {0: 0, 1: 6}  # row -> padding tokens at its end
 
 
@@ -118,29 +120,35 @@ def test_every_token_on_one_expert_is_computed_dropless():
     experts = np.stack([np.full(n, 2), rng.randint(0, 2, n)], axis=1).astype(np.int32)
     weights = rng.rand(n, 2).astype(np.float32)
     got = moe.grouped_experts(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights),
-                              *map(jnp.asarray, (gate, up, down)), jax.nn.silu)
+                              *map(jnp.asarray, (gate, up, down)), SWIGLU)
     np.testing.assert_allclose(got, _loop_reference(x, experts, weights, gate, up, down),
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("block", [8, 128])
-def test_blocks_and_ragged_dot_give_the_same_values_and_gradients(block):
+@pytest.mark.parametrize("block, biased", [(8, False), (128, False), (8, True)])
+def test_blocks_and_ragged_dot_give_the_same_values_and_gradients(block, biased):
     """The CPU/GPU block path against TPU's ragged_dot path, uneven groups (one empty, one
-    beyond a block), forward and backward."""
-    rng = np.random.RandomState(1)
+    beyond a block), forward and backward; with per-expert biases and gpt-oss's clamped
+    SwiGLU too."""
+    rng = np.random.default_rng(1)
     d, f, sizes = 8, 12, jnp.asarray([3, 0, 21, 9], jnp.int32)
-    rows = jnp.asarray(rng.randn(int(sizes.sum()), d), jnp.float32)
-    weights = [jnp.asarray(rng.randn(*shape) * 0.3, jnp.float32)
+    rows = jnp.asarray(rng.normal(size=(int(sizes.sum()), d)), jnp.float32)
+    weights = [jnp.asarray(rng.normal(size=shape) * 0.3, jnp.float32)
                for shape in ((4, d, f), (4, d, f), (4, f, d))]
+    glu = SWIGLU
+    biases = None
+    if biased:
+        glu = moe.expert_glu(_gpt_oss_like_cfg(limit=0.5))
+        biases = tuple(jnp.asarray(rng.normal(size=(4, f)), jnp.float32) for _ in range(2))
     def value(path):
-        return lambda r, *w: (path(r, sizes, *w, jax.nn.silu) ** 2).sum()
+        return lambda r, *w: (path(r, sizes, *w, glu, biases) ** 2).sum()
     block_path = lambda *a: moe._block_mlp(*a, block=block)
     for argnum in range(4):
         np.testing.assert_allclose(
             jax.grad(value(block_path), argnum)(rows, *weights),
             jax.grad(value(moe._ragged_mlp), argnum)(rows, *weights), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(block_path(rows, sizes, *weights, jax.nn.silu),
-                               moe._ragged_mlp(rows, sizes, *weights, jax.nn.silu), atol=1e-5)
+    np.testing.assert_allclose(block_path(rows, sizes, *weights, glu, biases),
+                               moe._ragged_mlp(rows, sizes, *weights, glu, biases), atol=1e-5)
 
 
 def test_router_losses_count_only_real_tokens(tmp_path):
@@ -273,3 +281,56 @@ def test_an_expert_parallel_step_equals_one_device(family, mesh_shape, tmp_path)
         np.testing.assert_allclose(float(sharded[key]), float(single[key]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(sharded_state.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def _gpt_oss_like_cfg(limit: float = 7.0) -> models.ModelConfig:
+    """gpt-oss's mixture (router and expert biases, clamped SwiGLU, 4 experts, top 2) on
+    a tiny decoder (its family's tensors are another step's)."""
+    return models.ModelConfig(
+        model_type="mixtral", vocab_size=64, hidden_size=16, intermediate_size=24,
+        num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, feed_forward=("moe",),
+        moe=MoeSpec(4, 2, 24, normalize_top_k=True, router_bias=True,
+                    expert_bias=True, swiglu_limit=limit, swiglu_alpha=1.702))
+
+
+def test_gpt_oss_experts_equal_transformers_gpt_oss_mlp():
+    """The router with its bias, softmax over the chosen logits, experts with biases and
+    interleaved gate/up columns through the clamped SwiGLU: transformers' GptOssMLP on
+    the same weights (de-interleaved into our gate and up) gives our output; without the
+    clamp it does not."""
+    import dataclasses
+    import transformers
+    from transformers.models.gpt_oss import modeling_gpt_oss
+    from coach_jax import parallel
+    torch.manual_seed(0)
+    hf = transformers.GptOssConfig(hidden_size=16, intermediate_size=24, num_local_experts=4,
+                                   num_experts_per_tok=2, swiglu_limit=0.5)
+    mlp = modeling_gpt_oss.GptOssMLP(hf)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(4, 5, 16)
+    expected = mlp(x)[0].detach().numpy()
+    gate_up = mlp.experts.gate_up_proj.detach().numpy()  # [E, D, 2F], gate columns even
+    bias = mlp.experts.gate_up_proj_bias.detach().numpy()
+    params = {"gate": {"kernel": mlp.router.weight.detach().numpy().T,
+                       "bias": mlp.router.bias.detach().numpy()},
+              "experts": {"gate_proj": gate_up[..., ::2], "up_proj": gate_up[..., 1::2],
+                          "down_proj": mlp.experts.down_proj.detach().numpy(),
+                          "gate_bias": bias[:, ::2], "up_bias": bias[:, 1::2],
+                          "down_bias": mlp.experts.down_proj_bias.detach().numpy()}}
+    cfg = _gpt_oss_like_cfg(limit=0.5)
+    segments = np.ones((4, 5), np.int32)
+    def ours(cfg, mesh=None):
+        def apply(p, x):
+            return moe.MoeFeedForward(cfg).apply({"params": p}, x, segments)
+        fn = jax.jit(parallel.traced_on_mesh(apply, mesh))
+        args = jax.tree.map(jnp.asarray, (params, x.numpy()))
+        if mesh is not None:
+            args = parallel.place(args, jax.tree.map(lambda _: parallel.replicated(mesh), args))
+        return np.asarray(fn(*args))
+    np.testing.assert_allclose(ours(cfg), expected, atol=1e-5)
+    # The biases' shards follow their experts (and the tensor-split mlp axis).
+    expert_parallel = ours(cfg, parallel.make_mesh((1, 2, 2, 2)))
+    np.testing.assert_allclose(expert_parallel, expected, atol=1e-5)
+    unclamped = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, swiglu_limit=1e9))
+    assert np.abs(ours(unclamped) - expected).max() > 1e-2

@@ -72,6 +72,14 @@ class MoeSpec:
     shared_expert_size: int = 0
     aux_loss_coef: float = 0.0
     output_router_logits: bool = False
+    # gpt-oss: the router's logits have a bias, the experts' gate, up and down projections
+    # too, and the experts' gated activation is clamped: gate <= limit, |up| <= limit,
+    # (up + 1) * gate * sigmoid(alpha * gate). (Its softmax over the chosen logits is
+    # the renormalised top k of the softmax: normalize_top_k.)
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
     def __post_init__(self):
         if not 0 < self.top_k <= self.num_experts:

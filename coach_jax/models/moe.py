@@ -9,6 +9,7 @@ exists and no token is dropped. Parameters (logical axes in brackets):
     mlp/gate/kernel                 [embed, expert]          the router
     mlp/experts/{gate,up}_proj      [expert, embed, mlp]     SwiGLU experts
     mlp/experts/down_proj           [expert, mlp, embed]
+    mlp/experts/{gate,up,down}_bias [expert, mlp | embed]   with MoeSpec.expert_bias
     mlp/shared_expert/...           a dense Mlp every token passes (Qwen2-MoE)
     mlp/shared_expert_gate/kernel   [embed, None]            its sigmoid gate
 
@@ -33,8 +34,25 @@ from coach_jax.models.config import ModelConfig
 
 def is_expert_weight(path: str) -> bool:
     """A parameter path of the experts' stacked weights ("layers/mlp/experts/up_proj"),
-    [experts, in, out] per layer."""
-    return path.split("/")[-2:-1] == ["experts"]
+    [experts, in, out] per layer (not their biases, [experts, out])."""
+    parent, leaf = path.split("/")[-2:] if "/" in path else ("", path)
+    return parent == "experts" and leaf.endswith("_proj")
+
+
+def expert_glu(cfg: ModelConfig):
+    """The experts' gated activation glu(gate, up): act(gate) * up, or gpt-oss's clamped
+    SwiGLU (`MoeSpec.swiglu_limit`)."""
+    spec = cfg.moe
+    if spec.swiglu_limit is None:
+        act = layers.activation(cfg)
+        return lambda gate, up: act(gate) * up
+    limit, alpha = spec.swiglu_limit, spec.swiglu_alpha
+
+    def clamped(gate, up):
+        gate = jnp.minimum(gate, limit)
+        up = jnp.clip(up, -limit, limit)
+        return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
+    return clamped
 
 
 def route(logits_NxE: jax.Array, top_k: int, normalize: bool
@@ -69,18 +87,29 @@ BLOCK = 128
 
 
 def _ragged_mlp(sorted_PxD: jax.Array, sizes_E: jax.Array, gate_ExDxF: jax.Array,
-                up_ExDxF: jax.Array, down_ExFxD: jax.Array, act) -> jax.Array:
-    """The experts' SwiGLU over rows sorted by expert, one `ragged_dot` per weight: TPU's
-    grouped matmul. (Elsewhere XLA expands ragged_dot into a dense matmul against every
-    expert, experts times the work: see `_block_mlp`.)"""
-    hidden_PxF = act(jax.lax.ragged_dot(sorted_PxD, gate_ExDxF, sizes_E)) * \
-        jax.lax.ragged_dot(sorted_PxD, up_ExDxF, sizes_E)
-    return jax.lax.ragged_dot(hidden_PxF, down_ExFxD, sizes_E)
+                up_ExDxF: jax.Array, down_ExFxD: jax.Array, glu, biases=None) -> jax.Array:
+    """The experts' gated MLP over rows sorted by expert, one `ragged_dot` per weight:
+    TPU's grouped matmul. (Elsewhere XLA expands ragged_dot into a dense matmul against
+    every expert, experts times the work: see `_block_mlp`.) `biases`: the gate's and up's
+    per expert, [E, F] each (gpt-oss), or None."""
+    gate_PxF = jax.lax.ragged_dot(sorted_PxD, gate_ExDxF, sizes_E)
+    up_PxF = jax.lax.ragged_dot(sorted_PxD, up_ExDxF, sizes_E)
+    if biases is not None:
+        expert_P = _row_experts(sizes_E, sorted_PxD.shape[0])
+        gate_PxF = gate_PxF + jnp.take(biases[0], expert_P, axis=0)
+        up_PxF = up_PxF + jnp.take(biases[1], expert_P, axis=0)
+    return jax.lax.ragged_dot(glu(gate_PxF, up_PxF), down_ExFxD, sizes_E)
+
+
+def _row_experts(sizes_E: jax.Array, rows: int) -> jax.Array:
+    """The expert of each row sorted by expert (rows past the groups: the last expert)."""
+    return jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_E), jnp.arange(rows), side="right"),
+                       sizes_E.shape[0] - 1)
 
 
 def _block_mlp(sorted_PxD: jax.Array, sizes_E: jax.Array, gate_ExDxF: jax.Array,
-               up_ExDxF: jax.Array, down_ExFxD: jax.Array, act, block: int = BLOCK
-               ) -> jax.Array:
+               up_ExDxF: jax.Array, down_ExFxD: jax.Array, glu, biases=None,
+               block: int = BLOCK) -> jax.Array:
     """The same, as blocks: each expert's rows padded to a multiple of `block` (a static
     bound: rows + experts x (block - 1)), then one scan over the blocks, each a dense
     SwiGLU with its expert's weights. The work is the routed rows' plus the padding,
@@ -104,30 +133,31 @@ def _block_mlp(sorted_PxD: jax.Array, sizes_E: jax.Array, gate_ExDxF: jax.Array,
     def one_block(args):
         x_BxD, expert, index = args
         def swiglu(x_BxD):
-            return (act(x_BxD @ gate_ExDxF[expert]) * (x_BxD @ up_ExDxF[expert])) @ \
-                down_ExFxD[expert]
+            gate_BxF, up_BxF = x_BxD @ gate_ExDxF[expert], x_BxD @ up_ExDxF[expert]
+            if biases is not None:
+                gate_BxF, up_BxF = gate_BxF + biases[0][expert], up_BxF + biases[1][expert]
+            return glu(gate_BxF, up_BxF) @ down_ExFxD[expert]
         def skipped(x_BxD):  # zeros typed as swiglu's (its varying axes in shard_map)
             return jnp.zeros_like(x_BxD) * down_ExFxD[expert, :1]
         return jax.lax.cond(index < used_blocks, swiglu, skipped, x_BxD)
     out_RxD = jax.lax.map(one_block, (padded_RxD.reshape(blocks, block, -1),
                                       expert_R.reshape(blocks, block)[:, 0],
                                       jnp.arange(blocks)))
-    row_P = jnp.arange(rows)  # back: sorted row -> its padded slot
-    expert_P = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_E), row_P, side="right"),
-                           num_experts - 1)
-    slot_P = padded_start_E[expert_P] + row_P - start_E[expert_P]
+    expert_P = _row_experts(sizes_E, rows)  # back: sorted row -> its padded slot
+    slot_P = padded_start_E[expert_P] + jnp.arange(rows) - start_E[expert_P]
     return jnp.take(out_RxD.reshape(blocks * block, -1), slot_P, axis=0)
 
 
 def grouped_experts(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
                     gate_ExDxF: jax.Array, up_ExDxF: jax.Array, down_ExFxD: jax.Array,
-                    act, first_expert: jax.Array | int = 0) -> jax.Array:
-    """sum_k weight_k * down_e(act(gate_e(x)) * up_e(x)) over each row's chosen experts e,
+                    glu, first_expert: jax.Array | int = 0, biases=None) -> jax.Array:
+    """sum_k weight_k * down_e(glu(gate_e(x), up_e(x))) over each row's chosen experts e,
     dropless: the N*k (row, expert) pairs sorted by expert, then grouped matmuls (TPU's
     ragged_dot, elsewhere blocks: chosen when lowering for the platform).
 
-    The weights may be a shard of the experts, from expert `first_expert` on: pairs
-    routed to other experts sort last and add nothing."""
+    `glu(gate, up)` is the gated activation (`expert_glu`); `biases` the gate's and up's
+    [E, F] per expert, or None. The weights may be a shard of the experts, from expert
+    `first_expert` on: pairs routed to other experts sort last and add nothing."""
     n, k = experts_NxK.shape
     num_experts = gate_ExDxF.shape[0]
     local_P = experts_NxK.reshape(-1) - first_expert
@@ -138,8 +168,9 @@ def grouped_experts(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: ja
     sorted_PxD = jnp.take(rows_NxD, order_P // k, axis=0)
     weights = (gate_ExDxF, up_ExDxF, down_ExFxD)
     out_PxD = jax.lax.platform_dependent(
-        sorted_PxD, sizes_E, *weights,
-        tpu=lambda *a: _ragged_mlp(*a, act), default=lambda *a: _block_mlp(*a, act))
+        sorted_PxD, sizes_E, *weights, biases,
+        tpu=lambda *a: _ragged_mlp(*a[:-1], glu, a[-1]),
+        default=lambda *a: _block_mlp(*a[:-1], glu, a[-1]))
     unsorted_PxD = jnp.take(out_PxD, jnp.argsort(order_P), axis=0)  # back to (row, k) order
     weights_NxK = jnp.where(mine_P.reshape(n, k), weights_NxK, 0).astype(out_PxD.dtype)
     unsorted_PxD = jnp.where(mine_P[:, None], unsorted_PxD, 0)
@@ -148,7 +179,7 @@ def grouped_experts(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: ja
 
 def expert_parallel(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
                     gate_ExDxF: jax.Array, up_ExDxF: jax.Array, down_ExFxD: jax.Array,
-                    act) -> jax.Array:
+                    glu, biases=None) -> jax.Array:
     """`grouped_experts` with the experts sharded over the context mesh's `expert` axis.
 
     The tokens of the devices along the expert axis are all-gathered, each device runs
@@ -165,20 +196,21 @@ def expert_parallel(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: ja
     ep = 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
     if ep == 1 or num_experts % ep:
         return grouped_experts(rows_NxD, experts_NxK, weights_NxK, gate_ExDxF, up_ExDxF,
-                               down_ExFxD, act)
+                               down_ExFxD, glu, biases=biases)
     row_axes = dividing_axes(mesh, rows_NxD.shape[0], BATCH_AXES)
     tensor = dividing_axes(mesh, width, ("tensor",))
     gathered = row_axes is not None and "expert" in row_axes
     row_spec = jax.sharding.PartitionSpec(row_axes, None)
     up_spec = jax.sharding.PartitionSpec("expert", None, tensor)
     down_spec = jax.sharding.PartitionSpec("expert", tensor, None)
+    bias_spec = None if biases is None else (jax.sharding.PartitionSpec("expert", tensor),) * 2
 
-    def local(rows, experts, weights, gate, up, down):
+    def local(rows, experts, weights, gate, up, down, biases):
         if gathered:
             rows, experts, weights = (jax.lax.all_gather(x, "expert", axis=0, tiled=True)
                                       for x in (rows, experts, weights))
         first = jax.lax.axis_index("expert") * gate.shape[0]
-        out = grouped_experts(rows, experts, weights, gate, up, down, act, first)
+        out = grouped_experts(rows, experts, weights, gate, up, down, glu, first, biases)
         if tensor:
             out = jax.lax.psum(out, tensor)
         if gathered:
@@ -186,25 +218,32 @@ def expert_parallel(rows_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: ja
         return jax.lax.psum(out, "expert")
 
     return jax.shard_map(local, mesh=mesh,
-                         in_specs=(row_spec, row_spec, row_spec, up_spec, up_spec, down_spec),
+                         in_specs=(row_spec, row_spec, row_spec, up_spec, up_spec, down_spec,
+                                   bias_spec),
                          out_specs=row_spec)(rows_NxD, experts_NxK, weights_NxK,
-                                             gate_ExDxF, up_ExDxF, down_ExFxD)
+                                             gate_ExDxF, up_ExDxF, down_ExFxD, biases)
 
 
 class _Linear(nn.Module):
-    """x @ kernel [embed, width], no bias: the router (width = experts) and the shared
+    """x @ kernel [embed, width] (+ bias): the router (width = experts) and the shared
     expert's gate (width 1). Plain parameters: never LoRA-adapted or quantized."""
 
     cfg: ModelConfig
     width: int
     axis: str | None
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, rows_NxD: jax.Array) -> jax.Array:
         cfg = self.cfg
         kernel = layers._param(self, "kernel", nn.initializers.normal(cfg.initializer_range),
                                (cfg.hidden_size, self.width), ("embed", self.axis), cfg)
-        return rows_NxD @ kernel.astype(rows_NxD.dtype)
+        out = rows_NxD @ kernel.astype(rows_NxD.dtype)
+        if self.use_bias:
+            bias = layers._param(self, "bias", nn.initializers.zeros, (self.width,),
+                                 (self.axis,), cfg)
+            out = out + bias.astype(out.dtype)
+        return out
 
 
 class _Experts(nn.Module):
@@ -226,8 +265,19 @@ class _Experts(nn.Module):
         gate = weight("gate_proj", (e, d, f), ("expert", "embed", "mlp"))
         up = weight("up_proj", (e, d, f), ("expert", "embed", "mlp"))
         down = weight("down_proj", (e, f, d), ("expert", "mlp", "embed"))
-        return expert_parallel(rows_NxD, experts_NxK, weights_NxK, gate, up, down,
-                               layers.activation(cfg))
+        biases = None
+        if cfg.moe.expert_bias:
+            zeros = nn.initializers.zeros
+            biases = tuple(layers._param(self, name, zeros, (e, f), ("expert", "mlp"), cfg
+                                         ).astype(dtype) for name in ("gate_bias", "up_bias"))
+        out_NxD = expert_parallel(rows_NxD, experts_NxK, weights_NxK, gate, up, down,
+                                  expert_glu(cfg), biases)
+        if cfg.moe.expert_bias:  # down's bias, weighted as its expert's output is
+            down_bias = layers._param(self, "down_bias", nn.initializers.zeros, (e, d),
+                                      ("expert", "embed"), cfg).astype(dtype)
+            out_NxD = out_NxD + jnp.einsum("nk,nkd->nd", weights_NxK.astype(dtype),
+                                           jnp.take(down_bias, experts_NxK, axis=0))
+        return out_NxD
 
 
 class MoeFeedForward(nn.Module):
@@ -240,7 +290,8 @@ class MoeFeedForward(nn.Module):
         cfg, spec = self.cfg, self.cfg.moe
         b, t, d = x_BxTxD.shape
         rows_NxD = x_BxTxD.reshape(-1, d)
-        logits_NxE = _Linear(cfg, spec.num_experts, None, name="gate")(rows_NxD)
+        logits_NxE = _Linear(cfg, spec.num_experts, None, spec.router_bias,
+                             name="gate")(rows_NxD)
         probs_NxE, experts_NxK, weights_NxK = route(logits_NxE, spec.top_k,
                                                     spec.normalize_top_k)
         self.sow("intermediates", "router", router_sums(
