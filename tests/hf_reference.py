@@ -97,6 +97,14 @@ FAMILIES = {
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 40000.0}),
     # Norms after attention and MLP, q/k norms over all heads, biases, untied embeddings.
+    # Sinks, biases everywhere, interleaved gate/up through a clamp that bites (0.6),
+    # alternating sliding (8) and full layers, YaRN past an original context of 16.
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **dict(_COMMON, intermediate_size=48), head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=8, swiglu_limit=0.6, swiglu_alpha=1.5,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 16}),
     "olmo2": lambda: transformers.Olmo2Config(
         **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 40000.0}),
@@ -120,6 +128,9 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **conf
                 p.copy_(0.5 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
+        if family == "gpt_oss":  # sinks that take a real share of the attention
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(2.0 * torch.randn_like(layer.self_attn.sinks))
         if family in ("olmo2", "olmoe"):
             # Heads of different magnitude, so a norm over all heads differs from a norm per
             # head (the feature's negative control).

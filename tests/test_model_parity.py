@@ -69,6 +69,10 @@ NEGATIVE_CONTROLS = {
     # attention factor ignored.
     "phi4_mini/longrope_switch": lambda cfg: dict(rope_scaling=dataclasses.replace(
         cfg.rope_scaling, long_factor=cfg.rope_scaling.short_factor)),
+    "gpt_oss/sinks": dict(attention_sinks=False),
+    "gpt_oss/swiglu_clamp": lambda cfg: dict(moe=dataclasses.replace(cfg.moe,
+                                                                     swiglu_limit=1e9)),
+    "gpt_oss/gate_up_deinterleaved": {},
     "qwen3_yarn": dict(rope_scaling=None),
     "qwen3_yarn/ramp": lambda cfg: dict(rope_scaling=dataclasses.replace(
         cfg.rope_scaling, beta_fast=32.0, beta_slow=1.0)),
@@ -129,12 +133,31 @@ def _shared_gate_zeroed(params):
     return out
 
 
+def _without_sinks(params):
+    attention = {k: v for k, v in params["layers"]["self_attn"].items() if k != "sinks"}
+    return {**params, "layers": {**params["layers"], "self_attn": attention}}
+
+
+def _gate_up_halves(params):
+    """gpt-oss's fused gate_up columns read as two halves instead of alternating."""
+    experts = dict(params["layers"]["mlp"]["experts"])
+    for kind in ("proj", "bias"):
+        gate, up = experts[f"gate_{kind}"], experts[f"up_{kind}"]
+        fused = np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1)
+        half = fused.shape[-1] // 2
+        experts[f"gate_{kind}"], experts[f"up_{kind}"] = fused[..., :half], fused[..., half:]
+    mlp = {**params["layers"]["mlp"], "experts": experts}
+    return {**params, "layers": {**params["layers"], "mlp": mlp}}
+
+
 # Controls that change the parameter tree the crippled layers expect, or the parameters.
 CONTROL_PARAMS = {"olmo2/post_norms": _pre_norm_params,
                   "olmo2/qk_norm_all_heads": _per_head_norm_params,
                   "olmoe/qk_norm_all_heads": _per_head_norm_params,
                   "mixtral/experts_swapped": _experts_swapped,
-                  "qwen2_moe/shared_expert_gate": _shared_gate_zeroed}
+                  "qwen2_moe/shared_expert_gate": _shared_gate_zeroed,
+                  "gpt_oss/sinks": _without_sinks,
+                  "gpt_oss/gate_up_deinterleaved": _gate_up_halves}
 
 
 @pytest.mark.parametrize("control", list(NEGATIVE_CONTROLS))

@@ -58,7 +58,7 @@ def _ours(cfg, params, batch, config):
     return float(value), sums, grads
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
 def test_total_loss_and_gradients_equal_transformers(family, tmp_path):
     hf_model = hf_reference.build(family, output_router_logits=True, router_aux_loss_coef=0.3)
     hf_model.train()  # no dropout in these configs; train mode keeps the aux loss on
@@ -77,13 +77,22 @@ def test_total_loss_and_gradients_equal_transformers(family, tmp_path):
     index = (0,) if cfg.scan_layers else ()
     mlp = jax.tree.map(lambda x: np.asarray(x[index] if index else x), grads[layer]["mlp"])
     hf = "model.layers.0.mlp"
-    pairs = [(mlp["gate"]["kernel"].T, torch_grads[f"{hf}.gate.weight"])]
-    gate_up = torch_grads[f"{hf}.experts.gate_up_proj"]  # [E, 2F, D]: gate rows, then up
-    f = cfg.moe.expert_size
-    pairs += [(mlp["experts"]["gate_proj"].transpose(0, 2, 1), gate_up[:, :f]),
-              (mlp["experts"]["up_proj"].transpose(0, 2, 1), gate_up[:, f:]),
-              (mlp["experts"]["down_proj"].transpose(0, 2, 1),
-               torch_grads[f"{hf}.experts.down_proj"])]
+    gate_up = torch_grads[f"{hf}.experts.gate_up_proj"]
+    down = torch_grads[f"{hf}.experts.down_proj"]
+    experts = mlp["experts"]
+    if family == "gpt_oss":  # [E, D, 2F], gate and up columns alternating; router+bias
+        pairs = [(mlp["gate"]["kernel"].T, torch_grads[f"{hf}.router.weight"]),
+                 (mlp["gate"]["bias"], torch_grads[f"{hf}.router.bias"]),
+                 (experts["gate_proj"], gate_up[..., ::2]),
+                 (experts["up_proj"], gate_up[..., 1::2]), (experts["down_proj"], down),
+                 (experts["gate_bias"], torch_grads[f"{hf}.experts.gate_up_proj_bias"][:, ::2]),
+                 (experts["down_bias"], torch_grads[f"{hf}.experts.down_proj_bias"])]
+    else:  # [E, 2F, D]: gate rows, then up
+        f = cfg.moe.expert_size
+        pairs = [(mlp["gate"]["kernel"].T, torch_grads[f"{hf}.gate.weight"]),
+                 (experts["gate_proj"].transpose(0, 2, 1), gate_up[:, :f]),
+                 (experts["up_proj"].transpose(0, 2, 1), gate_up[:, f:]),
+                 (experts["down_proj"].transpose(0, 2, 1), down)]
     for ours, theirs in pairs:
         scale = np.abs(theirs).max()
         assert scale > 0

@@ -220,6 +220,10 @@ class MoeKeys:
     normalize: bool | str
     shared_expert_size: str | None = None
     sparse_rule: bool = False
+    # gpt-oss: biases on the router and the experts, and the clamped SwiGLU read from
+    # swiglu_limit / swiglu_alpha.
+    biases: bool = False
+    clamped_swiglu: bool = False
 
     def parse(self, hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
         """The `moe` and `feed_forward` fields of ModelConfig."""
@@ -249,7 +253,11 @@ class MoeKeys:
                        expert_size=int(hf[self.expert_size]), normalize_top_k=normalize,
                        shared_expert_size=shared,
                        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
-                       output_router_logits=bool(hf.get("output_router_logits", False)))
+                       output_router_logits=bool(hf.get("output_router_logits", False)),
+                       router_bias=self.biases, expert_bias=self.biases,
+                       swiglu_limit=(float(hf.get("swiglu_limit", 7.0))
+                                     if self.clamped_swiglu else None),
+                       swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)))
         return {"moe": spec, "feed_forward": tuple(kinds)}
 
     def problems(self, cfg: ModelConfig) -> list[str]:
@@ -261,6 +269,11 @@ class MoeKeys:
             problems.append(f"a shared expert ({spec.shared_expert_size})")
         if not self.sparse_rule and "mlp" in cfg.feed_forward:
             problems.append("dense layers among sparse ones")
+        for name, wanted in (("router_bias", self.biases), ("expert_bias", self.biases)):
+            if getattr(spec, name) != wanted:
+                problems.append(f"{name}={getattr(spec, name)}")
+        if (spec.swiglu_limit is not None) != self.clamped_swiglu:
+            problems.append(f"swiglu_limit={spec.swiglu_limit}")
         return problems
 
     def export(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
@@ -275,6 +288,8 @@ class MoeKeys:
             hf[self.normalize] = spec.normalize_top_k
         if self.shared_expert_size:
             hf[self.shared_expert_size] = spec.shared_expert_size
+        if self.clamped_swiglu:
+            hf.update(swiglu_limit=spec.swiglu_limit, swiglu_alpha=spec.swiglu_alpha)
         if self.sparse_rule:
             hf["decoder_sparse_step"] = 1
             hf["mlp_only_layers"] = [i for i, k in enumerate(cfg.feed_forward) if k == "mlp"]
@@ -293,6 +308,17 @@ class Fused:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertTensor:
+    """One checkpoint tensor holding every expert of a layer, [experts, in, out] (not
+    transposed), for our `parts` ("gate_proj", "up_proj": leaves of mlp/experts); with
+    `interleaved`, the parts' columns alternate along the last axis (gpt-oss)."""
+
+    tensor: str  # inside a layer: "mlp.experts.gate_up_proj"
+    parts: tuple[str, ...]
+    interleaved: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorNames:
     """Where our parameters live in a family's safetensors; the defaults are Llama's
     (`model.layers.3.self_attn.q_proj.weight`, `model.norm.weight`, `lm_head.weight`)."""
@@ -303,6 +329,12 @@ class TensorNames:
     # Our module path in a layer -> the checkpoint's, as regex substitutions tried in
     # order (Mixtral: mlp/experts/3/gate_proj -> block_sparse_moe/experts/3/w1).
     renames: tuple[tuple[str, str], ...] = ()
+    # Experts stored stacked per layer (gpt-oss); empty: one tensor per expert.
+    experts: tuple[ExpertTensor, ...] = ()
+
+    def experts_tensor(self, leaf: str) -> ExpertTensor | None:
+        """The stacked tensor holding our experts' `leaf` ("gate_proj"), if stacked."""
+        return next((t for t in self.experts if leaf in t.parts), None)
 
     def top(self, name: str) -> str:
         """The HF module of a top-level parameter or module: embed_tokens, norm, lm_head."""
@@ -554,3 +586,16 @@ register(Family("olmoe", "OlmoeForCausalLM", rope_types=YARN, switches=dict(
     qk_norm=True, qk_norm_all_heads=True, qkv_bias="attention_bias", o_bias="attention_bias"),
                 moe=MoeKeys(("num_experts",), "intermediate_size", normalize="norm_topk_prob"),
                 refused=("clip_qkv",)))
+GPT_OSS_TENSORS = TensorNames(renames=((r"^mlp/gate$", "mlp/router"),), experts=(
+    ExpertTensor("mlp.experts.gate_up_proj", ("gate_proj", "up_proj"), interleaved=True),
+    ExpertTensor("mlp.experts.gate_up_proj_bias", ("gate_bias", "up_bias"), interleaved=True),
+    ExpertTensor("mlp.experts.down_proj", ("down_proj",)),
+    ExpertTensor("mlp.experts.down_proj_bias", ("down_bias",))))
+register(Family("gpt_oss", "GptOssForCausalLM", windows=AlternatingLayers(2),
+                rope_types=("default", "yarn"), tensors=GPT_OSS_TENSORS,
+                switches=dict(attention_sinks=True, qkv_bias="attention_bias",
+                              o_bias="attention_bias"),
+                config_defaults={"attention_bias": True, "rope_theta": 150000.0},
+                moe=MoeKeys(("num_local_experts", "num_experts"), "intermediate_size",
+                            normalize=True, biases=True, clamped_swiglu=True)))
+

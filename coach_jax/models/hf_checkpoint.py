@@ -53,6 +53,9 @@ class _Piece:
     shape: tuple[int, ...]  # ours, of the piece
     in_dims: int  # >0 for Linear weights: how many leading dims of ours are HF's "in"
     flat: bool  # a bias: one dim in HF
+    # One of several parts whose columns alternate along the tensor's last axis (gpt-oss's
+    # gate_up_proj: gate, up, gate, up, ...), rather than stacked along its rows.
+    interleaved: bool = False
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -81,10 +84,15 @@ class _HfTensor:
     @property
     def hf_shape(self) -> tuple[int, ...]:
         shapes = [p.hf_shape for p in self.pieces]
+        if self.pieces[0].interleaved:
+            return (*shapes[0][:-1], sum(s[-1] for s in shapes))
         return (sum(s[0] for s in shapes), *shapes[0][1:])
 
     def split(self, hf_tensor: np.ndarray) -> list[np.ndarray]:
         """Our pieces of the HF tensor."""
+        if self.pieces[0].interleaved:
+            n = len(self.pieces)
+            return [p.to_ours(hf_tensor[..., i::n]) for i, p in enumerate(self.pieces)]
         bounds = np.cumsum([p.hf_shape[0] for p in self.pieces])[:-1]
         return [p.to_ours(rows) for p, rows in
                 zip(self.pieces, np.split(hf_tensor, bounds, axis=0))]
@@ -92,7 +100,11 @@ class _HfTensor:
     def join(self, ours: list[np.ndarray]) -> np.ndarray:
         """The HF tensor from our pieces."""
         parts = [p.to_hf(x) for p, x in zip(self.pieces, ours)]
-        return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        if len(parts) == 1:
+            return np.ascontiguousarray(parts[0])
+        if self.pieces[0].interleaved:
+            return np.ascontiguousarray(np.stack(parts, axis=-1).reshape(self.hf_shape))
+        return np.ascontiguousarray(np.concatenate(parts))
 
 
 @dataclasses.dataclass
@@ -135,6 +147,13 @@ def _tensor_plan(cfg: ModelConfig, names: families.TensorNames | None = None
     def add_in_layer(layer: int, index: tuple[int, ...], shape: tuple[int, ...],
                      path: str) -> None:
         *module, leaf = path.split("/")[1:]
+        stacked = names.experts_tensor(leaf) if module[-1:] == ["experts"] else None
+        if stacked is not None:  # all experts in one HF tensor per layer, [E, in, out]
+            part = stacked.parts.index(leaf)
+            interleaved = stacked.interleaved and len(stacked.parts) > 1
+            add(f"{names.body}.layers.{layer}.{stacked.tensor}", part,
+                _Piece(path, index, shape, 0, flat=False, interleaved=interleaved))
+            return
         if is_expert_weight(path):  # one HF tensor per expert: mlp/experts/3/gate_proj
             for expert in range(shape[0]):
                 hf_module, _ = names.in_layer(layer, "/".join([*module, str(expert), leaf]))
