@@ -320,3 +320,54 @@ def test_a_gemma3_multimodal_checkpoint_loads_its_text_decoder(tmp_path, tied,
     assert cfg.model_type == "gemma3_text" and cfg.tie_word_embeddings is tied
     ours = np.asarray(models.apply(cfg, params, TOKENS))
     np.testing.assert_allclose(ours, hf_reference.logits(model, TOKENS), atol=1e-4)
+
+
+def test_gpt_oss_mxfp4_experts_load_as_their_dequantized_weights(tmp_path):
+    """gpt-oss's published layout: each layer's gate_up_proj and down_proj as MXFP4
+    `*_blocks` (two FP4 codes a byte) and `*_scales` (a power of two per 32 weights),
+    quantization_config in config.json. Loaded, the experts equal transformers' own
+    dequantization of those codes (exactly: FP4 x 2^k is exact in fp32) and the model gives
+    the logits transformers gives with those weights; saved again, it is a plain checkpoint
+    transformers loads."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    model = hf_reference.build("gpt_oss", intermediate_size=64)  # in dims: multiples of 32
+    rng = np.random.default_rng(0)
+    packed = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for name in ("gate_up_proj", "down_proj"):
+                weight = getattr(layer.mlp.experts, name)  # [E, in, out]
+                experts, width_in, width_out = weight.shape
+                blocks = rng.integers(0, 256, (experts, width_out, width_in // 32, 16), np.uint8)
+                scales = rng.integers(122, 128, (experts, width_out, width_in // 32), np.uint8)
+                weight.copy_(convert_moe_packed_tensors(torch.tensor(blocks),
+                                                        torch.tensor(scales),
+                                                        dtype=torch.float32))
+                prefix = f"model.layers.{i}.mlp.experts.{name}"
+                packed.update({f"{prefix}_blocks": blocks, f"{prefix}_scales": scales})
+    model.save_pretrained(tmp_path / "dense")
+    dense = _tensors(tmp_path / "dense")
+    with safe_open(str(tmp_path / "dense" / "model.safetensors"), framework="numpy") as f:
+        quantized = {k: f.get_tensor(k) for k in f.keys()
+                     if not k.endswith(("gate_up_proj", "down_proj"))}
+    (tmp_path / "mxfp4").mkdir()
+    save_file({**quantized, **packed}, str(tmp_path / "mxfp4" / "model.safetensors"))
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4",
+                                     "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(config))
+
+    cfg, params = models.load_hf(tmp_path / "mxfp4", scan_layers=False)
+    _, reference = models.load_hf(tmp_path / "dense", scan_layers=False)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        np.testing.assert_array_equal(params["layers_1"]["mlp"]["experts"][name],
+                                      reference["layers_1"]["mlp"]["experts"][name])
+    np.testing.assert_allclose(np.asarray(models.apply(cfg, params, TOKENS)),
+                               hf_reference.logits(model, TOKENS), atol=1e-4)
+    models.save_hf(cfg, params, tmp_path / "ours")
+    assert "quantization_config" not in json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert _tensors(tmp_path / "ours").keys() == dense.keys()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours",
+                                                                 attn_implementation="eager")
+    np.testing.assert_array_equal(hf_reference.logits(reloaded, TOKENS),
+                                  hf_reference.logits(model, TOKENS))

@@ -317,7 +317,9 @@ class ModelConfig:
         """The `config.json` transformers needs to rebuild this architecture."""
         family = families.family(self.model_type)
         hf = json.loads(self.hf_source) if self.hf_source else {}
-        for legacy in ("rope_scaling", "torch_dtype", "transformers_version"):
+        # The weights written are plain tensors, whatever the source held (MXFP4 experts).
+        for legacy in ("rope_scaling", "torch_dtype", "transformers_version",
+                       "quantization_config"):
             hf.pop(legacy, None)
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:

@@ -42,6 +42,39 @@ class CheckpointError(ValueError):
     """A checkpoint folder that does not match the model it claims to hold."""
 
 
+# MXFP4 (OCP microscaling FP4, gpt-oss's published experts): an E2M1 code per weight, two
+# per byte (low nibble first), and one power-of-two scale (E8M0, bias 127) per 32 weights.
+_FP4_VALUES = np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                          -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+_MXFP4_SUFFIXES = ("_blocks", "_scales")
+
+
+def _mxfp4_pairs(files: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Tensor name -> its MXFP4 (blocks, scales) names, for every pair in the checkpoint."""
+    return {name[:-len("_blocks")]: (name, name[:-len("_blocks")] + "_scales")
+            for name in files if name.endswith("_blocks")
+            and name[:-len("_blocks")] + "_scales" in files}
+
+
+def mxfp4_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The dequantized tensor's shape: blocks [..., out, groups, 16] hold [..., in, out]
+    with in = groups x 32 (transformers' layout for gpt-oss's experts)."""
+    *prefix, out, groups, width = blocks_shape
+    return (*prefix, groups * width * 2, out)
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float32 [..., in, out] from MXFP4 blocks [..., out, groups, 16] (uint8) and scales
+    [..., out, groups] (uint8): every value exact, FP4 code x 2^(scale - 127)."""
+    if blocks.shape[:-1] != scales.shape:
+        raise CheckpointError(f"MXFP4 blocks {list(blocks.shape)} and scales "
+                              f"{list(scales.shape)} do not match")
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # low nibble first
+    values = _FP4_VALUES[codes].reshape(*scales.shape, -1)  # [..., out, groups, 32]
+    values = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
+    return np.swapaxes(values.reshape(*scales.shape[:-1], -1), -1, -2)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Piece:
     """One of our parameters (one layer of it when stacked) inside an HF tensor."""
@@ -268,8 +301,10 @@ def _layout(cfg: ModelConfig, files: dict[str, str]) -> families.TensorNames:
 
 
 def _check_tensors(plan: list[_Unit], files: dict[str, str], handles: dict[str, Any],
-                   cfg: ModelConfig, folder: str, names: families.TensorNames) -> None:
-    """Raises one error listing every missing, unexpected or wrongly shaped tensor."""
+                   cfg: ModelConfig, folder: str, names: families.TensorNames,
+                   packed: dict[str, tuple[str, str]]) -> None:
+    """Raises one error listing every missing, unexpected or wrongly shaped tensor
+    (`packed`: tensors stored as MXFP4 blocks and scales, `files` naming their blocks')."""
     expected = {t.name: t.hf_shape for unit in plan for t in unit.tensors}
     # A tied checkpoint may still carry the LM head (a copy of the embeddings).
     redundant = {f"{names.top('lm_head')}.weight"} if cfg.tie_word_embeddings else set()
@@ -282,10 +317,13 @@ def _check_tensors(plan: list[_Unit], files: dict[str, str], handles: dict[str, 
     wrong_shape = []
     for name in sorted(set(expected) & set(files)):
         handle = handles[files[name]]
-        if name not in handle.keys():
-            missing.append(f"{name} (indexed in {os.path.basename(files[name])} but absent)")
+        stored = packed[name][0] if name in packed else name
+        if stored not in handle.keys():
+            missing.append(f"{stored} (indexed in {os.path.basename(files[name])} but absent)")
             continue
-        shape = tuple(handle.get_slice(name).get_shape())
+        shape = tuple(handle.get_slice(stored).get_shape())
+        if name in packed:
+            shape = mxfp4_shape(shape)
         if shape != expected[name]:
             wrong_shape.append(f"{name}: {list(shape)} in {os.path.basename(files[name])}, "
                                f"expected {list(expected[name])}")
@@ -306,7 +344,18 @@ def _place(array: np.ndarray, path: str, sharding: ShardingFn | None) -> jax.Arr
     return jax.make_array_from_callback(array.shape, sharding(path), lambda index: array[index])
 
 
-def _read_unit(unit: _Unit, files: dict[str, str], dtype: np.dtype) -> dict[str, np.ndarray]:
+def _read_tensor(handles: dict[str, Any], files: dict[str, str], name: str,
+                 packed: dict[str, tuple[str, str]]) -> np.ndarray:
+    """One HF tensor, dequantized when the checkpoint holds it as MXFP4."""
+    if name not in packed:
+        return handles[files[name]].get_tensor(name)
+    blocks, scales = packed[name]
+    return dequantize_mxfp4(handles[files[blocks]].get_tensor(blocks),
+                            handles[files[scales]].get_tensor(scales))
+
+
+def _read_unit(unit: _Unit, files: dict[str, str], dtype: np.dtype,
+               packed: dict[str, tuple[str, str]]) -> dict[str, np.ndarray]:
     """Assembles a unit's parameters on the host from their HF tensors.
 
     Files are opened per unit: safetensors memory-maps them, and mapped pages that were
@@ -314,10 +363,10 @@ def _read_unit(unit: _Unit, files: dict[str, str], dtype: np.dtype) -> dict[str,
     """
     host: dict[str, np.ndarray] = {}
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(_open(f))
-                   for f in {files[t.name] for t in unit.tensors}}
+        stored = [n for t in unit.tensors for n in packed.get(t.name, (t.name,))]
+        handles = {f: stack.enter_context(_open(f)) for f in {files[n] for n in stored}}
         for tensor in unit.tensors:
-            ours = tensor.split(handles[files[tensor.name]].get_tensor(tensor.name))
+            ours = tensor.split(_read_tensor(handles, files, tensor.name, packed))
             for piece, array in zip(tensor.pieces, ours):
                 if not piece.index:
                     host[piece.path] = array.astype(dtype, copy=False)
@@ -351,12 +400,21 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     names = _layout(cfg, files)
     plan = _tensor_plan(cfg, names)
     np_dtype = np.dtype(jnp.dtype(dtype))
+    packed = _mxfp4_pairs(files)
+    if packed:
+        logging.info("%d tensors stored as MXFP4: dequantized to %s", len(packed), np_dtype)
+    # A packed tensor is listed under its own name (in its blocks' file); its blocks and
+    # scales are listed as well.
+    listed = {**files, **{name: files[blocks] for name, (blocks, _) in packed.items()}}
+    for name, pair in packed.items():
+        for part in pair:
+            listed.pop(part)
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(_open(f)) for f in sorted(set(files.values()))}
-        _check_tensors(plan, files, handles, cfg, folder, names)
+        _check_tensors(plan, listed, handles, cfg, folder, names, packed)
     leaves = {}
     for unit in plan:
-        for our_path, host in _read_unit(unit, files, np_dtype).items():
+        for our_path, host in _read_unit(unit, files, np_dtype, packed).items():
             leaves[our_path] = _place(host, our_path, sharding)
             if transform is not None:
                 leaves[our_path] = transform(our_path, leaves[our_path])
