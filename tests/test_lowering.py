@@ -51,7 +51,8 @@ RECIPE_FAMILIES = {
     "olmo2_1b": "olmo2", "phi4_mini": "phi4_mini", "qwen2_5_0_5b": "qwen2",
     "qwen2_5_0_5b_lora": "qwen2", "qwen2_5_0_5b_qlora": "qwen2", "qwen3_0_6b": "qwen3",
     "smollm3_3b": "smollm3_window", "qwen3_30b_a3b_lora": "qwen3_moe",
-    "mixtral_8x7b_qlora": "mixtral",
+    "mixtral_8x7b_qlora": "mixtral", "gpt_oss_20b_lora": "gpt_oss",
+    "gpt_oss_20b_qlora": "gpt_oss",
 }
 LAB_RECIPES = ("default", "lab_bad_coach", "lab_coach_too_hard", "lab_lora", "lab_pretrain")
 
@@ -202,10 +203,11 @@ def test_each_family_recipe_lowers(name, platform):
                       loss=train.LossConfig(chunk_tokens=c.train.chunk_tokens))
     with cudnn_installed():  # on a GPU machine
         expected = attention.choose(cfg.attention, platform, attention.AttentionShape(
-            LENGTH, cfg.head_dim, cfg.compute_dtype, cfg.attn_logit_softcapping)
-        ).implementation
+            LENGTH, cfg.head_dim, cfg.compute_dtype, cfg.attn_logit_softcapping,
+            cfg.attention_sinks)).implementation
     if platform == "tpu" and cfg.attention == "auto":
-        assert expected == "splash"  # soft-capped Gemma 2 too
+        # soft-capped Gemma 2 too; gpt-oss's sinks have no fused kernel
+        assert expected == ("xla" if cfg.attention_sinks else "splash")
     lowers_with(export(step.fn, platform, *step.args), platform,
                 None if expected == "xla" else expected)
 
