@@ -702,13 +702,19 @@ def lora_config(hf_path: str, *, learning_rate: float = 2e-4, rank: int = 16,
 
 
 def finetune_config(hf_path: str, *, learning_rate: float, max_seq_len: int = 2048,
-                    global_batch_size: int = 32) -> ml_collections.ConfigDict:
+                    global_batch_size: int = 32, micro_batches: int = 1,
+                    big_model: bool = False) -> ml_collections.ConfigDict:
     """The shared recipe for fine-tuning a pretrained checkpoint on an accelerator; the
-    configs/<model>.py files differ only in what they pass here."""
+    configs/<model>.py files differ only in what they pass here. `big_model`: weights held
+    in bf16 and every layer recomputed in the backward pass (model.param_dtype,
+    model.remat), for models that fill a device."""
     c = base_config()
     c.model.hf_path = hf_path
     c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
+    c.model.param_dtype = "bfloat16" if big_model else "float32"
+    if big_model:
+        c.model.remat = "full"
+    c.train.micro_batches = micro_batches
     c.model.vocab_multiple = 128
     c.data.train = "data/train.jsonl"
     c.data.max_seq_len = max_seq_len

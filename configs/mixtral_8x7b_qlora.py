@@ -20,8 +20,5 @@ from coach_jax.config import lora_config
 
 
 def get_config(hf_path: str = "models/Mixtral-8x7B-Instruct-v0.1"):
-    c = lora_config(hf_path, quantize_base="nf4", max_seq_len=2048, global_batch_size=16)
-    c.model.param_dtype = "bfloat16"
-    c.model.remat = "full"
-    c.train.micro_batches = 16
-    return c
+    return lora_config(hf_path, quantize_base="nf4", max_seq_len=2048,
+                       global_batch_size=16, micro_batches=16, big_model=True)

@@ -18,8 +18,5 @@ from coach_jax.config import lora_config
 
 
 def get_config(hf_path: str = "models/Qwen3-30B-A3B"):
-    c = lora_config(hf_path, max_seq_len=2048, global_batch_size=16)
-    c.model.param_dtype = "bfloat16"
-    c.model.remat = "full"
-    c.train.micro_batches = 8
-    return c
+    return lora_config(hf_path, max_seq_len=2048, global_batch_size=16,
+                       micro_batches=8, big_model=True)
