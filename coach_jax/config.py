@@ -490,7 +490,7 @@ def resolve(c: ml_collections.ConfigDict, device_count: int, process_count: int 
     eval_config = _eval_config(c, eval_sources)
 
     mesh_shape = mesh_dims(c.mesh, device_count)
-    data_shards = mesh_shape.data * mesh_shape.fsdp * mesh_shape.expert
+    data_shards = mesh_shape.data_shards
     batch, micro = c.train.global_batch_size, c.train.micro_batches
     if micro < 1:
         raise ConfigError(f"train.micro_batches={micro} must be at least 1")
@@ -616,6 +616,11 @@ class MeshShape(NamedTuple):
     fsdp: int
     expert: int
     tensor: int
+
+    @property
+    def data_shards(self) -> int:
+        """How many ways a batch's rows are split (parallel.data_shards of the mesh)."""
+        return self.data * self.fsdp * self.expert
 
 
 def mesh_dims(mesh: ml_collections.ConfigDict, device_count: int) -> MeshShape:

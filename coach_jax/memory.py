@@ -74,13 +74,18 @@ def dequantized_layer_bytes(cfg: ModelConfig) -> float:
     kv = 2 * cfg.num_kv_heads * cfg.head_dim
     d = cfg.hidden_size
     mlp = 3 * d * cfg.intermediate_size
-    if cfg.moe is not None:  # the mean over layers; an MoE layer dequantizes every expert
+    if cfg.moe is not None:  # an MoE layer dequantizes every expert
         spec = cfg.moe
-        experts = 3 * d * (spec.num_experts * spec.expert_size + spec.shared_expert_size)
-        mlp = (mlp * cfg.feed_forward.count("mlp") + experts * cfg.feed_forward.count("moe")
-               ) / cfg.num_layers
+        mlp = _layer_mean(cfg, mlp, 3 * d * (spec.num_experts * spec.expert_size
+                                             + spec.shared_expert_size))
     weights = d * (2 * q + kv) + mlp
     return float(weights * np.dtype(cfg.compute_dtype).itemsize)
+
+
+def _layer_mean(cfg: ModelConfig, dense: float, moe: float) -> float:
+    """A per-layer figure averaged over the layers, dense MLP ones and MoE ones."""
+    kinds = cfg.feed_forward
+    return (dense * kinds.count("mlp") + moe * kinds.count("moe")) / cfg.num_layers
 
 
 def _keys_per_query(seq_len: int, block: int = 64) -> float:
@@ -139,11 +144,10 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
                   if trained is not None and not trained & set(modules))
     mlp_trains = trained is None or any(m.startswith("mlp/") for m in trained)
     mlp = 6 * f if mlp_trains else 3 * f  # a frozen MLP: gate, up, one product suffice
-    if cfg.moe is not None:  # the mean over layers; an MoE layer keeps its k experts' set
-        spec = cfg.moe       # per token, the shared expert's, and the sorted rows in and out
-        moe = 6 * spec.shared_expert_size + expert_exchange(cfg, expert_shards) / width
-        mlp = (mlp * cfg.feed_forward.count("mlp") + moe * cfg.feed_forward.count("moe")) \
-            / cfg.num_layers
+    if cfg.moe is not None:  # an MoE layer keeps its k experts' set per token, the shared
+        # expert's, and the sorted rows in and out
+        mlp = _layer_mean(cfg, mlp, 6 * cfg.moe.shared_expert_size
+                          + expert_exchange(cfg, expert_shards) / width)
     layer_set = tokens * ((mlp + 8 * d + 3 * q + kv - unsaved) * width + 2 * scores)
     inputs = tokens * 2 * d * width  # a layer's input and residual
     kept = {"none": layer_set,

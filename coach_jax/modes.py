@@ -66,7 +66,7 @@ def memory(config, workdir, **_) -> int:
               f"({cfg.moe.top_k} of {cfg.moe.num_experts} experts)")
         mesh = settings.mesh_shape
         tokens = settings.data.max_seq_len * max(1, settings.train.global_batch_size // (
-            settings.train.micro_batches * mesh.data * mesh.fsdp * mesh.expert))
+            settings.train.micro_batches * mesh.data_shards))
         print(f"routed experts: {cfg.moe.num_experts // mesh.expert} per device "
               f"(mesh.expert={mesh.expert}); their gathered tokens and sorted rows take "
               f"{memory_check.human(memory_check.expert_exchange(cfg, mesh.expert) * tokens)} "

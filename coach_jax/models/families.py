@@ -592,7 +592,7 @@ GPT_OSS_TENSORS = TensorNames(renames=((r"^mlp/gate$", "mlp/router"),), experts=
     ExpertTensor("mlp.experts.down_proj", ("down_proj",)),
     ExpertTensor("mlp.experts.down_proj_bias", ("down_bias",))))
 register(Family("gpt_oss", "GptOssForCausalLM", windows=AlternatingLayers(2),
-                rope_types=("default", "yarn"), tensors=GPT_OSS_TENSORS,
+                rope_types=YARN, tensors=GPT_OSS_TENSORS,
                 switches=dict(attention_sinks=True, qkv_bias="attention_bias",
                               o_bias="attention_bias"),
                 config_defaults={"attention_bias": True, "rope_theta": 150000.0},

@@ -46,14 +46,13 @@ class CheckpointError(ValueError):
 # per byte (low nibble first), and one power-of-two scale (E8M0, bias 127) per 32 weights.
 _FP4_VALUES = np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                           -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
-_MXFP4_SUFFIXES = ("_blocks", "_scales")
 
 
 def _mxfp4_pairs(files: dict[str, str]) -> dict[str, tuple[str, str]]:
     """Tensor name -> its MXFP4 (blocks, scales) names, for every pair in the checkpoint."""
-    return {name[:-len("_blocks")]: (name, name[:-len("_blocks")] + "_scales")
-            for name in files if name.endswith("_blocks")
-            and name[:-len("_blocks")] + "_scales" in files}
+    bases = {name.removesuffix("_blocks") for name in files if name.endswith("_blocks")}
+    return {base: (f"{base}_blocks", f"{base}_scales") for base in bases
+            if f"{base}_scales" in files}
 
 
 def mxfp4_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
