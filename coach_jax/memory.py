@@ -82,6 +82,18 @@ def dequantized_layer_bytes(cfg: ModelConfig) -> float:
     return float(weights * np.dtype(cfg.compute_dtype).itemsize)
 
 
+def adapted_expert_bytes(cfg: ModelConfig) -> float:
+    """One layer's adapted expert weights with their update folded in (W + scale A B, in
+    the compute dtype), as a LoRA forward on the experts builds them; 0 without."""
+    if cfg.moe is None or cfg.lora is None:
+        return 0.0
+    from coach_jax.models.lora import EXPERT_MODULES
+    adapted = sum(m in cfg.lora.modules for m in EXPERT_MODULES)
+    spec = cfg.moe
+    per_layer = adapted * cfg.hidden_size * spec.num_experts * spec.expert_size
+    return float(_layer_mean(cfg, 0, per_layer) * np.dtype(cfg.compute_dtype).itemsize)
+
+
 def _layer_mean(cfg: ModelConfig, dense: float, moe: float) -> float:
     """A per-layer figure averaged over the layers, dense MLP ones and MoE ones."""
     kinds = cfg.feed_forward
@@ -161,6 +173,8 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
         # CPU step fuses some dequantizations into their matmuls and keeps a few others.
         layers += (cfg.num_layers if cfg.remat == "none" else 1) * \
             dequantized_layer_bytes(cfg)
+    elif adapted_expert_bytes(cfg):  # the experts with their LoRA folded in, likewise
+        layers += (cfg.num_layers if cfg.remat == "none" else 1) * adapted_expert_bytes(cfg)
     chunk = min(chunk_tokens or tokens, tokens)
     logits = chunk * cfg.vocab_size * 4 * 3  # logits, softmax, gradient of one chunk
     return float(layers + logits + 2 * tokens * cfg.hidden_size * 4)

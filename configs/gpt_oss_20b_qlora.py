@@ -9,11 +9,11 @@ then:
       --workdir runs/gpt_oss_20b_qlora --config.data.train=data/train.jsonl
 The checkpoint's MXFP4 experts are dequantized as they are read and held as NF4 (blocks
 of 64) with the attention projections; the router, embeddings and head stay bf16.
-Rank-16 adapters on the attention projections, every layer recomputed in the backward
-pass, one 2048-token row per micro-batch, 16 per batch (docs/adapters.md).
-`--mode=memory` with gpt-oss-20b's config.json: 25.4 GiB per device on CPU, where jax
-stores a 4-bit code in a whole byte; packed two per byte on a GPU the base takes 9.2 GiB
-less, about 16 GiB in all.
+Rank-16 adapters on the attention projections and the experts, every layer recomputed
+in the backward pass, one 2048-token row per micro-batch, 16 per batch
+(docs/adapters.md). `--mode=memory` with gpt-oss-20b's config.json: 27.0 GiB per device
+on CPU, where jax stores a 4-bit code in a whole byte; packed two per byte on a GPU the
+base takes 9.2 GiB less, about 18 GiB in all.
 """
 
 from coach_jax.config import lora_config

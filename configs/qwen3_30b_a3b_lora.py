@@ -7,10 +7,12 @@ then:
   python -m coach_jax.main --config configs/qwen3_30b_a3b_lora.py:models/Qwen3-30B-A3B \
       --workdir runs/qwen3_30b_a3b_lora --config.data.train=data/train.jsonl
 The bf16 base (30.5B parameters, 57 GiB) stays frozen; rank-16 adapters train on the
-attention projections (a mixture's experts take none, docs/models.md), every layer
-recomputed in the backward pass, 2048-token rows, 8 micro-batches per batch of 16.
-`--mode=memory` with Qwen3-30B-A3B's config.json: 60.7 GiB per device (params 56.9 GiB,
-activations 3.7 GiB), 76% of an 80 GB GPU. On several GPUs add --config.mesh.expert=N to
+attention projections and on every expert (0.84B adapter parameters, docs/adapters.md),
+every layer recomputed in the backward pass, 2048-token rows, 8 micro-batches per batch
+of 16. `--mode=memory` with Qwen3-30B-A3B's config.json: 68.0 GiB per device (params
+58.4 GiB, gradients and optimizer 4.7 GiB, activations 4.9 GiB), 85% of an 80 GB GPU;
+--config.adapter.targets=q_proj,k_proj,v_proj,o_proj leaves the experts frozen and needs
+about 61 GiB. On several GPUs add --config.mesh.expert=N to
 split the experts (docs/models.md, "Expert parallelism").
 """
 

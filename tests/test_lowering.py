@@ -361,19 +361,26 @@ def test_moe_train_steps_and_generation_lower(platform, family):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_the_expert_parallel_moe_step_lowers(platform):
-    """Mixtral's experts on a (fsdp 2, expert 2, tensor 2) mesh: every argument keeps the
-    run's sharding (experts split over the expert axis) and the tokens move by all-gather
-    and reduce-scatter inside the experts' shard_map."""
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_the_expert_parallel_moe_step_lowers(platform, lora_rank):
+    """Mixtral's experts on a (fsdp 2, expert 2, tensor 2) mesh, trained in full or by
+    adapters on attention and experts: every argument keeps the run's sharding (experts
+    and their adapters split over the expert axis) and the tokens move by all-gather and
+    reduce-scatter inside the experts' shard_map."""
     mesh = parallel.make_mesh((1, 2, 2, 2))
-    step = train_step(stand_in("mixtral", attention="xla"), rows=8, mesh=mesh)
+    step = train_step(stand_in("mixtral", attention="xla"), rows=8, mesh=mesh,
+                      lora_rank=lora_rank)
     exported = export(step.fn, platform, *step.args)
     got = exported.in_shardings_jax(mesh)
     expected = jax.tree.leaves(step.shardings)
     for arg, want, found in zip(jax.tree.leaves(step.args), expected, got):
         assert found.is_equivalent_to(want, len(arg.shape)), (arg.shape, want.spec, found.spec)
-    experts = step.shardings[0].params["layers"]["mlp"]["experts"]["up_proj"]
-    assert experts.spec == P(None, "expert", "fsdp", "tensor")
+    experts = step.shardings[0].params["layers"]["mlp"]["experts"]
+    if lora_rank:
+        assert experts["up_proj_lora"]["lora_a"].spec == P(None, "expert", "fsdp", None)
+        assert experts["up_proj_lora"]["lora_b"].spec == P(None, "expert", None, "tensor")
+    else:
+        assert experts["up_proj"].spec == P(None, "expert", "fsdp", "tensor")
     text = exported.mlir_module()
     assert "sdy.manual_computation" in text
     assert "all_gather" in text and "reduce_scatter" in text

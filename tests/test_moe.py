@@ -215,22 +215,23 @@ def test_a_moe_run_trains_and_logs_its_routers(tmp_path, capsys):
             ) in report
 
 
-def test_lora_on_a_moe_model_adapts_attention_and_says_so(tmp_path, caplog):
-    """all-linear on Mixtral: the attention projections, with one warning that the experts
-    take no adapter; a LoRA forward equals the base at step 0 (B = 0)."""
+def test_lora_on_a_moe_model_adapts_attention_and_experts(tmp_path):
+    """all-linear on Mixtral: the attention projections and the experts (never the
+    router); a LoRA forward equals the base at step 0 (B = 0)."""
     import dataclasses
     from coach_jax import adapters
-    from coach_jax.models.lora import LoraSpec, is_adapter_path, join_base
+    from coach_jax.models.lora import EXPERT_MODULES, LoraSpec, is_adapter_path, join_base
     hf_reference.build("mixtral").save_pretrained(tmp_path)
     cfg, params = models.load_hf(tmp_path)
     modules, layers = adapters.resolve(cfg, "all-linear")
     assert modules == ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj",
-                       "self_attn/o_proj") and layers is None
-    assert "take no adapter" in caplog.text
+                       "self_attn/o_proj") + EXPERT_MODULES and layers is None
     with pytest.raises(adapters.TargetError, match="match no projection"):
-        adapters.resolve(cfg, ("gate_proj",))
+        adapters.resolve(cfg, ("gate_proj",))  # Mixtral's experts are w1 / gate_up_proj
     lora_cfg = dataclasses.replace(cfg, projection="lora", lora=LoraSpec(4, 8.0, modules))
     adapter = models.init(lora_cfg, 0, only=is_adapter_path)
+    assert set(adapter["layers"]["mlp"]["experts"]) == {
+        "gate_proj_lora", "up_proj_lora", "down_proj_lora"}
     tokens = np.random.RandomState(0).randint(0, 160, (1, 12)).astype(np.int32)
     np.testing.assert_allclose(models.apply(lora_cfg, join_base(params, adapter), tokens),
                                models.apply(cfg, params, tokens), atol=1e-6)
@@ -262,7 +263,6 @@ def _routed_batch(vocab: int, rows: int = 8, length: int = 24) -> dict[str, np.n
 @pytest.mark.parametrize("family,mesh_shape", [
     ("qwen2_moe", (2, 1, 4, 1)),  # expert x data; a dense layer and a shared expert
     ("mixtral", (1, 2, 4, 1)),    # expert x fsdp, scanned layers
-    ("qwen2_moe", (1, 2, 2, 2)),  # fsdp x expert x tensor
 ])
 def test_an_expert_parallel_step_equals_one_device(family, mesh_shape, tmp_path):
     """One SGD step with the router's auxiliary loss, experts split over the mesh's

@@ -318,6 +318,14 @@ class ExpertTensor:
     interleaved: bool = False
 
 
+# How transformers holds a mixture's experts in memory, and so how PEFT's
+# `target_parameters` name them: gate and up in one parameter per layer, down in another.
+# (A checkpoint may store them otherwise: Mixtral one tensor per expert, gpt-oss stacked
+# and interleaved, TensorNames.experts.)
+FUSED_EXPERTS = (ExpertTensor("mlp.experts.gate_up_proj", ("gate_proj", "up_proj")),
+                 ExpertTensor("mlp.experts.down_proj", ("down_proj",)))
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorNames:
     """Where our parameters live in a family's safetensors; the defaults are Llama's
@@ -335,6 +343,12 @@ class TensorNames:
     def experts_tensor(self, leaf: str) -> ExpertTensor | None:
         """The stacked tensor holding our experts' `leaf` ("gate_proj"), if stacked."""
         return next((t for t in self.experts if leaf in t.parts), None)
+
+    def expert_parameter(self, leaf: str) -> ExpertTensor:
+        """The transformers parameter holding our experts' `leaf` ("up_proj"): the
+        checkpoint's stacked tensor, else transformers' fused layout."""
+        stacked = self.experts_tensor(leaf)
+        return stacked or next(t for t in FUSED_EXPERTS if leaf in t.parts)
 
     def top(self, name: str) -> str:
         """The HF module of a top-level parameter or module: embed_tokens, norm, lm_head."""

@@ -6,6 +6,10 @@ Both carry the logical axes of the base kernel's input and output dims (A's inpu
 sharded like the kernel's, B's output like the kernel's) and a replicated `lora_rank`.
 Projections the checkpoint fuses (Phi-3's qkv_proj) share one A on their parent module,
 as PEFT's single LoRA on the fused module does, and each keeps its rows of B.
+
+A mixture's stacked experts are parameters, not projections: `ExpertLora` gives each
+expert its own A [experts, in, r] and B [experts, r, out] and folds scale * A_e B_e into
+the expert's weight before the grouped matmul, as PEFT's `target_parameters` wrapper does.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
     from coach_jax.models.layers import Projection
 
 LEAVES = ("lora_a", "lora_b")  # the parameter names an adapter adds
+# Our names of a mixture's stacked expert weights, adaptable as the projections are.
+EXPERT_MODULES = ("mlp/experts/gate_proj", "mlp/experts/up_proj", "mlp/experts/down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,11 @@ class LoraSpec:
             raise ValueError("an adapter needs at least one target module")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"adapter.dropout={self.dropout} must be in [0, 1)")
+        if self.dropout and set(self.modules) & set(EXPERT_MODULES):
+            raise ValueError(f"adapter.dropout={self.dropout} cannot act on the experts (their "
+                             "update is folded into the weight, as in PEFT, which refuses it "
+                             "too): set adapter.dropout=0 or leave the experts out of "
+                             "adapter.targets")
 
     @property
     def scale(self) -> float:
@@ -63,6 +74,43 @@ def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -
     fan_in being every dim but the last (the rank)."""
     bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def expert_kaiming_uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32
+                           ) -> jax.Array:
+    """An expert's A [experts, in, r] as PEFT starts it: bound 1/sqrt(in) per expert."""
+    bound = 1.0 / math.sqrt(shape[-2])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def adapter_module(module: str) -> str:
+    """Where the A and B of our projection `module` live: in the projection's module, or
+    for an expert weight (a parameter, not a module) beside it: "mlp/experts/up_proj_lora"."""
+    return f"{module}_lora" if module in EXPERT_MODULES else module
+
+
+class ExpertLora(nn.Module):
+    """W_e + scale * A_e B_e for every expert e of one stacked weight [experts, in, out]:
+    folded into the weight, so the ragged, blocked and expert-parallel paths run it as
+    they run the base. `axes`: the weight's logical axes (A and B shard as it does)."""
+
+    cfg: ModelConfig
+    axes: tuple[str, str, str]
+
+    @nn.compact
+    def __call__(self, weight_ExIxO: jax.Array) -> jax.Array:
+        spec, dtype = self.cfg.lora, jnp.dtype(self.cfg.param_dtype)
+        experts, width_in, width_out = weight_ExIxO.shape
+        expert, in_axis, out_axis = self.axes
+        a = self.param("lora_a", nn.with_logical_partitioning(
+            expert_kaiming_uniform, (expert, in_axis, "lora_rank")),
+            (experts, width_in, spec.rank), dtype)
+        b = self.param("lora_b", nn.with_logical_partitioning(
+            nn.initializers.zeros, (expert, "lora_rank", out_axis)),
+            (experts, spec.rank, width_out), dtype)
+        compute = weight_ExIxO.dtype
+        delta = jnp.einsum("eir,ero->eio", a.astype(compute), b.astype(compute))
+        return weight_ExIxO + jnp.asarray(spec.scale, compute) * delta
 
 
 def is_adapter_path(path: str) -> bool:

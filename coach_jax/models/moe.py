@@ -10,6 +10,7 @@ exists and no token is dropped. Parameters (logical axes in brackets):
     mlp/experts/{gate,up}_proj      [expert, embed, mlp]     SwiGLU experts
     mlp/experts/down_proj           [expert, mlp, embed]
     mlp/experts/{gate,up,down}_bias [expert, mlp | embed]   with MoeSpec.expert_bias
+    mlp/experts/*_proj_lora/lora_a  [expert, in, lora_rank]  LoRA on the experts
     mlp/shared_expert/...           a dense Mlp every token passes (Qwen2-MoE)
     mlp/shared_expert_gate/kernel   [embed, None]            its sigmoid gate
 
@@ -27,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from coach_jax.models import layers
+from coach_jax.models import layers, lora
 from coach_jax.models.attention import BATCH_AXES, dividing_axes
 from coach_jax.models.config import ModelConfig
 
@@ -260,8 +261,11 @@ class _Experts(nn.Module):
             value = layers._param(self, name, init, shape, axes, cfg)
             if not isinstance(value, jax.Array):  # QLoRA's quantized base
                 from coach_jax.models import quantize  # qwix is needed only for QLoRA
-                return quantize.dequantize(value, dtype)
-            return value.astype(dtype)
+                value = quantize.dequantize(value, dtype)
+            value = value.astype(dtype)
+            if cfg.lora is not None and f"mlp/experts/{name}" in cfg.lora.modules:
+                value = lora.ExpertLora(cfg, axes, name=f"{name}_lora")(value)
+            return value
         gate = weight("gate_proj", (e, d, f), ("expert", "embed", "mlp"))
         up = weight("up_proj", (e, d, f), ("expert", "embed", "mlp"))
         down = weight("down_proj", (e, f, d), ("expert", "mlp", "embed"))
