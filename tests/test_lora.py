@@ -20,14 +20,15 @@ TOKENS = np.random.RandomState(1).randint(0, 160, (2, 24)).astype(np.int32)
 RELATIVE = 1e-4
 
 
-def _peft_model(family, folder, rslora=False, target_modules=ALL, rank=4):
+def _peft_model(family, folder, rslora=False, target_modules=ALL, rank=4,
+                target_parameters=None):
     """A PEFT LoRA model on the family's test model (saved to `folder`), with random B so
     that every adapter changes the output."""
     base = hf_reference.build(family)
     base.save_pretrained(folder)
     model = peft.get_peft_model(base, peft.LoraConfig(
         r=rank, lora_alpha=8, target_modules=list(target_modules), use_rslora=rslora,
-        lora_dropout=0.0, task_type="CAUSAL_LM"))
+        target_parameters=target_parameters, lora_dropout=0.0, task_type="CAUSAL_LM"))
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -78,6 +79,41 @@ def _peft_tensors(model, what="weight"):
     return out
 
 
+def adapter_loss(cfg, batch):
+    """loss(adapter, base): the masked mean loss of base + adapter on `batch`, as the train
+    step sums it."""
+    def loss(adapter_params, base_params):
+        sums = train.loss.batch_sums(cfg, adapters.union(base_params, adapter_params), batch,
+                                     train.LossConfig())
+        return sums["numerator"] / sums["denominator"]
+    return loss
+
+
+def gradients_against_peft(model, cfg, base, adapter):
+    """(our adapter gradients, PEFT model's), both under PEFT's tensor names, after the
+    masked loss is checked to equal PEFT's."""
+    batch = _batch()
+    reference = _peft_loss(model, batch)
+    reference.backward()
+    value, grads = jax.value_and_grad(adapter_loss(cfg, batch))(adapter, base)
+    assert abs(float(value) - reference.item()) <= 1e-5
+    ours, expected = peft_io.to_peft(cfg, grads), _peft_tensors(model, "grad")
+    assert ours.keys() == expected.keys()
+    return ours, expected
+
+
+def exports_give_our_logits(cfg, base, adapter, family, tmp_path, logits):
+    """Our adapter folder in PEFT and the merged export in transformers give `logits`."""
+    adapters.save_peft(cfg, adapter, tmp_path / "ours", base_model=str(tmp_path / "base"))
+    reloaded = peft.PeftModel.from_pretrained(hf_reference.build(family), tmp_path / "ours")
+    assert np.abs(_logits(reloaded) - logits).max() <= RELATIVE
+    merged_cfg, merged = adapters.merge(cfg, adapters.union(base, adapter))
+    models.save_hf(merged_cfg, merged, tmp_path / "merged")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                           attn_implementation="eager")
+    assert np.abs(hf_reference.logits(hf, TOKENS) - logits).max() <= RELATIVE
+
+
 def _relative(ours, reference):
     return np.abs(ours - reference).max() / np.abs(reference).max()
 
@@ -102,20 +138,7 @@ def test_loss_and_gradients_equal_peft(tmp_path, family, rslora):
     model = _peft_model(family, tmp_path / "base", rslora)
     cfg, base, adapter = _ours(model, tmp_path)
     assert cfg.lora.scale == (8 / 2 if rslora else 8 / 4)
-    batch = _batch()
-    reference = _peft_loss(model, batch)
-    reference.backward()
-
-    def loss(adapter_params):
-        sums = train.loss.batch_sums(cfg, adapters.union(base, adapter_params), batch,
-                                     train.LossConfig())
-        return sums["numerator"] / sums["denominator"]
-
-    value, grads = jax.value_and_grad(loss)(adapter)
-    assert abs(float(value) - reference.item()) <= 1e-5
-    ours = peft_io.to_peft(cfg, grads)
-    expected = _peft_tensors(model, "grad")
-    assert ours.keys() == expected.keys()
+    ours, expected = gradients_against_peft(model, cfg, base, adapter)
     for name in ours:
         assert _relative(ours[name], expected[name]) <= RELATIVE, name
 
@@ -162,15 +185,7 @@ def test_adapter_folders_go_both_ways_and_merge(tmp_path, family, scan_layers):
     assert np.abs(logits - np.asarray(models.apply(
         dataclasses.replace(cfg, projection="dense", lora=None), base, TOKENS))).max() > 1e-2
 
-    adapters.save_peft(cfg, adapter, tmp_path / "ours", base_model=str(tmp_path / "base"))
-    reloaded = peft.PeftModel.from_pretrained(hf_reference.build(family), tmp_path / "ours")
-    assert np.abs(_logits(reloaded) - logits).max() <= RELATIVE
-
-    merged_cfg, merged = adapters.merge(cfg, params)
-    models.save_hf(merged_cfg, merged, tmp_path / "merged")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
-                                                           attn_implementation="eager")
-    assert np.abs(hf_reference.logits(hf, TOKENS) - logits).max() <= RELATIVE
+    exports_give_our_logits(cfg, base, adapter, family, tmp_path, logits)
 
 
 def _cfg(family):
@@ -234,11 +249,7 @@ def test_a_data_fsdp_tensor_mesh_gives_one_devices_loss_and_gradients(tmp_path):
     cfg, base, adapter = _ours(_peft_model("llama3", tmp_path / "base"), tmp_path)
     batch = _batch()
 
-    def loss(adapter_params, base_params):
-        sums = train.loss.batch_sums(cfg, adapters.union(base_params, adapter_params), batch,
-                                     train.LossConfig())
-        return sums["numerator"] / sums["denominator"]
-
+    loss = adapter_loss(cfg, batch)
     expected = jax.value_and_grad(loss)(adapter, base)
     mesh = parallel.make_mesh((2, 2, 2))
     placed = parallel.place(adapters.union(base, adapter), parallel.tree_shardings(

@@ -10,44 +10,29 @@ import jax
 import numpy as np
 import peft
 import pytest
-import torch
-import transformers
 from safetensors.numpy import save_file
 
 import hf_reference
-from coach_jax import adapters, models, parallel, train
+from coach_jax import adapters, models, parallel
 from coach_jax.adapters import peft_io, targets
 from coach_jax.models.lora import LoraSpec
+import test_lora
+from test_lora import TOKENS, _batch, _logits, adapter_loss, exports_give_our_logits
 
-TOKENS = np.random.RandomState(1).randint(0, 160, (2, 24)).astype(np.int32)
 TOLERANCE = 1e-4
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def _peft_model(family, folder, target_parameters=EXPERT_PARAMETERS):
-    """A PEFT LoRA (rank 2) on q/v and the stacked experts, every factor random."""
-    base = hf_reference.build(family)
-    base.save_pretrained(folder)
-    model = peft.get_peft_model(base, peft.LoraConfig(
-        r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-        target_parameters=target_parameters, task_type="CAUSAL_LM"))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.3 * torch.randn_like(p))
-    return model
+def _peft_model(family, folder):
+    """A PEFT LoRA (rank 2) on q, v and the stacked experts, B random."""
+    return test_lora._peft_model(family, folder, target_modules=("q_proj", "v_proj"),
+                                 rank=2, target_parameters=EXPERT_PARAMETERS)
 
 
 def _load(tmp_path, folder, scan_layers=True):
     cfg, base = models.load_hf(tmp_path / "base", scan_layers=scan_layers)
     spec, adapter = adapters.load_peft(folder, cfg)
     return dataclasses.replace(cfg, projection="lora", lora=spec), base, adapter
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(torch.as_tensor(TOKENS, dtype=torch.long)).logits.numpy()
 
 
 @pytest.mark.parametrize("family, scan_layers", [
@@ -72,18 +57,10 @@ def test_expert_adapters_go_both_ways_and_merge(tmp_path, family, scan_layers):
     assert np.abs(logits - np.asarray(models.apply(
         attention_only, adapters.union(base, _attention_part(adapter)), TOKENS))).max() > 1e-2
 
-    adapters.save_peft(cfg, adapter, tmp_path / "ours", base_model=str(tmp_path / "base"))
+    exports_give_our_logits(cfg, base, adapter, family, tmp_path, logits)
     written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert written["target_parameters"] == sorted(EXPERT_PARAMETERS)
     assert written["rank_pattern"] == {"mlp\\.experts\\.gate_up_proj": 4}
-    reloaded = peft.PeftModel.from_pretrained(hf_reference.build(family), tmp_path / "ours")
-    assert np.abs(_logits(reloaded) - logits).max() <= TOLERANCE
-
-    merged_cfg, merged = adapters.merge(cfg, params)
-    models.save_hf(merged_cfg, merged, tmp_path / "merged")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
-                                                           attn_implementation="eager")
-    assert np.abs(hf_reference.logits(hf, TOKENS) - logits).max() <= TOLERANCE
 
 
 def _attention_part(adapter):
@@ -141,33 +118,8 @@ def test_expert_gradients_equal_peft(tmp_path):
     adapters.save_peft(cfg, adapter, tmp_path / "ours", base_model=str(tmp_path / "base"))
     reference_model = peft.PeftModel.from_pretrained(
         hf_reference.build("mixtral"), tmp_path / "ours", is_trainable=True)
-    rng = np.random.RandomState(0)
-    targets_BxT = np.roll(TOKENS, -1, axis=1)
-    mask = (rng.rand(*TOKENS.shape) < 0.7).astype(np.int32)
-    logits = reference_model(torch.as_tensor(TOKENS, dtype=torch.long)).logits
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                            torch.as_tensor(targets_BxT).long().reshape(-1),
-                                            reduction="none")
-    weights = torch.as_tensor(mask, dtype=torch.float32).reshape(-1)
-    reference = (nll * weights).sum() / weights.sum()
-    reference.backward()
-    batch = {"inputs": TOKENS, "targets": targets_BxT, "loss_mask": mask,
-             "segment_ids": np.ones_like(TOKENS),
-             "positions": np.tile(np.arange(TOKENS.shape[1]), (2, 1)),
-             "source_ids": np.zeros_like(TOKENS)}
-
-    def loss(adapter_params):
-        sums = train.loss.batch_sums(cfg, adapters.union(base, adapter_params), batch,
-                                     train.LossConfig())
-        return sums["numerator"] / sums["denominator"]
-
-    value, grads = jax.value_and_grad(loss)(adapter)
-    assert abs(float(value) - reference.item()) <= 1e-5
-    ours = peft_io.to_peft(cfg, grads)
+    ours, expected = test_lora.gradients_against_peft(reference_model, cfg, base, adapter)
     structure = peft_io.to_peft(cfg, jax.tree.map(np.ones_like, adapter))
-    expected = {name.replace(".default", ""): p.grad.numpy()
-                for name, p in reference_model.named_parameters() if "lora_" in name}
-    assert ours.keys() == expected.keys()
     for name in ours:
         mine, theirs = ours[name], np.where(structure[name] != 0, expected[name], 0)
         assert np.abs(mine - theirs).max() <= 1e-4 * np.abs(theirs).max(), name
@@ -210,16 +162,7 @@ def test_expert_adapters_on_an_expert_parallel_mesh_equal_one_device(tmp_path):
     model = _peft_model("mixtral", tmp_path / "base")
     model.save_pretrained(tmp_path / "peft")
     cfg, base, adapter = _load(tmp_path, tmp_path / "peft")
-    batch = {"inputs": TOKENS, "targets": np.roll(TOKENS, -1, axis=1),
-             "loss_mask": np.ones_like(TOKENS), "segment_ids": np.ones_like(TOKENS),
-             "positions": np.tile(np.arange(TOKENS.shape[1]), (2, 1)),
-             "source_ids": np.zeros_like(TOKENS)}
-
-    def loss(adapter_params, base_params):
-        sums = train.loss.batch_sums(cfg, adapters.union(base_params, adapter_params), batch,
-                                     train.LossConfig())
-        return sums["numerator"] / sums["denominator"]
-
+    loss = adapter_loss(cfg, _batch())
     expected = jax.value_and_grad(loss)(adapter, base)
     mesh = parallel.make_mesh((1, 2, 4, 1))
     params = adapters.union(base, adapter)
