@@ -200,8 +200,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.adapter.targets = "all-linear"
     c.adapter.layers = ()  # decoder layers with adapters (PEFT's layers_to_transform); () = all
     c.adapter.init_from = ""  # a PEFT LoRA adapter folder to continue training
-    # QLoRA: the frozen base's projection kernels held quantized: none | int8 | int4 | nf4,
-    # one scale per block of this many input channels (pip install 'coach_jax[qlora]').
+    # QLoRA: the frozen base's projection kernels held quantized: none | int8 | int4 | nf4 |
+    # mxfp4 (blocks of 32: gpt-oss's experts as published), one scale per block of this many
+    # input channels (pip install 'coach_jax[qlora]').
     c.adapter.quantize_base = "none"
     c.adapter.quantize_block = 64
 
@@ -279,7 +280,7 @@ class AdapterSettings:
     layers: tuple[int, ...] = ()  # () = every layer
     init_from: str = ""
     merge_on_export: bool = False
-    quantize_base: str = "none"  # none | int8 | int4 | nf4
+    quantize_base: str = "none"  # none | int8 | int4 | nf4 | mxfp4
     quantize_block: int = 64
 
     @property
@@ -320,7 +321,7 @@ class Settings:
 def _adapter_settings(c: ml_collections.ConfigDict) -> AdapterSettings:
     a = c.adapter
     _choice(a.kind, ("none", "lora"), "adapter.kind")
-    _choice(a.quantize_base, ("none", "int8", "int4", "nf4"), "adapter.quantize_base")
+    _choice(a.quantize_base, ("none", "int8", "int4", "nf4", "mxfp4"), "adapter.quantize_base")
     if a.kind == "none":
         if a.init_from:
             raise ConfigError("adapter.init_from is set but adapter.kind='none': set "
@@ -340,6 +341,10 @@ def _adapter_settings(c: ml_collections.ConfigDict) -> AdapterSettings:
             raise ConfigError("adapter.quantize_base needs qwix: pip install 'coach_jax[qlora]'")
         if a.quantize_block < 1:
             raise ConfigError(f"adapter.quantize_block={a.quantize_block} must be at least 1")
+        if a.quantize_base == "mxfp4" and a.quantize_block != 32:
+            raise ConfigError(f"adapter.quantize_base=mxfp4 has blocks of 32 weights (the OCP "
+                              f"MX format), not adapter.quantize_block={a.quantize_block}: set "
+                              "adapter.quantize_block=32")
     try:
         targets = adapter_targets.parse(a.targets)
     except adapter_targets.TargetError as e:
@@ -696,13 +701,15 @@ def lora_config(hf_path: str, *, learning_rate: float = 2e-4, rank: int = 16,
                 ) -> ml_collections.ConfigDict:
     """`finetune_config` with LoRA on every projection (the common recipe: rank 16, alpha
     32, learning rate 2e-4), on a base held as `quantize_base` (QLoRA: "nf4", blocks of
-    64); docs/adapters.md."""
+    64; "mxfp4", blocks of 32); docs/adapters.md."""
     c = finetune_config(hf_path, learning_rate=learning_rate, **finetune)
     c.adapter.kind = "lora"
     c.adapter.rank = rank
     c.adapter.alpha = alpha
     c.adapter.targets = "all-linear"
     c.adapter.quantize_base = quantize_base
+    if quantize_base == "mxfp4":
+        c.adapter.quantize_block = 32
     return c
 
 

@@ -359,9 +359,16 @@ def test_gpt_oss_mxfp4_experts_load_as_their_dequantized_weights(tmp_path):
 
     cfg, params = models.load_hf(tmp_path / "mxfp4", scan_layers=False)
     _, reference = models.load_hf(tmp_path / "dense", scan_layers=False)
+    from coach_jax.models import quantize
     for name in ("gate_proj", "up_proj", "down_proj"):
-        np.testing.assert_array_equal(params["layers_1"]["mlp"]["experts"][name],
-                                      reference["layers_1"]["mlp"]["experts"][name])
+        experts = params["layers_1"]["mlp"]["experts"][name]
+        np.testing.assert_array_equal(experts, reference["layers_1"]["mlp"]["experts"][name])
+        # QLoRA with adapter.quantize_base=mxfp4 holds exactly the checkpoint's codes.
+        held = quantize.quantize_kernel(experts, f"layers_1/mlp/experts/{name}", "mxfp4", 32)
+        assert held.qvalue.dtype == jnp.float4_e2m1fn
+        np.testing.assert_array_equal(quantize.dequantize(held, jnp.float32), experts)
+        nf4 = quantize.quantize_kernel(experts, f"layers_1/mlp/experts/{name}", "nf4", 32)
+        assert np.abs(quantize.dequantize(nf4, jnp.float32) - experts).max() > 1e-3
     np.testing.assert_allclose(np.asarray(models.apply(cfg, params, TOKENS)),
                                hf_reference.logits(model, TOKENS), atol=1e-4)
     models.save_hf(cfg, params, tmp_path / "ours")

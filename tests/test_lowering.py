@@ -83,10 +83,13 @@ LAB_RUNTIME = dict(compute_dtype="bfloat16", param_dtype="float32", remat="none"
                    attention="auto", scan_layers=True)
 
 
-def stand_in(family: str, **runtime) -> models.ModelConfig:
-    """The family's tiny architecture; an MLP width of 128 so QLoRA's blocks of 64 tile."""
+def stand_in(family: str, head_dim: int | None = None, **runtime) -> models.ModelConfig:
+    """The family's tiny architecture; an MLP width of 128 so QLoRA's blocks of 64 tile
+    (and `head_dim` where o_proj's input must tile too)."""
     hf = hf_reference.FAMILIES[family]()
     hf.intermediate_size = 128
+    if head_dim is not None:
+        hf.head_dim = head_dim
     return models.ModelConfig.from_hf_dict(hf.to_dict(), **{**LAB_RUNTIME, **runtime})
 
 
@@ -193,13 +196,16 @@ def test_each_family_recipe_lowers(name, platform):
     """The recipe's runtime settings (compute dtype, remat, scan, attention, adapter,
     micro-batches, loss chunks) on a tiny model of its family."""
     c = recipe(name)
-    cfg = stand_in(RECIPE_FAMILIES[name], compute_dtype=c.model.dtype,
+    mxfp4 = c.adapter.quantize_base == "mxfp4"  # blocks of 32: o_proj's heads must tile
+    cfg = stand_in(RECIPE_FAMILIES[name], head_dim=32 if mxfp4 else None,
+                   compute_dtype=c.model.dtype,
                    param_dtype=c.model.param_dtype, remat=c.model.remat,
                    attention=c.model.attention, scan_layers=c.model.scan_layers)
     lora = c.adapter.kind == "lora"
     step = train_step(cfg, micro_batches=c.train.micro_batches, rows=c.train.micro_batches,
                       lora_rank=c.adapter.rank if lora else 0,
                       quantize_base=c.adapter.quantize_base if lora else "none",
+                      quantize_block=32 if mxfp4 else 16,
                       loss=train.LossConfig(chunk_tokens=c.train.chunk_tokens))
     with cudnn_installed():  # on a GPU machine
         expected = attention.choose(cfg.attention, platform, attention.AttentionShape(

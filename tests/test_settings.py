@@ -103,3 +103,13 @@ def test_optimizer_state_shards_like_its_parameters(name, groups):
     state = jax.jit(create, out_shardings=shardings)(params)
     assert state.params["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == P(
         None, "fsdp", "tensor")
+
+
+def test_mxfp4_needs_its_blocks_of_32(tmp_path):
+    """The OCP MX format's block is 32 weights: another adapter.quantize_block is named."""
+    config = tiny_config(tmp_path, **{"adapter.kind": "lora", "adapter.quantize_base": "mxfp4"})
+    with pytest.raises(ConfigError, match="set adapter.quantize_block=32"):
+        resolve(config, 1)
+    config = tiny_config(tmp_path, **{"adapter.kind": "lora", "adapter.quantize_base": "mxfp4",
+                                      "adapter.quantize_block": 32})
+    assert resolve(config, 1).adapter.quantize_base == "mxfp4"

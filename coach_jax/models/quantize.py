@@ -2,7 +2,8 @@
 
 Google's qwix holds the representation (int8, int4 or NF4 codes with one scale per block
 of `block` consecutive input channels, absmax-calibrated: bitsandbytes' blocks of a
-[out, in] weight) and does the (de)quantization; coach_jax decides what is quantized (the
+[out, in] weight; or MXFP4, FP4 codes with a power-of-two scale per 32, which holds
+gpt-oss's published experts exactly) and does the (de)quantization; coach_jax decides what is quantized (the
 decoder layers' projection kernels and experts; embeddings, norms, routers and the LM
 head stay as loaded) and
 where it lives (a kernel's codes shard as the kernel does). A projection dequantizes its
@@ -22,8 +23,8 @@ import qwix
 from coach_jax.models.decoder import Params, kernel_input_dims, path_str
 from coach_jax.models.moe import is_expert_weight
 
-QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4"}
-BITS = {"int8": 8, "int4": 4, "nf4": 4}
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4", "mxfp4": "mxfp4"}
+BITS = {"int8": 8, "int4": 4, "nf4": 4, "mxfp4": 4}
 
 
 def is_quantized(x: Any) -> bool:
