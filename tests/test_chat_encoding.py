@@ -546,3 +546,26 @@ def test_a_refused_template_is_probed_once(realworld, monkeypatch):
         with pytest.raises(data.EncodingError, match="looks like a control token"):
             data.encode_chat(tokenizer, CONVERSATION)
     assert len(probes) == 1
+
+
+def test_gpt_oss_harmony_masks_equal_trls_generation_markers(realworld):
+    """trl's gpt-oss training template (harmony: channels, `<|end|>` closing earlier turns
+    and `<|return|>` the last): ours equal its {% generation %} spans less the assistant
+    headers, which ours leave unsupervised."""
+    path = os.path.join(realworld, "templates", "trl-training", "gptoss_training.jinja")
+    tokenizer = tokenizer_fixtures.template_tokenizer(path, "neox")
+    messages = [{"role": "user", "content": USER[0]},
+                {"role": "assistant", "content": ASSISTANT[0]},
+                {"role": "user", "content": USER[1]},
+                {"role": "assistant", "content": ASSISTANT[1], "thinking": "recall"}]
+    ours = supervised_runs(tokenizer, data.encode_chat(tokenizer, messages))
+    assert ours == ["<|channel|>final<|message|>" + ASSISTANT[0] + "<|end|>",
+                    "<|channel|>analysis<|message|>recall<|end|>",
+                    "<|channel|>final<|message|>" + ASSISTANT[1] + "<|return|>"]
+    marked = tokenizer.apply_chat_template(messages, return_dict=True,
+                                           return_assistant_tokens_mask=True)
+    theirs = supervised_runs(tokenizer, {"input_ids": np.asarray(marked["input_ids"]),
+                                         "loss_mask": np.asarray(marked["assistant_masks"])})
+    # trl also marks the `<|start|>assistant` headers, which ours leave to the prompt.
+    assert [run.replace("<|start|>assistant", "") for run in theirs] == [ours[0],
+                                                                        ours[1] + ours[2]]

@@ -98,7 +98,9 @@ def template_tokenizer(template_file: str, base: str = "neox") -> PreTrainedToke
     with open(template_file, newline="") as f:
         template = f.read()
     bos, eos = bos_eos_for(template)
-    realworld = os.path.dirname(os.path.dirname(os.path.abspath(template_file)))
+    realworld = os.path.dirname(os.path.abspath(template_file))
+    while not os.path.isdir(os.path.join(realworld, "tokenizers")):  # templates/[trl-training/]
+        realworld = os.path.dirname(realworld)
     tokenizer_json = os.path.join(realworld, "tokenizers", BASES[base], "tokenizer.json")
     tokenizer = Tokenizer.from_file(tokenizer_json)
     specials = sorted({*CONTROL_MARKER.findall(template), *(t for t in (bos, eos) if t)})
