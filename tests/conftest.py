@@ -11,8 +11,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # that repeats an earlier one's configuration (resumes, exports, generation) loads its
 # compiled steps instead of compiling them again. Loaded executables give bitwise the same
 # results.
+# One cache per pytest-xdist worker: JAX writes cache entries in place, so a worker could
+# read another's half-written entry.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.path.expanduser("~"), ".cache", "coach_jax", "jax-tests"))
+    os.path.expanduser("~"), ".cache", "coach_jax",
+    "jax-tests" + (f"-{os.environ['PYTEST_XDIST_WORKER']}"
+                   if "PYTEST_XDIST_WORKER" in os.environ else "")))
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402

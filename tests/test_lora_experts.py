@@ -175,3 +175,31 @@ def test_expert_adapters_on_an_expert_parallel_mesh_equal_one_device(tmp_path):
     assert abs(float(got[0]) - float(expected[0])) <= 1e-5
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_experts_of_some_layers_only_go_both_ways(tmp_path):
+    """adapter.layers with the experts targeted: PEFT's layers_to_transform does not reach
+    target_parameters, so each layer's parameter is named in full; PEFT adapts exactly
+    those and gives our logits, and the folder loads back to the same adapter."""
+    hf_reference.build("mixtral").save_pretrained(tmp_path / "base")
+    cfg, base = models.load_hf(tmp_path / "base")
+    modules, layers = targets.resolve(cfg, ("q_proj", "gate_up_proj", "down_proj"), (1,))
+    cfg = dataclasses.replace(cfg, projection="lora",
+                              lora=LoraSpec(2, 8.0, modules, layers=layers))
+    adapter = jax.tree.map(lambda x: x + 0.05, peft_io.split(models.init(cfg, 0))[1])
+    adapter = jax.tree_util.tree_map_with_path(  # as training leaves it: layer 0's B zero
+        lambda path, x: x.at[0].set(0) if "lora_b" in jax.tree_util.keystr(path) else x,
+        adapter)
+    logits = np.asarray(models.apply(cfg, adapters.union(base, adapter), TOKENS))
+    adapters.save_peft(cfg, adapter, tmp_path / "ours", base_model=str(tmp_path / "base"))
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written["target_parameters"] == ["model.layers.1.mlp.experts.down_proj",
+                                            "model.layers.1.mlp.experts.gate_up_proj"]
+    reloaded = peft.PeftModel.from_pretrained(hf_reference.build("mixtral"), tmp_path / "ours")
+    assert not any("layers.0.mlp" in name for name, _ in reloaded.named_parameters()
+                   if "lora_" in name)
+    assert np.abs(_logits(reloaded) - logits).max() <= TOLERANCE
+    spec, again = adapters.load_peft(tmp_path / "ours", models.load_hf(tmp_path / "base")[0])
+    assert spec == cfg.lora
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(adapter)):
+        np.testing.assert_allclose(np.asarray(a)[1], np.asarray(b)[1], atol=1e-7)

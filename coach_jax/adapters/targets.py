@@ -167,8 +167,14 @@ def hf_names(cfg: ModelConfig, modules: tuple[str, ...]) -> list[str]:
                    if m not in EXPERT_MODULES})
 
 
-def hf_parameters(cfg: ModelConfig, modules: tuple[str, ...]) -> list[str]:
-    """PEFT's `target_parameters` for our targeted expert weights: "mlp.experts.down_proj"."""
-    tensors = families.family(cfg.model_type).tensors
-    return sorted({tensors.expert_parameter(m.rsplit("/", 1)[-1]).tensor
+def hf_parameters(cfg: ModelConfig, modules: tuple[str, ...],
+                  layers: tuple[int, ...] | None = None) -> list[str]:
+    """PEFT's `target_parameters` for our targeted expert weights: "mlp.experts.down_proj",
+    or with a layer selection each layer's parameter by its full name (PEFT applies
+    `layers_to_transform` to modules only)."""
+    if layers is None:
+        tensors = families.family(cfg.model_type).tensors
+        return sorted({tensors.expert_parameter(m.rsplit("/", 1)[-1]).tensor
+                       for m in modules if m in EXPERT_MODULES})
+    return sorted({hf_module(cfg, i, m) for i in layers if cfg.feed_forward[i] == "moe"
                    for m in modules if m in EXPERT_MODULES})
