@@ -105,6 +105,18 @@ FAMILIES = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
                          "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                          "original_max_position_embeddings": 16}),
+    # OLMo 3: a full layer after a sliding one (window 8), YaRN with an explicit attention
+    # factor (as OLMo-3-7B's config.json has) on the full layers only, another base on the
+    # sliding ones.
+    "olmo3": lambda: transformers.Olmo3Config(
+        **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "yarn", "rope_theta": 40000.0,
+                                            "factor": 8.0, "beta_fast": 16.0,
+                                            "beta_slow": 2.0, "attention_factor": 1.5,
+                                            "original_max_position_embeddings": 16},
+                         "sliding_attention": {"rope_type": "default",
+                                               "rope_theta": 8000.0}}),
     "olmo2": lambda: transformers.Olmo2Config(
         **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 40000.0}),
@@ -131,7 +143,7 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **conf
         if family == "gpt_oss":  # sinks that take a real share of the attention
             for layer in model.model.layers:
                 layer.self_attn.sinks.copy_(2.0 * torch.randn_like(layer.self_attn.sinks))
-        if family in ("olmo2", "olmoe"):
+        if family in ("olmo2", "olmo3", "olmoe"):
             # Heads of different magnitude, so a norm over all heads differs from a norm per
             # head (the feature's negative control).
             for layer in model.model.layers:

@@ -48,7 +48,7 @@ CUDNN_TARGETS = [f"__cudnn$fmha{kind}{direction}" for kind in ("Softmax", "Scale
 RECIPE_FAMILIES = {
     "gemma2_2b": "gemma2", "gemma3_1b": "gemma3_text", "llama3_1_8b_qlora": "llama3",
     "llama3_2_1b": "llama3", "llama3_2_1b_lora": "llama3", "llama3_2_1b_qlora": "llama3",
-    "olmo2_1b": "olmo2", "phi4_mini": "phi4_mini", "qwen2_5_0_5b": "qwen2",
+    "olmo2_1b": "olmo2", "olmo3_7b_lora": "olmo3", "phi4_mini": "phi4_mini", "qwen2_5_0_5b": "qwen2",
     "qwen2_5_0_5b_lora": "qwen2", "qwen2_5_0_5b_qlora": "qwen2", "qwen3_0_6b": "qwen3",
     "smollm3_3b": "smollm3_window", "qwen3_30b_a3b_lora": "qwen3_moe",
     "mixtral_8x7b_qlora": "mixtral", "gpt_oss_20b_lora": "gpt_oss",

@@ -118,21 +118,29 @@ def test_gemma2_defaults_are_transformers_own():
     assert cfg.layer_windows == (4096, 0, 4096, 0)
 
 
-@pytest.mark.parametrize("rope", [
-    {},  # transformers' defaults: local 1e4, global 1e6
-    {"rope_theta": 500000.0, "rope_local_base_freq": 20000.0,  # an older config.json
-     "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+OLMO3_YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
+              "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.2079441541679836}
+
+
+@pytest.mark.parametrize("model_type, rope", [
+    ("gemma3_text", {}),  # transformers' defaults: local 1e4, global 1e6
+    ("gemma3_text", {"rope_theta": 500000.0, "rope_local_base_freq": 20000.0,  # older keys
+                     "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+    ("olmo3", {}),  # one default base for both
+    ("olmo3", {"rope_theta": 500000.0, "rope_scaling": OLMO3_YARN}),  # OLMo-3-7B's keys
 ])
-def test_gemma3_rope_per_layer_type_is_read_as_transformers_reads_it(rope):
+def test_rope_per_layer_type_is_read_as_transformers_reads_it(model_type, rope):
     import transformers
-    hf = {"model_type": "gemma3_text", "vocab_size": 160, "hidden_size": 64,
+    hf = {"model_type": model_type, "vocab_size": 160, "hidden_size": 64,
           "intermediate_size": 112, "num_hidden_layers": 8, "num_attention_heads": 4,
-          "num_key_value_heads": 2, **rope}
-    reference = transformers.Gemma3TextConfig(**hf)
+          "num_key_value_heads": 2, "max_position_embeddings": 65536, **rope}
+    reference = transformers.AutoConfig.for_model(**hf)
     cfg = models.ModelConfig.from_hf_dict(hf)
     full, local = (reference.rope_parameters[t] for t in ("full_attention", "sliding_attention"))
     assert cfg.rope_theta == full["rope_theta"] and cfg.local_rope_theta == local["rope_theta"]
-    assert cfg.rope_type == full["rope_type"]
+    assert cfg.rope_type == full["rope_type"] and local["rope_type"] == "default"
+    if full["rope_type"] != "default":
+        assert cfg.rope_scaling.factor == full["factor"]
     assert cfg.layer_windows == tuple(reference.sliding_window if t == "sliding_attention"
                                       else 0 for t in reference.layer_types)
     assert cfg.attn_logit_softcapping is None and cfg.final_logit_softcapping is None

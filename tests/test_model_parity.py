@@ -65,6 +65,9 @@ NEGATIVE_CONTROLS = {
     "gemma3_text/local_rope": dict(local_rope_theta=None),
     "gemma3_text/linear_rope": dict(rope_scaling=None),
     "gemma3_text/window": dict(layer_windows=(0, 0)),
+    "olmo3/window": dict(layer_windows=(0, 0)),
+    "olmo3/local_rope": dict(local_rope_theta=40000.0),  # the full layers' base
+    "olmo3/yarn": dict(rope_scaling=None),
     # LongRoPE (48 tokens, past the switch at 32): the long factors ignored, the
     # attention factor ignored.
     "phi4_mini/longrope_switch": lambda cfg: dict(rope_scaling=dataclasses.replace(

@@ -54,7 +54,8 @@ def _hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], fl
 
 
 @pytest.mark.parametrize("family, changes", [
-    ("llama3", {}), ("qwen2", {}), ("smollm3_window", {}), ("olmo2", {}), ("phi3", {}),
+    ("llama3", {}), ("qwen2", {}), ("smollm3_window", {}), ("olmo2", {}), ("olmo3", {}),
+    ("phi3", {}),
     ("gemma2", {"final_logit_softcapping": 30.0}),  # the parity fixture's cap 4 makes ties
     ("gemma3_text", {}),
     ("phi4_mini", {}),  # LongRoPE: three prompts grow past its switch at 32, one starts past

@@ -270,7 +270,7 @@ class ModelConfig:
         num_heads = hf["num_attention_heads"]
         local_rope_theta = None
         if family.rope_by_layer_type:
-            hf, local_rope_theta = _split_rope_by_layer_type(hf)
+            hf, local_rope_theta = _split_rope_by_layer_type(hf, family.legacy_rope)
         rope_theta, rope_scaling, partial = _parse_rope(hf, family)
         if partial != 1.0 and not family.partial_rotary:
             raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported "
@@ -366,19 +366,24 @@ def _json_fields(fields: list[tuple[str, Any]]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in fields}
 
 
-def _split_rope_by_layer_type(hf: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    """Gemma 3's RoPE per layer type: the full-attention layers' settings as a flat
+def _split_rope_by_layer_type(hf: dict[str, Any], legacy: tuple[str, float, float]
+                              ) -> tuple[dict[str, Any], float]:
+    """RoPE per layer type (Gemma 3, OLMo 3): the full-attention layers' settings as a flat
     config (what `_parse_rope` reads) and the sliding layers' base. transformers 5 nests
     them in `rope_parameters`; older config.json files have `rope_theta` (+ `rope_scaling`,
-    applied to full layers only) and `rope_local_base_freq`."""
+    applied to full layers only) and the sliding base under the key `legacy` names (Gemma
+    3's `rope_local_base_freq`, OLMo 3's `rope_theta`), with the family's defaults."""
     params = hf.get("rope_parameters") or {}
+    local_key, local_default, full_default = legacy
     if "full_attention" in params or "sliding_attention" in params:
-        full = params.get("full_attention", {"rope_type": "default", "rope_theta": 1e6})
-        local = params.get("sliding_attention", {"rope_type": "default", "rope_theta": 1e4})
+        full = params.get("full_attention",
+                          {"rope_type": "default", "rope_theta": full_default})
+        local = params.get("sliding_attention",
+                           {"rope_type": "default", "rope_theta": local_default})
     else:
-        full = {"rope_type": "default", "rope_theta": hf.get("rope_theta", 1e6),
+        full = {"rope_type": "default", "rope_theta": hf.get("rope_theta", full_default),
                 **(hf.get("rope_scaling") or {})}
-        local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 1e4)}
+        local = {"rope_type": "default", "rope_theta": hf.get(local_key, local_default)}
     local_type = local.get("rope_type", local.get("type", "default"))
     if local_type != "default":
         raise UnsupportedModelError(f"sliding layers' rope type {local_type!r} is not "

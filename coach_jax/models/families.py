@@ -391,6 +391,9 @@ class Family:
     # RoPE per layer type in config.json (Gemma 3): full layers `rope_theta` and scaling,
     # sliding layers `local_rope_theta`.
     rope_by_layer_type: bool = False
+    # A config.json without per-type `rope_parameters`: the key of the sliding layers' base,
+    # its default and the full layers' default (Gemma 3's `rope_local_base_freq`, 1e4, 1e6).
+    legacy_rope: tuple[str, float, float] = ("rope_local_base_freq", 10000.0, 1000000.0)
     # Layers without RoPE read from `no_rope_layers` (SmolLM3); False: RoPE in every layer.
     nope_layers: bool = False
     # config.json values transformers assumes when the key is absent, where they differ
@@ -547,6 +550,13 @@ register(Family("phi3", "Phi3ForCausalLM", windows=EVERY_LAYER, partial_rotary=T
 register(Family("olmo2", "Olmo2ForCausalLM", rope_types=YARN, switches=dict(
     qk_norm=True, qk_norm_all_heads=True, post_norms=True, qkv_bias="attention_bias",
     o_bias="attention_bias")))
+# OLMo 3: OLMo 2 with three sliding layers to one full (`layer_types`), RoPE per layer type
+# (YaRN on the full layers only); older config.json files give both the one `rope_theta`.
+register(Family("olmo3", "Olmo3ForCausalLM", windows=AlternatingLayers(4), rope_types=YARN,
+                rope_by_layer_type=True, legacy_rope=("rope_theta", 500000.0, 500000.0),
+                switches=dict(qk_norm=True, qk_norm_all_heads=True, post_norms=True,
+                              qkv_bias="attention_bias", o_bias="attention_bias"),
+                config_defaults={"sliding_window": 4096}))
 register(Family("gemma2", "Gemma2ForCausalLM", windows=AlternatingLayers(2),
                 switches=dict(norm_unit_offset=True, sandwich_norms=True,
                               scale_embeddings=True, qkv_bias="attention_bias",
