@@ -173,8 +173,8 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
         # CPU step fuses some dequantizations into their matmuls and keeps a few others.
         layers += (cfg.num_layers if cfg.remat == "none" else 1) * \
             dequantized_layer_bytes(cfg)
-    elif adapted_expert_bytes(cfg):  # the experts with their LoRA folded in, likewise
-        layers += (cfg.num_layers if cfg.remat == "none" else 1) * adapted_expert_bytes(cfg)
+    elif merged := adapted_expert_bytes(cfg):  # the experts with their LoRA folded in
+        layers += (cfg.num_layers if cfg.remat == "none" else 1) * merged
     chunk = min(chunk_tokens or tokens, tokens)
     logits = chunk * cfg.vocab_size * 4 * 3  # logits, softmax, gradient of one chunk
     return float(layers + logits + 2 * tokens * cfg.hidden_size * 4)

@@ -56,8 +56,7 @@ def fused_slots(cfg: ModelConfig, layer: int) -> list[FusedSlot]:
     if cfg.feed_forward[layer] != "moe":
         return []
     tensors = families.family(cfg.model_type).tensors
-    order = tensors.experts or families.FUSED_EXPERTS  # transformers' parameter order
-    targeted = [t for t in order if any(f"mlp/experts/{p}" in cfg.lora.modules
+    targeted = [t for t in tensors.expert_parameters() if any(f"mlp/experts/{p}" in cfg.lora.modules
                                         for p in t.parts)]
     slots = []
     for depth, parameter in enumerate(targeted):

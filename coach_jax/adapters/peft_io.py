@@ -273,8 +273,7 @@ def _expert_keys(cfg: ModelConfig) -> list[str]:
     """Every stacked expert parameter as PEFT's patterns match it."""
     tensors = families.family(cfg.model_type).tensors
     return [f"{tensors.body}.layers.{i}.{t.tensor}" for i in range(cfg.num_layers)
-            if cfg.feed_forward[i] == "moe"
-            for t in tensors.experts or families.FUSED_EXPERTS]
+            if cfg.feed_forward[i] == "moe" for t in tensors.expert_parameters()]
 
 
 def _check_patterns(path: str, config: dict, cfg: ModelConfig) -> None:
@@ -284,10 +283,9 @@ def _check_patterns(path: str, config: dict, cfg: ModelConfig) -> None:
               for m in adapter_targets.layer_projections(cfg, i) if m not in EXPERT_MODULES]
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern in config.get(key) or {}:
-            hit = next((name for name in others
-                        if peft_experts.pattern_value({pattern: 1}, name, None)), None)
-            if hit or not any(peft_experts.pattern_value({pattern: 1}, name, None)
-                              for name in _expert_keys(cfg)):
+            def hits(names):
+                return any(peft_experts.pattern_value({pattern: 1}, n, None) for n in names)
+            if hits(others) or not hits(_expert_keys(cfg)):
                 raise AdapterError(f"{path}: {key} {pattern!r} is not supported (only the "
                                    "experts' stacked parameters may take another rank)")
 
@@ -317,7 +315,11 @@ def _resolve_targets(path: str, config: dict, cfg: ModelConfig
 
 def read_spec(folder: str, cfg: ModelConfig) -> LoraSpec:
     """The LoraSpec an adapter folder's config describes for model `cfg`."""
-    path, config = _read_config(folder)
+    return _spec(*_read_config(folder), cfg)
+
+
+def _spec(path: str, config: dict, cfg: ModelConfig) -> LoraSpec:
+    """The LoraSpec of adapter_config.json `config` (read from `path`) for model `cfg`."""
     for key, expected in _MUST_BE.items():
         value = config.get(key, expected)
         if value != expected and not (expected is None and not value):
@@ -366,8 +368,8 @@ def load_peft(folder: str | os.PathLike, cfg: ModelConfig) -> tuple[LoraSpec, Pa
     of `cfg`). Every tensor must be there with its shape; extra ones are refused. The
     experts' adapters may be on the stacked parameters or on per-expert modules."""
     folder = os.fspath(folder)
-    spec = read_spec(folder, cfg)
-    _, config = _read_config(folder)
+    path, config = _read_config(folder)
+    spec = _spec(path, config, cfg)
     lora_cfg = dataclasses.replace(cfg, projection="lora", lora=spec)
     file = os.path.join(folder, WEIGHTS_FILE)
     try:
@@ -406,9 +408,9 @@ def merge(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
 
     def fold(key_path, kernel):
         parts = path_str(key_path).split("/")
-        root, module = parts[0], "/".join(parts[1:-1])
-        if "/".join(parts[1:]) in EXPERT_MODULES and "/".join(parts[1:]) in cfg.lora.modules:
-            lora = f"{root}/{adapter_module('/'.join(parts[1:]))}"
+        root, module, leaf = parts[0], "/".join(parts[1:-1]), "/".join(parts[1:])
+        if leaf in EXPERT_MODULES and leaf in cfg.lora.modules:  # a stacked expert weight
+            lora = f"{root}/{adapter_module(leaf)}"
             a = flat_adapter[f"{lora}/lora_a"].astype(jnp.float32)
             b = flat_adapter[f"{lora}/lora_b"].astype(jnp.float32)
             delta = jnp.einsum("...eir,...ero->...eio", a, b)

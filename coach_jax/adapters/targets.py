@@ -156,10 +156,6 @@ def resolve(cfg: ModelConfig, targets: str | tuple[str, ...],
     return modules, (None if selected == list(range(cfg.num_layers)) else tuple(selected))
 
 
-def experts_adapted(modules: tuple[str, ...]) -> bool:
-    return bool(set(modules) & set(EXPERT_MODULES))
-
-
 def hf_names(cfg: ModelConfig, modules: tuple[str, ...]) -> list[str]:
     """The HF module names (last component) of our targeted projections, as PEFT's
     adapter_config.json lists them in `target_modules` (the experts are parameters)."""

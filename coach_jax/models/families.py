@@ -344,11 +344,14 @@ class TensorNames:
         """The stacked tensor holding our experts' `leaf` ("gate_proj"), if stacked."""
         return next((t for t in self.experts if leaf in t.parts), None)
 
+    def expert_parameters(self) -> tuple[ExpertTensor, ...]:
+        """transformers' stacked expert parameters of a layer, in its order: the
+        checkpoint's stacked tensors, else transformers' fused layout."""
+        return self.experts or FUSED_EXPERTS
+
     def expert_parameter(self, leaf: str) -> ExpertTensor:
-        """The transformers parameter holding our experts' `leaf` ("up_proj"): the
-        checkpoint's stacked tensor, else transformers' fused layout."""
-        stacked = self.experts_tensor(leaf)
-        return stacked or next(t for t in FUSED_EXPERTS if leaf in t.parts)
+        """The transformers parameter holding our experts' `leaf` ("up_proj")."""
+        return next(t for t in self.expert_parameters() if leaf in t.parts)
 
     def top(self, name: str) -> str:
         """The HF module of a top-level parameter or module: embed_tokens, norm, lm_head."""

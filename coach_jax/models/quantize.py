@@ -3,9 +3,9 @@
 Google's qwix holds the representation (int8, int4 or NF4 codes with one scale per block
 of `block` consecutive input channels, absmax-calibrated: bitsandbytes' blocks of a
 [out, in] weight; or MXFP4, FP4 codes with a power-of-two scale per 32, which holds
-gpt-oss's published experts exactly) and does the (de)quantization; coach_jax decides what is quantized (the
-decoder layers' projection kernels and experts; embeddings, norms, routers and the LM
-head stay as loaded) and
+gpt-oss's published experts exactly) and does the (de)quantization; coach_jax decides
+what is quantized (the decoder layers' projection kernels and experts; embeddings, norms,
+routers and the LM head stay as loaded) and
 where it lives (a kernel's codes shard as the kernel does). A projection dequantizes its
 kernel to the compute dtype when it runs (models/lora.py), a mixture its experts
 (models/moe.py), one layer at a time under scan.
