@@ -100,6 +100,28 @@ def _layer_mean(cfg: ModelConfig, dense: float, moe: float) -> float:
     return (dense * kinds.count("mlp") + moe * kinds.count("moe")) / cfg.num_layers
 
 
+def _mixer_mean(cfg: ModelConfig, attention: float, deltanet: float) -> float:
+    """A per-layer figure averaged over the layers, attention ones and DeltaNet ones."""
+    kinds = cfg.mixers
+    return (attention * kinds.count("attention")
+            + deltanet * kinds.count("gated_deltanet")) / cfg.num_layers
+
+
+def deltanet_bytes(cfg: ModelConfig, width: int) -> float:
+    """Bytes per token a Gated DeltaNet layer's backward keeps of its token mixer: the
+    conv's input and output channels, z and the gates (compute dtype), and per value head
+    the float32 rows of the chunked rule (decay, solved system, within-chunk scores, the
+    corrected values and decayed keys: models/gated_deltanet.py). Against XLA's CPU plan
+    of the compiled step at hidden 256 and 1024 tokens the estimate is as close as for
+    attention layers: 10% under with remat, 17% without."""
+    from coach_jax.models.gated_deltanet import CHUNK_SIZE
+    spec = cfg.deltanet
+    channels = 2 * spec.key_dim + spec.value_dim
+    heads = spec.num_value_heads
+    rule = heads * (10 * CHUNK_SIZE + 4 * spec.key_head_dim + 4 * spec.value_head_dim)
+    return float((2 * channels + 2 * spec.value_dim + 2 * heads) * width + rule * 4)
+
+
 def _keys_per_query(seq_len: int, block: int = 64) -> float:
     """Keys a query attends to on average with the XLA path's 64-query blocks, which
     skip the keys past their block (attention.dot_product_attention)."""
@@ -160,14 +182,20 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
         # expert's, and the sorted rows in and out
         mlp = _layer_mean(cfg, mlp, 6 * cfg.moe.shared_expert_size
                           + expert_exchange(cfg, expert_shards) / width)
-    layer_set = tokens * ((mlp + 8 * d + 3 * q + kv - unsaved) * width + 2 * scores)
+    mixer = (3 * q + kv) * width + 2 * scores  # an attention layer's
+    if cfg.deltanet is not None:  # DeltaNet layers keep their rule's chunk matrices instead
+        mixer = _mixer_mean(cfg, mixer, deltanet_bytes(cfg, width))
+    layer_set = tokens * ((mlp + 8 * d - unsaved) * width + mixer)
     inputs = tokens * 2 * d * width  # a layer's input and residual
     kept = {"none": layer_set,
             "full": inputs,
             "dots": tokens * ((q + kv + 4 * d + 2 * f) * width + scores),
             "dots_no_batch": tokens * (q + kv + 4 * d + 2 * f) * width,
             "save_attention": inputs}[cfg.remat]  # XLA keeps no more than for full
-    layers = cfg.num_layers * kept + layer_set
+    # The backward pass's working set: one layer's, or a scanned group's layers' (the scan
+    # body recomputes them together).
+    working = cfg.scan_period if cfg.scan_layers else 1
+    layers = cfg.num_layers * kept + working * layer_set
     if quantized:  # the dequantized kernels: kept per layer without remat (the backward
         # pass's input gradients read them), else the one layer being recomputed. XLA's
         # CPU step fuses some dequantizations into their matmuls and keeps a few others.

@@ -18,6 +18,13 @@ _COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden
 _SMOLLM3 = dict(_COMMON, num_hidden_layers=4, no_rope_layer_interval=2, pad_token_id=0,
                 bos_token_id=1, eos_token_id=2)
 
+_QWEN3_5 = dict(head_dim=16, linear_conv_kernel_dim=3, linear_key_head_dim=16,
+                linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                layer_types=["linear_attention", "full_attention"] * 2, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 20000.0,
+                                 "partial_rotary_factor": 0.5})
+
 # One config per family, each with non-default rope_theta / eps and GQA ratio 2.
 FAMILIES = {
     "llama3": lambda: transformers.LlamaConfig(
@@ -117,6 +124,15 @@ FAMILIES = {
                                             "original_max_position_embeddings": 16},
                          "sliding_attention": {"rope_type": "default",
                                                "rope_theta": 8000.0}}),
+    # Qwen3.5: Gated DeltaNet and gated attention layers alternating (not the stock 3:1),
+    # a conv of 3 taps, two value heads per key head of another width than the keys',
+    # half of each attention head rotated.
+    "qwen3_5": lambda: transformers.Qwen3_5TextConfig(
+        **dict(_COMMON, num_hidden_layers=4), **_QWEN3_5),
+    "qwen3_5_moe": lambda: transformers.Qwen3_5MoeTextConfig(
+        **{k: v for k, v in dict(_COMMON, num_hidden_layers=4).items()
+           if k != "intermediate_size"}, **_QWEN3_5, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48),
     "olmo2": lambda: transformers.Olmo2Config(
         **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 40000.0}),
@@ -143,6 +159,12 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **conf
         if family == "gpt_oss":  # sinks that take a real share of the attention
             for layer in model.model.layers:
                 layer.self_attn.sinks.copy_(2.0 * torch.randn_like(layer.self_attn.sinks))
+        if family.startswith("qwen3_5"):  # decays from slow to fast, a conv that bites
+            for layer in model.model.layers:
+                if hasattr(layer, "linear_attn"):
+                    mixer = layer.linear_attn
+                    mixer.A_log.copy_(torch.empty_like(mixer.A_log).uniform_(-4.0, 0.5))
+                    mixer.conv1d.weight.copy_(0.5 * torch.randn_like(mixer.conv1d.weight))
         if family in ("olmo2", "olmo3", "olmoe"):
             # Heads of different magnitude, so a norm over all heads differs from a norm per
             # head (the feature's negative control).

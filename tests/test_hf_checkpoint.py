@@ -42,7 +42,7 @@ TOKENS = np.random.RandomState(5).randint(0, 160, (2, 24)).astype(np.int32)
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral", "smollm3_window",
                                     "olmo2", "olmo3", "phi3", "phi4_mini", "gemma2",
                                     "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe",
-                                    "olmoe", "gpt_oss"])
+                                    "olmoe", "gpt_oss", "qwen3_5", "qwen3_5_moe"])
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, family, scan_layers):
     hf_model = _saved(family, tmp_path / "hf")

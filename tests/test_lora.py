@@ -338,3 +338,24 @@ def test_micro_batches_and_remat_give_the_same_adapter_step(tmp_path):
         assert abs(loss - results[0][0]) <= 1e-6
         for a, b in zip(leaves, results[0][1]):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+# Qwen3.5's Gated DeltaNet projections besides attention's and the MLP's.
+QWEN3_5_LINEAR = ALL + ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+
+
+def test_deltanet_adapters_equal_peft_both_ways(tmp_path):
+    """all-linear on Qwen3.5 adapts the DeltaNet layers' five projections as PEFT does:
+    PEFT's adapter gives PEFT's logits and gradients here, ours and the merged export give
+    ours there."""
+    model = _peft_model("qwen3_5", tmp_path / "base", target_modules=QWEN3_5_LINEAR)
+    cfg, base, adapter = _ours(model, tmp_path)
+    assert set(cfg.lora.modules) == set(targets.resolve(cfg, "all-linear")[0])
+    assert "linear_attn/in_proj_qkv" in cfg.lora.modules
+    logits = np.asarray(models.apply(cfg, adapters.union(base, adapter), TOKENS))
+    assert _relative(logits, _logits(model)) <= RELATIVE
+    ours, expected = gradients_against_peft(model, cfg, base, adapter)
+    assert any("in_proj_qkv" in name for name in ours)
+    for name in ours:
+        assert _relative(ours[name], expected[name]) <= RELATIVE, name
+    exports_give_our_logits(cfg, base, adapter, "qwen3_5", tmp_path, logits)

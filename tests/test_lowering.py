@@ -52,7 +52,7 @@ RECIPE_FAMILIES = {
     "qwen2_5_0_5b_lora": "qwen2", "qwen2_5_0_5b_qlora": "qwen2", "qwen3_0_6b": "qwen3",
     "smollm3_3b": "smollm3_window", "qwen3_30b_a3b_lora": "qwen3_moe",
     "mixtral_8x7b_qlora": "mixtral", "gpt_oss_20b_lora": "gpt_oss",
-    "gpt_oss_20b_qlora": "gpt_oss",
+    "gpt_oss_20b_qlora": "gpt_oss", "qwen3_5_0_8b": "qwen3_5", "qwen3_5_moe_lora": "qwen3_5_moe",
 }
 LAB_RECIPES = ("default", "lab_bad_coach", "lab_coach_too_hard", "lab_lora", "lab_pretrain")
 
@@ -390,3 +390,23 @@ def test_the_expert_parallel_moe_step_lowers(platform, lora_rank):
     text = exported.mlir_module()
     assert "sdy.manual_computation" in text
     assert "all_gather" in text and "reduce_scatter" in text
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_hybrid_deltanet_steps_and_generation_lower(platform, family):
+    """Qwen3.5: DeltaNet and gated attention layers scanned in groups (its chunked rule's
+    triangular solve and scan over chunks, the conv's segment masks), remat, two
+    micro-batches, on a (data 2, fsdp 2, tensor 2) mesh; and the decode loop, whose cache
+    holds conv inputs and recurrent states beside the keys and values."""
+    cfg = stand_in(family, remat="full")
+    assert cfg.scan_layers and cfg.scan_period == 2
+    step = train_step(cfg, micro_batches=2, rows=8, mesh=mesh_2x2x2())
+    if platform == "tpu":
+        lowers_with(export(step.fn, platform, *step.args), platform, "splash")
+    else:  # cuDNN partitions itself on a mesh, which jax.export cannot serialize: lowered
+        jax.clear_caches()
+        with cudnn_installed():
+            text = step.fn.trace(*step.args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "CustomSPMDPartitioning" in text
+    lowers_with(export_generation(cfg, platform, 4), platform, None)

@@ -98,6 +98,13 @@ NEGATIVE_CONTROLS = {
     "qwen3_moe/normalize_top_k": lambda cfg: dict(moe=dataclasses.replace(
         cfg.moe, normalize_top_k=False)),
     "olmoe/qk_norm_all_heads": dict(qk_norm_all_heads=False),
+    # Qwen3.5: the attention output gate dropped (q_proj cut to its queries), every head
+    # rotated, Llama's norms for the (1 + w) ones; the MoE's shared expert dropped.
+    "qwen3_5/output_gate": dict(attention_output_gate=False),
+    "qwen3_5/partial_rotary": dict(partial_rotary_factor=1.0),
+    "qwen3_5/norm_unit_offset": dict(norm_unit_offset=False),
+    "qwen3_5_moe/shared_expert": lambda cfg: dict(moe=dataclasses.replace(
+        cfg.moe, shared_expert_size=0)),
 }
 
 
@@ -153,6 +160,17 @@ def _gate_up_halves(params):
     return {**params, "layers": {**params["layers"], "mlp": mlp}}
 
 
+def _queries_only(params):
+    """Qwen3.5's q_proj without its gate half: each head's first head_dim columns (in
+    every layer subtree, scanned in groups or not)."""
+    if not isinstance(params, dict):
+        return params
+    if "q_proj" in params:
+        kernel = params["q_proj"]["kernel"]  # [..., D, N, 2H]
+        return {**params, "q_proj": {"kernel": kernel[..., :kernel.shape[-1] // 2]}}
+    return {name: _queries_only(value) for name, value in params.items()}
+
+
 # Controls that change the parameter tree the crippled layers expect, or the parameters.
 CONTROL_PARAMS = {"olmo2/post_norms": _pre_norm_params,
                   "olmo2/qk_norm_all_heads": _per_head_norm_params,
@@ -160,7 +178,8 @@ CONTROL_PARAMS = {"olmo2/post_norms": _pre_norm_params,
                   "mixtral/experts_swapped": _experts_swapped,
                   "qwen2_moe/shared_expert_gate": _shared_gate_zeroed,
                   "gpt_oss/sinks": _without_sinks,
-                  "gpt_oss/gate_up_deinterleaved": _gate_up_halves}
+                  "gpt_oss/gate_up_deinterleaved": _gate_up_halves,
+                  "qwen3_5/output_gate": _queries_only}
 
 
 @pytest.mark.parametrize("control", list(NEGATIVE_CONTROLS))

@@ -29,7 +29,8 @@ from coach_jax.adapters import peft_experts
 from coach_jax.adapters import targets as adapter_targets
 from coach_jax.models import families
 from coach_jax.models.config import ModelConfig
-from coach_jax.models.decoder import Params, param_shapes, path_str, select
+from coach_jax.models.decoder import (Params, layer_root, param_shapes, path_str, select,
+                                      split_layer_path)
 from coach_jax.models.lora import (EXPERT_MODULES, LoraSpec, adapter_module, is_adapter_path,
                                    join_base)
 
@@ -53,7 +54,13 @@ class _Slot:
 
 
 def _root(cfg: ModelConfig, layer: int) -> str:
-    return "layers" if cfg.scan_layers else f"layers_{layer}"
+    return layer_root(cfg, layer)[0]
+
+
+def _in_layer(cfg: ModelConfig, array: Any, layer: int) -> Any:
+    """Layer `layer`'s part of an array of its layer subtree (a row of a stacked one)."""
+    stacked = layer_root(cfg, layer)[1]
+    return array if stacked is None else array[stacked]
 
 
 def _layers(cfg: ModelConfig) -> range | tuple[int, ...]:
@@ -71,11 +78,6 @@ def _expert_modules(cfg: ModelConfig, layer: int) -> list[str]:
     return [m for m in EXPERT_MODULES if m in cfg.lora.modules]
 
 
-def _layer_arrays(flat: dict[str, Any], path: str, layer: int) -> Any:
-    """Layer `layer` of our adapter leaf `path` ("layers/..." stacked, "layers_i/..." not)."""
-    if path.startswith("layers/"):
-        return flat[path][layer]
-    return flat[path]
 
 
 def _paths(cfg: ModelConfig, layer: int) -> dict[str, tuple[str, str]]:
@@ -112,7 +114,7 @@ def _slots(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> list[_Slot]:
         for path, (hf, leaf) in _paths(cfg, layer).items():
             row = 0
             if leaf == "lora_B":
-                module = "/".join(path.split("/")[1:3])
+                module = split_layer_path(cfg, path)[1].removesuffix("/lora_b")
                 _, position = names.in_layer(layer, module)
                 fused = [f for f in names.fused if module in f.parts]
                 if fused:
@@ -131,7 +133,7 @@ def to_peft(cfg: ModelConfig, adapter: Params, per_expert: bool = False
     out = _experts_to_peft(cfg, flat, per_expert)
     pieces: dict[str, list[tuple[int, np.ndarray]]] = {}
     for slot in _slots(cfg, {path: x.shape for path, x in flat.items()}):
-        ours = _layer_arrays(flat, slot.path, slot.layer)
+        ours = _in_layer(cfg, flat[slot.path], slot.layer)
         if slot.path.endswith("lora_a"):  # [in..., r] -> [r, in]
             tensor = ours.reshape(-1, ours.shape[-1]).T
         else:  # [r, out...] -> [out, r]
@@ -149,7 +151,7 @@ def _experts_to_peft(cfg: ModelConfig, flat: dict[str, np.ndarray], per_expert: 
     out = {}
     for layer in _layers(cfg):
         def ours(module):
-            return tuple(_layer_arrays(flat, _expert_leaf(cfg, layer, module, leaf), layer)
+            return tuple(_in_layer(cfg, flat[_expert_leaf(cfg, layer, module, leaf)], layer)
                          for leaf in ("lora_a", "lora_b"))
         for module in _expert_modules(cfg, layer) if per_expert else ():
             a, b = ours(module)
@@ -172,7 +174,7 @@ def _experts_from_peft(cfg: ModelConfig, tensors: dict[str, np.ndarray],
         def put(module, a, b):
             for leaf, value in (("lora_a", a), ("lora_b", b)):
                 target = host[_expert_leaf(cfg, layer, module, leaf)]
-                (target[layer] if cfg.scan_layers else target)[...] = value
+                _in_layer(cfg, target, layer)[...] = value
         for module in _expert_modules(cfg, layer):
             names = peft_experts.per_expert_names(cfg, layer, module)
             if names and names[0][0] in tensors:
@@ -203,7 +205,7 @@ def from_peft(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any,
     _experts_from_peft(cfg, tensors, host, scales or {})
     for slot in _slots(cfg, shapes):
         target = host[slot.path]
-        per_layer = target[slot.layer] if slot.path.startswith("layers/") else target
+        per_layer = _in_layer(cfg, target, slot.layer)
         tensor = tensors[slot.peft_name]
         if slot.path.endswith("lora_a"):
             per_layer[...] = tensor.T.reshape(per_layer.shape)
@@ -407,8 +409,10 @@ def merge(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
     scale = cfg.lora.scale
 
     def fold(key_path, kernel):
-        parts = path_str(key_path).split("/")
-        root, module, leaf = parts[0], "/".join(parts[1:-1]), "/".join(parts[1:])
+        path = path_str(key_path)
+        root, inside = split_layer_path(cfg, path) or (path, "")
+        parts = inside.split("/")
+        module, leaf = "/".join(parts[:-1]), inside
         if leaf in EXPERT_MODULES and leaf in cfg.lora.modules:  # a stacked expert weight
             lora = f"{root}/{adapter_module(leaf)}"
             a = flat_adapter[f"{lora}/lora_a"].astype(jnp.float32)
@@ -421,7 +425,7 @@ def merge(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
         owner = f"{module.split('/')[0]}/{group}" if group else module
         a = flat_adapter[f"{root}/{owner}/lora_a"].astype(jnp.float32)
         b = flat_adapter[f"{root}/{module}/lora_b"].astype(jnp.float32)
-        stacked = root == "layers"
+        stacked = root.startswith("layers") and cfg.scan_layers
         lead = a.shape[:1] if stacked else ()
         a2 = a.reshape(*lead, -1, a.shape[-1])
         b2 = b.reshape(*lead, b.shape[len(lead)], -1)

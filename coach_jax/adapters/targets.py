@@ -26,6 +26,10 @@ from coach_jax.models.lora import EXPERT_MODULES
 # Our projections inside a decoder layer, in the order adapters list them.
 PROJECTIONS = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
                "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+# A Gated DeltaNet layer's projections (Qwen3.5's linear_attn), in place of attention's.
+DELTANET_PROJECTIONS = ("linear_attn/in_proj_qkv", "linear_attn/in_proj_z",
+                        "linear_attn/in_proj_b", "linear_attn/in_proj_a",
+                        "linear_attn/out_proj")
 ALL_LINEAR = "all-linear"
 
 
@@ -56,11 +60,10 @@ def per_expert_modules(cfg: ModelConfig, layer: int, module: str) -> list[str]:
 
 
 def layer_projections(cfg: ModelConfig, layer: int) -> tuple[str, ...]:
-    """The projections an adapter can go on in `layer`: the attention's and its dense
-    MLP's, or its experts' weights."""
-    if cfg.feed_forward[layer] == "moe":
-        return PROJECTIONS[:4] + EXPERT_MODULES
-    return PROJECTIONS
+    """The projections an adapter can go on in `layer`: its token mixer's (attention or
+    Gated DeltaNet) and its dense MLP's, or its experts' weights."""
+    mixer = PROJECTIONS[:4] if cfg.mixers[layer] == "attention" else DELTANET_PROJECTIONS
+    return mixer + (EXPERT_MODULES if cfg.feed_forward[layer] == "moe" else PROJECTIONS[4:])
 
 
 def matches(target: str | tuple[str, ...], name: str) -> bool:

@@ -23,6 +23,7 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names
+MIXERS = ("attention", "gated_deltanet")  # a layer's token mixer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,37 @@ class MoeSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeltaNetSpec:
+    """The Gated DeltaNet token mixer (the layers `ModelConfig.mixers` marks
+    "gated_deltanet"; Qwen3.5's `linear_attention`): key heads each serve
+    num_value_heads / num_key_heads value heads, after a causal depthwise conv1d of
+    `conv_kernel` taps over the fused q, k, v channels."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int = 4
+
+    def __post_init__(self):
+        if self.num_value_heads % self.num_key_heads:
+            raise UnsupportedModelError(
+                f"linear_num_value_heads={self.num_value_heads} is not a multiple of "
+                f"linear_num_key_heads={self.num_key_heads}")
+        if self.conv_kernel < 1:
+            raise UnsupportedModelError(f"linear_conv_kernel_dim={self.conv_kernel} must be "
+                                        "at least 1")
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
 class YarnRopeScaling:
     """YaRN (`rope_type: yarn`): frequencies interpolated by `factor` below the
     correction range set by `beta_fast` / `beta_slow` rotations within
@@ -150,6 +182,9 @@ class ModelConfig:
     # gpt-oss: a learned logit per head (`self_attn/sinks`) joins each query's softmax
     # over the keys and takes its share of the weight, attending to nothing.
     attention_sinks: bool = False
+    # Qwen3.5: q_proj is twice as wide, each head's second half a gate; the attention
+    # output is multiplied by its sigmoid before o_proj.
+    attention_output_gate: bool = False
     activation: str = "silu"  # one of ACTIVATIONS: the MLP's gate activation
     query_pre_attn_scalar: float | None = None  # attention scale s**-0.5; None: head_dim
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
@@ -161,6 +196,10 @@ class ModelConfig:
     # dense gated MLP; "moe": experts as `moe` describes). Empty: "mlp" everywhere.
     feed_forward: tuple[str, ...] = ()
     moe: MoeSpec | None = None
+    # mixers[i]: layer i's token mixer, "attention" (self_attn) or "gated_deltanet"
+    # (linear_attn, as `deltanet` describes). Empty: attention everywhere.
+    mixers: tuple[str, ...] = ()
+    deltanet: DeltaNetSpec | None = None
     initializer_range: float = 0.02
     # Runtime switches: not part of the architecture, never written to config.json.
     compute_dtype: str = "float32"
@@ -215,14 +254,43 @@ class ModelConfig:
         if ("moe" in self.feed_forward) != (self.moe is not None):
             raise UnsupportedModelError("MoE layers and a MoeSpec go together "
                                         f"(feed_forward={self.feed_forward}, moe={self.moe})")
-        if self.scan_layers and len(set(self.feed_forward)) > 1:
-            # One scan stacks identical layers; dense layers among sparse ones are unrolled.
+        if not self.mixers:
+            object.__setattr__(self, "mixers", ("attention",) * self.num_layers)
+        if len(self.mixers) != self.num_layers or set(self.mixers) - set(MIXERS):
+            raise UnsupportedModelError(f"mixers={self.mixers}: one of {', '.join(MIXERS)} "
+                                        f"per layer ({self.num_layers} layers)")
+        if ("gated_deltanet" in self.mixers) != (self.deltanet is not None):
+            raise UnsupportedModelError("Gated DeltaNet layers and a DeltaNetSpec go together "
+                                        f"(mixers={self.mixers}, deltanet={self.deltanet})")
+        if self.scan_layers and self.num_layers > 1 and self.scan_period == self.num_layers:
+            # No repeating group of layers to scan over: every layer is unrolled.
             object.__setattr__(self, "scan_layers", False)
         if not self.rope_layers:
             object.__setattr__(self, "rope_layers", (True,) * self.num_layers)
         if len(self.rope_layers) != self.num_layers:
             raise UnsupportedModelError(
                 f"{len(self.rope_layers)} rope flags given for {self.num_layers} layers")
+
+    @property
+    def layer_kinds(self) -> tuple[tuple[str, str], ...]:
+        """Each layer's (token mixer, feed-forward): layers of one kind share a structure."""
+        return tuple(zip(self.mixers, self.feed_forward))
+
+    @property
+    def scan_period(self) -> int:
+        """The length of the shortest group of layers whose kinds repeat through the stack
+        (1: all layers alike; Qwen3.5: 4, three DeltaNet layers and one attention). A
+        scan runs over the groups, each group's layers unrolled; num_layers: no group
+        repeats."""
+        kinds = self.layer_kinds
+        return next(p for p in range(1, self.num_layers + 1) if self.num_layers % p == 0
+                    and all(kinds[i] == kinds[i % p] for i in range(self.num_layers)))
+
+    def cache_slot(self, layer: int) -> int:
+        """Layer `layer`'s index among the layers with its token mixer: where its state
+        lives in the decoding cache (attention layers' keys and values, DeltaNet layers'
+        conv and recurrent states)."""
+        return self.mixers[:layer].count(self.mixers[layer])
 
     @property
     def has_sliding_window(self) -> bool:

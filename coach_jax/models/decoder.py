@@ -33,6 +33,70 @@ _REMAT_POLICIES = {
 ShardingFn = Callable[[str], jax.sharding.Sharding]
 
 
+def _layer_class(cfg: ModelConfig) -> type[nn.Module]:
+    """DecoderLayer, rematerialised in the backward pass as `cfg.remat` says. A scan's
+    body keeps XLA from merging the recomputation into the forward pass, so only a layer
+    scanned on its own may skip the guard (layers of a scanned group keep it)."""
+    if cfg.remat == "none":
+        return DecoderLayer
+    alone_in_scan = cfg.scan_layers and cfg.scan_period == 1
+    return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat],
+                    prevent_cse=not alone_in_scan)
+
+
+class LayerGroup(nn.Module):
+    """`cfg.scan_period` consecutive layers of different kinds, unrolled: the body of the
+    scan over a stack whose layers repeat in groups (Qwen3.5's three DeltaNet layers and
+    one attention layer). Layer j of every group lives at `layers/group_layer_j`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, positions_BxT, segment_ids_BxT, rope_tables, windows_P, slots,
+                 layers_P):
+        cfg = self.cfg
+        for j, (mixer, kind) in enumerate(cfg.layer_kinds[:cfg.scan_period]):
+            carry, _ = _layer_class(cfg)(cfg, kind, mixer, name=f"{GROUP_LAYER}{j}")(
+                carry, positions_BxT, segment_ids_BxT, rope_tables, windows_P[j], slots,
+                layers_P[j])
+        return carry, None
+
+
+GROUP_LAYER = "group_layer_"
+
+
+def layer_root(cfg: ModelConfig, layer: int) -> tuple[str, int | None]:
+    """Where layer `layer`'s parameters live: their subtree ("layers_3" unrolled, "layers"
+    scanned, "layers/group_layer_1" scanned in groups) and the layer's index along that
+    subtree's stacked axis (None unrolled)."""
+    if not cfg.scan_layers:
+        return f"layers_{layer}", None
+    period = cfg.scan_period
+    if period == 1:
+        return "layers", layer
+    return f"layers/{GROUP_LAYER}{layer % period}", layer // period
+
+
+def split_layer_path(cfg: ModelConfig, path: str) -> tuple[str, str] | None:
+    """(layer subtree, path inside a layer) of a decoder-layer parameter path, as
+    `layer_root` names subtrees; None for a parameter outside the layers."""
+    first, _, rest = path.partition("/")
+    if first.startswith("layers_"):
+        return first, rest
+    if first != "layers":
+        return None
+    if cfg.scan_layers and cfg.scan_period > 1:
+        member, _, rest = rest.partition("/")
+        return f"layers/{member}", rest
+    return "layers", rest
+
+
+def layers_of_root(cfg: ModelConfig, root: str) -> list[tuple[int, int | None]]:
+    """The (layer, stacked index) pairs whose parameters a layer subtree holds."""
+    return [(i, index) for i in range(cfg.num_layers)
+            for r, index in [layer_root(cfg, i)] if r == root]
+
+
 class Decoder(nn.Module):
     """Embedding, `num_layers` decoder layers (scanned or unrolled), final norm, LM head."""
 
@@ -43,23 +107,22 @@ class Decoder(nn.Module):
         normal = nn.initializers.normal(cfg.initializer_range)
         self.embed_tokens = _param(self, "embed_tokens", normal,
                                    (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
-        layer = DecoderLayer
-        if cfg.remat != "none":
-            layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat],
-                             prevent_cse=not cfg.scan_layers)
+        layer = _layer_class(cfg)
         if cfg.scan_layers:
+            period = cfg.scan_period
+            body, args = (layer, (cfg, cfg.feed_forward[0], cfg.mixers[0])) if period == 1 \
+                else (LayerGroup, (cfg,))
             self.layers = nn.scan(
-                layer, variable_axes={"params": 0, "intermediates": 0},
+                body, variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 # positions, segment ids, rope tables, cache slots are shared by all layers;
-                # each layer has its own window and index.
+                # each layer (group) has its own windows and indices.
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
-                length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})(
-                    cfg, cfg.feed_forward[0], name="layers")  # one kind: ModelConfig checks
+                length=cfg.num_layers // period,
+                metadata_params={nn.PARTITION_NAME: "layers"})(*args, name="layers")
         else:
-            self.layers = [layer(cfg, kind, name=f"layers_{i}")
-                           for i, kind in enumerate(cfg.feed_forward)]
+            self.layers = [layer(cfg, kind, mixer, name=f"layers_{i}")
+                           for i, (mixer, kind) in enumerate(cfg.layer_kinds)]
         self.norm = RMSNorm(cfg, name="norm")
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(self, "lm_head", normal, (cfg.hidden_size, cfg.vocab_size),
@@ -84,13 +147,15 @@ class Decoder(nn.Module):
         rope_tables = rope.position_tables(cfg, positions_BxT, segment_ids_BxT)
         slots = kv = None
         if cache is not None:
-            cache = cache.written(positions_BxT, segment_ids_BxT)
-            slots = (cache.positions_BxS, cache.segment_ids_BxS, cache.index)
-            kv = (cache.keys_LxBxSxKxH, cache.values_LxBxSxKxH)
+            kv = cache.layer_states()
+            cache, slots = cache.slots(cfg, positions_BxT, segment_ids_BxT)
         carry = (x_BxTxD, kv)
-        if cfg.scan_layers:
-            windows = jnp.asarray(cfg.layer_windows, dtype=jnp.int32)
-            layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        if cfg.scan_layers:  # per group of scan_period layers: their windows and indices
+            groups = (cfg.num_layers // cfg.scan_period, cfg.scan_period)
+            windows = jnp.asarray(cfg.layer_windows, dtype=jnp.int32).reshape(groups)
+            layers = jnp.arange(cfg.num_layers, dtype=jnp.int32).reshape(groups)
+            if cfg.scan_period == 1:
+                windows, layers = windows[:, 0], layers[:, 0]
             carry, _ = self.layers(carry, positions_BxT, segment_ids_BxT, rope_tables, windows,
                                    slots, layers)
         else:
@@ -99,8 +164,7 @@ class Decoder(nn.Module):
                                  slots, i)
         x_BxTxD, kv = carry
         if cache is not None:
-            cache = cache.replace(keys_LxBxSxKxH=kv[0], values_LxBxSxKxH=kv[1],
-                                  index=cache.index + tokens_BxT.shape[1])
+            cache = cache.with_layer_states(kv, tokens_BxT.shape[1])
         return self.norm(x_BxTxD), cache
 
     def logits_from_hidden(self, hidden_BxTxD: jax.Array) -> jax.Array:
@@ -165,11 +229,18 @@ def hidden_states_and_router(cfg: ModelConfig, params: Params, tokens: jax.Array
     found = state.get("intermediates", {})
     if not found:
         return hidden, {}
-    if cfg.scan_layers:  # one entry, stacked over the layers by the scan
+    if cfg.scan_layers and cfg.scan_period == 1:  # one entry, stacked by the scan
         (sums,) = found["layers"]["mlp"]["router"]
         return hidden, sums
-    layers = sorted((int(name.removeprefix("layers_")), entry["mlp"]["router"][0])
-                    for name, entry in found.items())
+    if cfg.scan_layers:  # one entry per MoE layer of the group, stacked over the groups
+        layers = [(g * cfg.scan_period + int(name.removeprefix(GROUP_LAYER)),
+                   jax.tree.map(lambda x: x[g], entry["mlp"]["router"][0]))
+                  for name, entry in found["layers"].items()
+                  for g in range(cfg.num_layers // cfg.scan_period)]
+    else:
+        layers = [(int(name.removeprefix("layers_")), entry["mlp"]["router"][0])
+                  for name, entry in found.items()]
+    layers.sort(key=lambda item: item[0])
     return hidden, jax.tree.map(lambda *x: jnp.stack(x), *[sums for _, sums in layers])
 
 

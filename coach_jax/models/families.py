@@ -24,7 +24,8 @@ class UnsupportedModelError(ValueError):
 
 # The boolean feature fields of `ModelConfig` a family fixes or reads from its config.json.
 SWITCHES = ("qk_norm", "qkv_bias", "o_bias", "mlp_bias", "qk_norm_all_heads", "post_norms",
-            "norm_unit_offset", "sandwich_norms", "scale_embeddings", "attention_sinks")
+            "norm_unit_offset", "sandwich_norms", "scale_embeddings", "attention_sinks",
+            "attention_output_gate")
 # The non-boolean feature fields a family reads from its config.json: field -> (key, the
 # value transformers assumes when the key is absent). Fields a family does not name keep
 # ModelConfig's default (and export refuses any other value).
@@ -295,6 +296,46 @@ class MoeKeys:
             hf["mlp_only_layers"] = [i for i, k in enumerate(cfg.feed_forward) if k == "mlp"]
 
 
+# Hybrid layer stacks (Qwen3.5): `layer_types` names each layer's token mixer.
+MIXER_TYPES = {"linear_attention": "gated_deltanet", "full_attention": "attention"}
+DELTANET_KEYS = {"num_key_heads": "linear_num_key_heads",
+                 "num_value_heads": "linear_num_value_heads",
+                 "key_head_dim": "linear_key_head_dim",
+                 "value_head_dim": "linear_value_head_dim",
+                 "conv_kernel": "linear_conv_kernel_dim"}
+
+
+def hybrid_layers(hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """The `mixers` and `deltanet` fields of ModelConfig: `layer_types`, or without it
+    every `full_attention_interval`-th layer (4) full attention and the others linear."""
+    from coach_jax.models.config import DeltaNetSpec
+    interval = hf.get("full_attention_interval", 4)
+    layer_types = hf.get("layer_types") or [
+        "linear_attention" if (i + 1) % interval else "full_attention" for i in range(num_layers)]
+    if set(layer_types) - set(MIXER_TYPES) or len(layer_types) < num_layers:
+        raise UnsupportedModelError(f"layer_types {layer_types!r} are not supported (one of "
+                                    f"{', '.join(MIXER_TYPES)} per layer)")
+    mixers = tuple(MIXER_TYPES[t] for t in layer_types[:num_layers])
+    if "gated_deltanet" not in mixers:
+        return {"mixers": mixers}
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} with linear attention "
+                                    "layers is not supported (their conv1d uses silu)")
+    missing = [key for key in DELTANET_KEYS.values() if key not in hf]
+    if missing:
+        raise UnsupportedModelError(f"config.json has no {missing[0]!r}")
+    return {"mixers": mixers, "deltanet": DeltaNetSpec(
+        **{field: int(hf[key]) for field, key in DELTANET_KEYS.items()})}
+
+
+def export_hybrid_layers(cfg: ModelConfig, hf: dict[str, Any]) -> None:
+    names = {mixer: layer_type for layer_type, mixer in MIXER_TYPES.items()}
+    hf.pop("full_attention_interval", None)
+    hf["layer_types"] = [names[m] for m in cfg.mixers]
+    if cfg.deltanet is not None:
+        hf.update({key: getattr(cfg.deltanet, field) for field, key in DELTANET_KEYS.items()})
+
+
 @dataclasses.dataclass(frozen=True)
 class Fused:
     """One checkpoint tensor holding several of our projections stacked along its output
@@ -405,6 +446,8 @@ class Family:
     moe: MoeKeys | None = None  # a mixture-of-experts family's config keys
     # config.json keys whose feature the decoder does not compute: set, they are refused.
     refused: tuple[str, ...] = ()
+    # Its layers mix tokens by attention or Gated DeltaNet, as `layer_types` says (Qwen3.5).
+    hybrid: bool = False
 
     def __post_init__(self):
         unknown = set(self.switches) - set(SWITCHES)
@@ -435,6 +478,8 @@ class Family:
             fields.update(self.moe.parse(hf, num_layers))
         if self.nope_layers:
             fields["rope_layers"] = no_rope_flags(hf, num_layers)
+        if self.hybrid:
+            fields.update(hybrid_layers(hf, num_layers))
         return fields
 
     def problems(self, cfg: ModelConfig) -> list[str]:
@@ -466,6 +511,8 @@ class Family:
                          else ["mixture-of-experts layers"])
         elif self.moe is not None and not self.moe.sparse_rule:
             problems.append("no mixture-of-experts layers")
+        if not self.hybrid and set(cfg.mixers) != {"attention"}:
+            problems.append(f"token mixers {cfg.mixers}")
         return problems + self.windows.problems(cfg.layer_windows)
 
     def export(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
@@ -487,6 +534,8 @@ class Family:
             hf["no_rope_layers"] = [int(r) for r in cfg.rope_layers]
         if cfg.moe is not None:
             self.moe.export(cfg, hf)
+        if self.hybrid:
+            export_hybrid_layers(cfg, hf)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -496,12 +545,14 @@ FAMILIES: dict[str, Family] = {}
 # under a language-model prefix (MULTIMODAL_LAYOUTS, both ways transformers writes them)
 # and the vision tensors are left alone: coach_jax loads, trains and exports the text
 # decoder only.
-MULTIMODAL = {"gemma3": "gemma3_text"}
+MULTIMODAL = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text",
+              "qwen3_5_moe": "qwen3_5_moe_text"}
 MULTIMODAL_LAYOUTS = (
     TensorNames(body="language_model.model", lm_head="language_model.lm_head"),
     TensorNames(body="model.language_model", lm_head="lm_head"))
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                   "model.multi_modal_projector.")
+                   "model.multi_modal_projector.", "model.visual.", "visual.",
+                   "mtp.")  # Qwen3.5's vision tower and multi-token-prediction head
 
 
 def text_decoder_config(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -626,3 +677,20 @@ register(Family("gpt_oss", "GptOssForCausalLM", windows=AlternatingLayers(2),
                 moe=MoeKeys(("num_local_experts", "num_experts"), "intermediate_size",
                             normalize=True, biases=True, clamped_swiglu=True)))
 
+
+# Qwen3.5: three Gated DeltaNet layers to one attention layer with an output gate (the
+# `layer_types`), (1 + w) RMSNorms, per-head q/k norms and partial RoPE (a quarter of each
+# head). Its multimodal checkpoints' M-RoPE sections coincide for text positions.
+QWEN3_5_DEFAULTS = {"head_dim": 256, "partial_rotary_factor": 0.25,
+                    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+                    "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+                    "linear_num_value_heads": 32, "max_position_embeddings": 32768}
+QWEN3_5_SWITCHES = dict(norm_unit_offset=True, qk_norm=True, attention_output_gate=True,
+                        qkv_bias="attention_bias", o_bias="attention_bias")
+register(Family("qwen3_5_text", "Qwen3_5ForCausalLM", hybrid=True, partial_rotary=True,
+                switches=QWEN3_5_SWITCHES, config_defaults=QWEN3_5_DEFAULTS))
+register(Family("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", hybrid=True,
+                partial_rotary=True, switches=QWEN3_5_SWITCHES,
+                config_defaults={**QWEN3_5_DEFAULTS, "intermediate_size": 0},
+                moe=MoeKeys(("num_experts",), "moe_intermediate_size", normalize=True,
+                            shared_expert_size="shared_expert_intermediate_size")))

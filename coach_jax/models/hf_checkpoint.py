@@ -28,8 +28,8 @@ from safetensors.numpy import save_file
 from coach_jax.models import families
 from coach_jax.models.moe import is_expert_weight
 from coach_jax.models.config import ModelConfig
-from coach_jax.models.decoder import (Params, ShardingFn, kernel_input_dims, param_shapes,
-                                      path_str)
+from coach_jax.models.decoder import (Params, ShardingFn, kernel_input_dims, layers_of_root,
+                                      param_shapes, path_str, split_layer_path)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -177,8 +177,8 @@ def _tensor_plan(cfg: ModelConfig, names: families.TensorNames | None = None
         slot[position] = piece
 
     def add_in_layer(layer: int, index: tuple[int, ...], shape: tuple[int, ...],
-                     path: str) -> None:
-        *module, leaf = path.split("/")[1:]
+                     path: str, inside: str) -> None:
+        *module, leaf = inside.split("/")
         stacked = names.experts_tensor(leaf) if module[-1:] == ["experts"] else None
         if stacked is not None:  # all experts in one HF tensor per layer, [E, in, out]
             part = stacked.parts.index(leaf)
@@ -198,11 +198,14 @@ def _tensor_plan(cfg: ModelConfig, names: families.TensorNames | None = None
         path = path_str(key_path)
         shapes[path] = leaf.shape
         first, *rest = path.split("/")
-        if first == "layers":  # scanned: one HF tensor per layer
-            for i in range(leaf.shape[0]):
-                add_in_layer(i, (i,), leaf.shape[1:], path)
-        elif first.startswith("layers_"):
-            add_in_layer(int(first.removeprefix("layers_")), (), leaf.shape, path)
+        in_layers = split_layer_path(cfg, path)
+        if in_layers is not None:  # stacked (scanned): one HF tensor per layer
+            root, inside = in_layers
+            for layer, stacked in layers_of_root(cfg, root):
+                if stacked is None:
+                    add_in_layer(layer, (), leaf.shape, path, inside)
+                else:
+                    add_in_layer(layer, (stacked,), leaf.shape[1:], path, inside)
         elif not rest:  # a bare parameter: embed_tokens, lm_head
             add(f"{names.top(first)}.weight", 0, _piece(path, (), leaf.shape))
         else:  # a top-level module: the final norm

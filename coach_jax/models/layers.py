@@ -19,11 +19,13 @@ from jax.ad_checkpoint import checkpoint_name
 from coach_jax.models import attention, kv_cache, projection, rope
 from coach_jax.models.config import ModelConfig
 
-# While decoding: (positions [B, S], segment ids [B, S], write index) shared by all layers,
-# and every layer's (keys, values) [L, B, S, K, H], carried through the layers so each
-# writes its new tokens in place. Both are None in training.
-CacheSlots = tuple[jax.Array, jax.Array, jax.Array] | None
-KV = tuple[jax.Array, jax.Array] | None
+# While decoding: what all layers share (kv_cache.Slots: the slots' positions and segment
+# ids, the write index, the segment ids of the tokens before the new ones), and the cache's
+# per-layer arrays (kv_cache.LayerStates: attention layers' keys and values, DeltaNet layers'
+# conv inputs and recurrent states), carried through the layers so each writes its own
+# slot in place. Both are None in training.
+CacheSlots = kv_cache.Slots | None
+KV = kv_cache.LayerStates | None
 
 
 def _param(module: nn.Module, name: str, init, shape: Sequence[int],
@@ -163,7 +165,12 @@ class Attention(nn.Module):
         def proj(name, heads_axis, n_heads):
             return make(name, ("embed",), (heads_axis, "head_dim"), (n_heads, cfg.head_dim),
                         cfg.qkv_bias)
-        q_BxTxNxH = proj("q_proj", "heads", cfg.num_heads)(x_BxTxD)
+        if cfg.attention_output_gate:  # Qwen3.5: each head's query, then its gate
+            q_and_gate = make("q_proj", ("embed",), ("heads", "head_dim"),
+                              (cfg.num_heads, 2 * cfg.head_dim), cfg.qkv_bias)(x_BxTxD)
+            q_BxTxNxH, gate_BxTxNxH = jnp.split(q_and_gate, 2, axis=-1)
+        else:
+            q_BxTxNxH = proj("q_proj", "heads", cfg.num_heads)(x_BxTxD)
         k_BxTxKxH = proj("k_proj", "kv_heads", cfg.num_kv_heads)(x_BxTxD)
         v_BxTxKxH = proj("v_proj", "kv_heads", cfg.num_kv_heads)(x_BxTxD)
         if cfg.qk_norm and cfg.qk_norm_all_heads:
@@ -180,12 +187,13 @@ class Attention(nn.Module):
         sinks_N = (_param(self, "sinks", nn.initializers.zeros, (cfg.num_heads,), ("heads",),
                           cfg) if cfg.attention_sinks else None)
         if kv is not None:
-            kv_positions_BxS, kv_segment_ids_BxS, index = slots
-            keys, k_BxSxKxH = kv_cache.write(kv[0], k_BxTxKxH, layer, index)
-            values, v_BxSxKxH = kv_cache.write(kv[1], v_BxTxKxH, layer, index)
-            kv = (keys, values)
-            mask = attention.attention_mask(positions_BxT, kv_positions_BxS, segment_ids_BxT,
-                                            kv_segment_ids_BxS, layer_window)
+            slot = kv_cache.slot(cfg, layer)
+            keys, k_BxSxKxH = kv_cache.write(kv.keys, k_BxTxKxH, slot, slots.index)
+            values, v_BxSxKxH = kv_cache.write(kv.values, v_BxTxKxH, slot, slots.index)
+            kv = kv._replace(keys=keys, values=values)
+            mask = attention.attention_mask(positions_BxT, slots.positions_BxS,
+                                            segment_ids_BxT, slots.segment_ids_BxS,
+                                            layer_window)
             out_BxTxNxH = attention.dot_product_attention(
                 q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype),
                 v_BxSxKxH.astype(q_BxTxNxH.dtype), mask, scale=scale,
@@ -195,6 +203,9 @@ class Attention(nn.Module):
                 cfg.attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT,
                 segment_ids_BxT, layer_window, windows=tuple(sorted(set(cfg.layer_windows))),
                 scale=scale, softcap=cfg.attn_logit_softcapping, sinks_N=sinks_N)
+        if cfg.attention_output_gate:
+            out_BxTxNxH = out_BxTxNxH * jax.nn.sigmoid(gate_BxTxNxH.astype(jnp.float32)
+                                                       ).astype(out_BxTxNxH.dtype)
         out_BxTxNxH = checkpoint_name(out_BxTxNxH, "attention_out")
         return make("o_proj", ("heads", "head_dim"), ("embed",), (cfg.hidden_size,),
                     cfg.o_bias)(out_BxTxNxH), kv
@@ -263,6 +274,7 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     kind: str = "mlp"  # its feed-forward: a name of ModelConfig.feed_forward
+    mixer: str = "attention"  # its token mixer: a name of ModelConfig.mixers
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, KV], positions_BxT: jax.Array,
@@ -271,7 +283,10 @@ class DecoderLayer(nn.Module):
                  ) -> tuple[tuple[jax.Array, KV], None]:
         cfg = self.cfg
         x_BxTxD, kv = carry
-        attend = Attention(cfg, name="self_attn")
+        if self.mixer == "gated_deltanet":
+            attend = functools.partial(_linear_attention, cfg)
+        else:
+            attend = Attention(cfg, name="self_attn")
         if cfg.post_norms:  # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x))
             attended, kv = attend(x_BxTxD, positions_BxT, segment_ids_BxT, rope_tables, window,
                                   slots, kv, layer)
@@ -295,3 +310,22 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + _feed_forward(cfg, self.kind, h, segment_ids_BxT)
         return (x_BxTxD, kv), None
+
+
+def _linear_attention(cfg: ModelConfig, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                      segment_ids_BxT: jax.Array, rope_tables: Any, window: jax.Array | int,
+                      slots: CacheSlots, kv: KV, layer: jax.Array | int
+                      ) -> tuple[jax.Array, KV]:
+    """A Gated DeltaNet layer's token mixer (`linear_attn`), called as attention is; with
+    a cache it continues from its slot's conv inputs and state and writes them back."""
+    from coach_jax.models.gated_deltanet import GatedDeltaNet
+    del positions_BxT, rope_tables, window  # no positions: the state orders the tokens
+    mixer = GatedDeltaNet(cfg, name="linear_attn")
+    if kv is None:
+        return mixer(x_BxTxD, segment_ids_BxT)[0], kv
+    slot = kv_cache.slot(cfg, layer)
+    out, (conv, recurrent) = mixer(x_BxTxD, segment_ids_BxT,
+                                   (kv.conv[slot], kv.recurrent[slot]),
+                                   slots.history_segments_BxW, slots.last_segment_B)
+    return out, kv._replace(conv=kv.conv.at[slot].set(conv),
+                            recurrent=kv.recurrent.at[slot].set(recurrent))

@@ -32,10 +32,13 @@ def is_quantized(x: Any) -> bool:
 
 
 def _quantizes(path: str) -> bool:
-    """Projection kernels of the decoder layers and a mixture's stacked experts (not its
-    router or its shared expert's gate, whose few weights steer every token)."""
-    return path.startswith("layers") and (path.endswith("_proj/kernel")
-                                          or is_expert_weight(path))
+    """Projection kernels of the decoder layers (Gated DeltaNet's in_proj_* too) and a
+    mixture's stacked experts (not its router or its shared expert's gate, whose few
+    weights steer every token)."""
+    module, _, leaf = path.rpartition("/")
+    module = module.rsplit("/", 1)[-1]
+    projection = leaf == "kernel" and (module.endswith("_proj") or module.startswith("in_proj_"))
+    return path.startswith("layers") and (projection or is_expert_weight(path))
 
 
 def quantize_kernel(kernel: jax.Array, path: str, qtype: str, block: int) -> qwix.QArray:

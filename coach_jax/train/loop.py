@@ -147,7 +147,8 @@ LATER_MODEL_FIELDS = {
     "sandwich_norms": False, "scale_embeddings": False, "activation": "silu",
     "query_pre_attn_scalar": None, "attn_logit_softcapping": None,
     "final_logit_softcapping": None, "local_rope_theta": None, "lora": None,
-    "feed_forward": (), "moe": None, "attention_sinks": False}
+    "feed_forward": (), "moe": None, "attention_sinks": False, "mixers": (),
+    "deltanet": None, "attention_output_gate": False}
 
 
 def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -158,14 +159,16 @@ def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
              if k not in ("hf_source", "compute_dtype", "scan_layers", "remat", "attention")}
     for name, default in LATER_MODEL_FIELDS.items():
         if model[name] == default or (name == "rope_layers" and all(model[name])) or (
-                name == "feed_forward" and set(model[name]) == {"mlp"}):
+                name == "feed_forward" and set(model[name]) == {"mlp"}) or (
+                name == "mixers" and set(model[name]) == {"attention"}):
             del model[name]
     model["rope_scaling"] = str(model["rope_scaling"])
-    for name in ("lora", "moe"):
+    for name in ("lora", "moe", "deltanet"):
         if name in model:
             model[name] = str(getattr(model_cfg, name))
-    if "feed_forward" in model:
-        model["feed_forward"] = list(model["feed_forward"])
+    for name in ("feed_forward", "mixers"):
+        if name in model:
+            model[name] = list(model[name])
     model["layer_windows"] = list(model["layer_windows"])
     if "rope_layers" in model:
         model["rope_layers"] = list(model["rope_layers"])

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coach_jax.models.decoder import Params, path_str
+from coach_jax.models.decoder import GROUP_LAYER, Params, path_str
 
 FROZEN = "frozen"
 
@@ -101,11 +101,20 @@ def layer_update_mask(params: Params, groups: ParamGroups, num_layers: int
     rows = np.asarray([groups.layer_trains(i, num_layers) for i in range(num_layers)])
     if rows.all() or "layers" not in params:
         return None
+    # Layers scanned in groups (decoder.LayerGroup): layer j of each group at
+    # layers/group_layer_j, stacked over the groups.
+    period = sum(1 for name in params["layers"] if name.startswith(GROUP_LAYER)) or 1
 
     def mask(path, x):
-        if x is None or not path_str(path).startswith("layers/"):
+        path = path_str(path)
+        if x is None or not path.startswith("layers/"):
             return None
-        return jnp.asarray(rows, x.dtype).reshape((num_layers,) + (1,) * (x.ndim - 1))
+        if period == 1:
+            kept = rows
+        else:
+            member = int(path.split("/")[1].removeprefix(GROUP_LAYER))
+            kept = rows[member::period]
+        return jnp.asarray(kept, x.dtype).reshape((len(kept),) + (1,) * (x.ndim - 1))
 
     return jax.tree_util.tree_map_with_path(mask, params)
 
