@@ -35,6 +35,14 @@ PRESETS = {  # the shapes of ../shared/bench (Llama architecture, untied head)
                       num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
                       intermediate_size=6912, head_dim=256, sliding_window=512,
                       tie_word_embeddings=True, max_position_embeddings=32768),
+    # Qwen3.5-0.8B's shape: three Gated DeltaNet layers to one gated attention layer,
+    # 248k vocabulary, tied head.
+    "qwen3_5_0_8b": dict(model_type="qwen3_5_text", vocab_size=248320, hidden_size=1024,
+                         num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2,
+                         head_dim=256, intermediate_size=3584, linear_num_key_heads=16,
+                         linear_num_value_heads=16, linear_key_head_dim=128,
+                         linear_value_head_dim=128, tie_word_embeddings=True,
+                         max_position_embeddings=32768),
     # Qwen3-30B-A3B's layer: 128 experts of width 768, top 8 (cut with --layers to fit).
     "qwen3_30b_a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
@@ -47,16 +55,30 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 def step_flops(cfg: models.ModelConfig, rows: int, seq: int) -> float:
     """6 x matmul params x tokens + causal attention (as ../shared/bench counts it); a
-    mixture of experts counts the experts each token passes."""
-    d, layers = cfg.hidden_size, cfg.num_layers
-    attention = d * cfg.num_heads * cfg.head_dim * 2 + 2 * d * cfg.num_kv_heads * cfg.head_dim
+    mixture of experts counts the experts each token passes; a Gated DeltaNet layer its
+    projections and its chunked rule (per value head and token, 4 products of a chunk
+    row with keys or values and 2 with the state: 6 x 2 x (2C(K + V) + 2KV))."""
+    from coach_jax.models.gated_deltanet import CHUNK_SIZE
+    d = cfg.hidden_size
+    q_width = cfg.num_heads * cfg.head_dim * (2 if cfg.attention_output_gate else 1)
+    projections = {"attention": d * q_width + d * cfg.num_heads * cfg.head_dim
+                   + 2 * d * cfg.num_kv_heads * cfg.head_dim}
+    mixing = {"attention": 12 * d * seq / 2}  # causal scores and values, per token
+    if cfg.deltanet is not None:
+        spec = cfg.deltanet
+        projections["gated_deltanet"] = d * (2 * spec.key_dim + 2 * spec.value_dim
+                                             + 2 * spec.num_value_heads) + spec.value_dim * d
+        mixing["gated_deltanet"] = 12 * spec.num_value_heads * (
+            2 * CHUNK_SIZE * (spec.key_head_dim + spec.value_head_dim)
+            + 2 * spec.key_head_dim * spec.value_head_dim)
     mlps = {"mlp": 3 * d * cfg.intermediate_size}
     if cfg.moe is not None:  # the experts a token passes, its shared expert, the router
         mlps["moe"] = 3 * d * (cfg.moe.top_k * cfg.moe.expert_size
                                + cfg.moe.shared_expert_size) + d * cfg.moe.num_experts
-    matmul = sum(attention + mlps[kind] for kind in cfg.feed_forward) + d * cfg.vocab_size
+    matmul = sum(projections[mixer] + mlps[kind] for mixer, kind in cfg.layer_kinds)
+    matmul += d * cfg.vocab_size
     tokens = rows * seq
-    return 6 * matmul * tokens + 12 * layers * d * seq * tokens / 2
+    return 6 * matmul * tokens + sum(mixing[mixer] for mixer in cfg.mixers) * tokens
 
 
 def packed_rows(rows: int, seq: int, vocab: int, seed: int) -> dict[str, np.ndarray]:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check, in one call on the lent GPU machine (under 8 minutes): for each anchor shape
+# The GPU check, in one call on the lent GPU machine (about 10 minutes): for each anchor shape
 # (Qwen2.5-0.5B-like batch 8, Llama-3.2-1B-like batch 4, seq 2048, bf16, AdamW), the
 # same-card baseline ../shared/bench/jax_ref.py, then coach_jax unpacked and packed
 # (real-length examples); then a LoRA and a QLoRA step on the Llama-1B shape, Gemma 3 1B's
 # shape (262k vocabulary),
-# Qwen3-30B-A3B's mixture-of-experts layers cut to 4, and the cuDNN test. Results go to $OUT/gpu_check.jsonl;
+# Qwen3-30B-A3B's mixture-of-experts layers cut to 4, Qwen3.5-0.8B's hybrid DeltaNet shape
+# (unpacked and packed), and the cuDNN test. Results go to $OUT/gpu_check.jsonl;
 # `python scripts/gpu_report.py $OUT` turns them into rows of docs/benchmarks.md.
 #
 # Before the call, on this machine (only the checkout travels):
@@ -52,4 +53,9 @@ run "coach_jax gemma3_1b" python3 scripts/benchmark.py --preset gemma3_1b --batc
 # Mixture of experts: Qwen3-30B-A3B's layer (128 experts, top 8), 4 of its 48 layers.
 run "coach_jax qwen3_30b_a3b 4 layers" python3 scripts/benchmark.py --preset qwen3_30b_a3b \
   --layers 4 --batch 4 --seq 2048
+# Qwen3.5-0.8B's shape: Gated DeltaNet (chunked rule) and gated attention, scanned in groups.
+run "coach_jax qwen3_5_0_8b" python3 scripts/benchmark.py --preset qwen3_5_0_8b --batch 4 \
+  --seq 2048
+run "coach_jax qwen3_5_0_8b packed" python3 scripts/benchmark.py --preset qwen3_5_0_8b \
+  --batch 4 --seq 2048 --packed
 python3 -m pytest -q tests/test_attention.py -k cudnn 2>&1 | tail -2 | tee "$OUT/cudnn_test.txt"

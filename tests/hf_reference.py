@@ -133,6 +133,22 @@ FAMILIES = {
         **{k: v for k, v in dict(_COMMON, num_hidden_layers=4).items()
            if k != "intermediate_size"}, **_QWEN3_5, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    # Gemma 4: sliding (window 8) and full layers alternating, the full ones with their own
+    # head dim (32) and one KV head whose values are the keys' projection, proportional
+    # RoPE on a quarter of their pairs; the last two layers reuse the keys and values of
+    # the last earlier layer of their type, with MLPs twice as wide; per-layer embeddings
+    # of width 8; a final soft-cap.
+    "gemma4_text": lambda: transformers.Gemma4TextConfig(
+        **dict(_COMMON, num_hidden_layers=6), head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
+        use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=160, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+        final_logit_softcapping=20.0, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+                         "full_attention": {"rope_type": "proportional",
+                                            "partial_rotary_factor": 0.25,
+                                            "rope_theta": 500000.0}}),
     "olmo2": lambda: transformers.Olmo2Config(
         **_COMMON, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 40000.0}),
@@ -165,6 +181,9 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **conf
                     mixer = layer.linear_attn
                     mixer.A_log.copy_(torch.empty_like(mixer.A_log).uniform_(-4.0, 0.5))
                     mixer.conv1d.weight.copy_(0.5 * torch.randn_like(mixer.conv1d.weight))
+        if family.startswith("gemma4"):  # layer scalars of their own size
+            for layer in model.model.layers:
+                layer.layer_scalar.copy_(0.5 + torch.rand_like(layer.layer_scalar))
         if family in ("olmo2", "olmo3", "olmoe"):
             # Heads of different magnitude, so a norm over all heads differs from a norm per
             # head (the feature's negative control).

@@ -15,7 +15,7 @@ KEY = re.compile(r"(?<![\w./-])(?:--config\.)?((?:%s)(?:\.[a-z_][a-z0-9_]*)+)(?!
                  % "|".join(SECTIONS))
 # Hugging Face tensor names ("model.layers.0.mlp...") share the "model." prefix.
 HF_TENSORS = ("model.layers", "model.norm", "model.embed_tokens", "model.language_model",
-              "model.visual",
+              "model.visual", "model.audio_tower", "model.embed_vision", "model.embed_audio",
               "model.vision_tower", "model.multi_modal_projector")
 FILE_SUFFIXES = ("json", "jsonl", "py", "md", "png", "txt", "parquet", "safetensors", "bin",
                  "jinja", "csv", "yaml", "log", "model")  # .model: a sentencepiece file

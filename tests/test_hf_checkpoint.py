@@ -42,7 +42,8 @@ TOKENS = np.random.RandomState(5).randint(0, 160, (2, 24)).astype(np.int32)
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "mistral", "smollm3_window",
                                     "olmo2", "olmo3", "phi3", "phi4_mini", "gemma2",
                                     "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe",
-                                    "olmoe", "gpt_oss", "qwen3_5", "qwen3_5_moe"])
+                                    "olmoe", "gpt_oss", "qwen3_5", "qwen3_5_moe",
+                                    "gemma4_text"])
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, family, scan_layers):
     hf_model = _saved(family, tmp_path / "hf")
@@ -319,6 +320,46 @@ def test_a_gemma3_multimodal_checkpoint_loads_its_text_decoder(tmp_path, tied,
                for n in names)
     cfg, params = models.load_hf(tmp_path)
     assert cfg.model_type == "gemma3_text" and cfg.tie_word_embeddings is tied
+    ours = np.asarray(models.apply(cfg, params, TOKENS))
+    np.testing.assert_allclose(ours, hf_reference.logits(model, TOKENS), atol=1e-4)
+
+
+def _qwen3_5_multimodal(text):
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                  out_hidden_size=64, patch_size=4, spatial_merge_size=1,
+                  temporal_patch_size=1, num_position_embeddings=16)
+    return transformers.Qwen3_5ForConditionalGeneration(
+        transformers.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision))
+
+
+def _gemma4_multimodal(text):
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=8, patch_size=4,
+                  position_embedding_size=64)
+    config = transformers.Gemma4Config(text_config=text.to_dict(), vision_config=vision,
+                                       audio_config=None)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("family, build, vision", [
+    ("qwen3_5", _qwen3_5_multimodal, "model.visual."),
+    ("gemma4_text", _gemma4_multimodal, "model.vision_tower.")])
+def test_a_2026_multimodal_checkpoint_loads_its_text_decoder(tmp_path, family, build, vision):
+    """The published Qwen3.5 and Gemma 4 checkpoints are ForConditionalGeneration: the text
+    decoder under model.language_model., a vision tower beside it. coach_jax loads the text
+    decoder (Gemma 4's final soft-cap kept, as its wrapper applies it) and gives the
+    wrapper's logits on text."""
+    torch.manual_seed(0)
+    model = build(hf_reference.FAMILIES[family]())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.08 * torch.randn_like(p))
+    model.eval().save_pretrained(tmp_path)
+    assert any(n.startswith(vision) for n in _tensors(tmp_path))
+    cfg, params = models.load_hf(tmp_path)
+    assert cfg.model_type == hf_reference.FAMILIES[family]().model_type
+    if family == "gemma4_text":
+        assert cfg.final_logit_softcapping == 20.0
     ours = np.asarray(models.apply(cfg, params, TOKENS))
     np.testing.assert_allclose(ours, hf_reference.logits(model, TOKENS), atol=1e-4)
 

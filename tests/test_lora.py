@@ -173,7 +173,8 @@ def test_three_adamw_steps_equal_peft(tmp_path):
         np.asarray(peft_io.split(state.params)[0]["embed_tokens"]), embeddings)
 
 
-@pytest.mark.parametrize("family, scan_layers", [("llama3", True), ("phi3", False)])
+@pytest.mark.parametrize("family, scan_layers", [("llama3", True), ("phi3", False),
+                                                 ("gemma4_text", False)])
 def test_adapter_folders_go_both_ways_and_merge(tmp_path, family, scan_layers):
     """A PEFT-made adapter loads with PEFT's logits; ours loads in PEFT with ours; the
     merged export loads in transformers with the same logits, fused tensors fused."""

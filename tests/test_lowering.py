@@ -53,6 +53,7 @@ RECIPE_FAMILIES = {
     "smollm3_3b": "smollm3_window", "qwen3_30b_a3b_lora": "qwen3_moe",
     "mixtral_8x7b_qlora": "mixtral", "gpt_oss_20b_lora": "gpt_oss",
     "gpt_oss_20b_qlora": "gpt_oss", "qwen3_5_0_8b": "qwen3_5", "qwen3_5_moe_lora": "qwen3_5_moe",
+    "gemma4_e2b": "gemma4_text",
 }
 LAB_RECIPES = ("default", "lab_bad_coach", "lab_coach_too_hard", "lab_lora", "lab_pretrain")
 
@@ -242,10 +243,11 @@ def test_the_eval_step_lowers(platform):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-@pytest.mark.parametrize("family", ["llama3", "gemma2", "phi4_mini"])
+@pytest.mark.parametrize("family", ["llama3", "gemma2", "phi4_mini", "gemma4_text"])
 def test_generation_lowers(platform, family):
-    """Prefill and the decode loop (LongRoPE's recompute branch for phi4_mini): the KV
-    cache path attends one query to the whole cache on XLA's path on every platform."""
+    """Prefill and the decode loop (LongRoPE's recompute branch for phi4_mini; Gemma 4's
+    two cache geometries and layers reading others' cache slots): the KV cache path
+    attends one query to the whole cache on XLA's path on every platform."""
     lowers_with(export_generation(stand_in(family), platform, 8), platform, None)
 
 

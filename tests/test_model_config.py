@@ -34,7 +34,7 @@ def test_qwen2_sliding_layers_follow_max_window_layers():
 
 
 @pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "llama_biases",
-                                    "qwen3_yarn"])
+                                    "qwen3_yarn", "qwen3_5", "qwen3_5_moe", "gemma4_text"])
 def test_exported_config_rebuilds_the_same_architecture(family):
     import hf_reference
     hf = hf_reference.FAMILIES[family]().to_dict()
@@ -229,3 +229,20 @@ def test_yarn_frequencies_and_attention_factor_equal_transformers(rope):
     ours = rope_lib.inverse_frequencies(cfg)
     assert (ours != rope_lib.inverse_frequencies(dataclasses.replace(cfg, rope_scaling=None))).any()
     np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("partial, factor", [(0.25, 1.0), (0.5, 2.0), (1.0, 1.0)])
+def test_proportional_rope_frequencies_equal_transformers(partial, factor):
+    """Gemma 4's full layers: frequencies over the whole (global) head's width for the
+    first pairs, zeros for the rest, as transformers' proportional RoPE computes them."""
+    import hf_reference
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from coach_jax.models import rope as rope_lib
+    hf = hf_reference.FAMILIES["gemma4_text"]()
+    hf.rope_parameters["full_attention"].update(partial_rotary_factor=partial, factor=factor)
+    expected, _ = ROPE_INIT_FUNCTIONS["proportional"](hf, "cpu", layer_type="full_attention")
+    cfg = models.ModelConfig.from_hf_dict(hf.to_dict())
+    assert cfg.rope_type == "proportional" and cfg.partial_rotary_factor == 1.0
+    ours = rope_lib.inverse_frequencies(cfg)
+    assert ours.shape == (cfg.global_head_dim // 2,)
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-6)

@@ -105,6 +105,14 @@ NEGATIVE_CONTROLS = {
     "qwen3_5/norm_unit_offset": dict(norm_unit_offset=False),
     "qwen3_5_moe/shared_expert": lambda cfg: dict(moe=dataclasses.replace(
         cfg.moe, shared_expert_size=0)),
+    # Gemma 4: the shared layers reusing the first layers' keys and values instead of the
+    # last ones of their type, PLE dropped, default RoPE for the proportional one, the
+    # values' norm and the layer scalars dropped.
+    "gemma4_text/kv_sharing": dict(kv_sources=(-1, -1, -1, -1, 0, 1)),
+    "gemma4_text/per_layer_embeddings": dict(per_layer_input_size=0),
+    "gemma4_text/proportional_rope": dict(rope_scaling=None),
+    "gemma4_text/v_norm": dict(v_norm=False),
+    "gemma4_text/layer_scalar": dict(layer_scalar=False),
 }
 
 

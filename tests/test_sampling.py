@@ -61,6 +61,7 @@ def _hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], fl
     ("phi4_mini", {}),  # LongRoPE: three prompts grow past its switch at 32, one starts past
     ("mixtral", {}), ("qwen3_moe", {}), ("olmoe", {}), ("gpt_oss", {}),
     ("qwen3_5", {}), ("qwen3_5_moe", {}),  # prompts cross the DeltaNet chunk (64)
+    ("gemma4_text", {"final_logit_softcapping": 30.0}),  # KV sharing, PLE, two geometries
     ("qwen2_moe", {"num_experts_per_tok": 3}),  # the parity fixture's top 2 makes a near tie
 ])
 def test_greedy_equals_transformers_generate(family, changes, tmp_path):

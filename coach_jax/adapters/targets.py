@@ -62,7 +62,16 @@ def per_expert_modules(cfg: ModelConfig, layer: int, module: str) -> list[str]:
 def layer_projections(cfg: ModelConfig, layer: int) -> tuple[str, ...]:
     """The projections an adapter can go on in `layer`: its token mixer's (attention or
     Gated DeltaNet) and its dense MLP's, or its experts' weights."""
-    mixer = PROJECTIONS[:4] if cfg.mixers[layer] == "attention" else DELTANET_PROJECTIONS
+    if cfg.mixers[layer] == "gated_deltanet":
+        mixer = DELTANET_PROJECTIONS
+    else:  # a layer reusing another's keys and values has no k/v projections (Gemma 4),
+        # a full layer whose values are its keys has no v_proj
+        absent = set()
+        if cfg.reuses_kv(layer):
+            absent = {"self_attn/k_proj", "self_attn/v_proj"}
+        elif cfg.attention_k_eq_v and cfg.mixers[layer] == "global_attention":
+            absent = {"self_attn/v_proj"}
+        mixer = tuple(m for m in PROJECTIONS[:4] if m not in absent)
     return mixer + (EXPERT_MODULES if cfg.feed_forward[layer] == "moe" else PROJECTIONS[4:])
 
 

@@ -19,11 +19,13 @@ from coach_jax.models.lora import LoraSpec
 from coach_jax.models.families import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = families.FAMILIES.keys()  # a live view: registered families count
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn", "proportional")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention")
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' names
-MIXERS = ("attention", "gated_deltanet")  # a layer's token mixer
+# A layer's token mixer; "global_attention": attention with the full layers' own head
+# dim and KV heads (Gemma 4's global_head_dim).
+MIXERS = ("attention", "global_attention", "gated_deltanet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +137,22 @@ class YarnRopeScaling:
     attention_factor: float
 
 
-RopeScaling = Llama3RopeScaling | LinearRopeScaling | LongRopeScaling | YarnRopeScaling
+@dataclasses.dataclass(frozen=True)
+class ProportionalRopeScaling:
+    """Gemma 4's full layers (`rope_type: proportional`): the first
+    `partial_rotary_factor` of each half of the head rotates, with frequencies
+    theta^(-2i / head_dim) of the whole head's width, divided by `factor`; the other
+    channels pass (frequency 0)."""
+
+    partial_rotary_factor: float
+    factor: float = 1.0
+
+
+RopeScaling = (Llama3RopeScaling | LinearRopeScaling | LongRopeScaling | YarnRopeScaling
+               | ProportionalRopeScaling)
 ROPE_TYPE_NAMES = {Llama3RopeScaling: "llama3", LinearRopeScaling: "linear",
-                   LongRopeScaling: "longrope", YarnRopeScaling: "yarn"}
+                   LongRopeScaling: "longrope", YarnRopeScaling: "yarn",
+                   ProportionalRopeScaling: "proportional"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +215,21 @@ class ModelConfig:
     # (linear_attn, as `deltanet` describes). Empty: attention everywhere.
     mixers: tuple[str, ...] = ()
     deltanet: DeltaNetSpec | None = None
+    # Gemma 4: the "global_attention" layers' head dim and KV heads (None: head_dim and
+    # num_kv_heads); with attention_k_eq_v their values are their keys' projection.
+    global_head_dim: int | None = None
+    global_kv_heads: int | None = None
+    attention_k_eq_v: bool = False
+    v_norm: bool = False  # values RMS-normalised per head, without a scale (Gemma 4)
+    # kv_sources[i]: the earlier layer whose keys and values layer i attends with (Gemma
+    # 4's num_kv_shared_layers; such a layer has no k/v projections), -1: its own.
+    kv_sources: tuple[int, ...] = ()
+    # Gemma 4's per-layer embeddings (PLE): a `per_layer_input_size`-wide input for every
+    # layer from a table of `per_layer_vocab_size` rows and a projection of the
+    # embeddings, gated into the residual after the MLP. 0: none.
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
+    layer_scalar: bool = False  # Gemma 4: each layer's output times a learned scalar
     initializer_range: float = 0.02
     # Runtime switches: not part of the architecture, never written to config.json.
     compute_dtype: str = "float32"
@@ -262,6 +292,15 @@ class ModelConfig:
         if ("gated_deltanet" in self.mixers) != (self.deltanet is not None):
             raise UnsupportedModelError("Gated DeltaNet layers and a DeltaNetSpec go together "
                                         f"(mixers={self.mixers}, deltanet={self.deltanet})")
+        if not self.kv_sources:
+            object.__setattr__(self, "kv_sources", (-1,) * self.num_layers)
+        if len(self.kv_sources) != self.num_layers or any(
+                not -1 <= s < i or (s >= 0 and (self.kv_sources[s] >= 0 or
+                                                self.mixers[s] != self.mixers[i]))
+                for i, s in enumerate(self.kv_sources)):
+            raise UnsupportedModelError(
+                f"kv_sources={self.kv_sources}: each layer reuses an earlier layer's keys "
+                "and values (one of its own mixer that has its own) or none (-1)")
         if self.scan_layers and self.num_layers > 1 and self.scan_period == self.num_layers:
             # No repeating group of layers to scan over: every layer is unrolled.
             object.__setattr__(self, "scan_layers", False)
@@ -273,8 +312,18 @@ class ModelConfig:
 
     @property
     def layer_kinds(self) -> tuple[tuple[str, str], ...]:
-        """Each layer's (token mixer, feed-forward): layers of one kind share a structure."""
+        """Each layer's (token mixer, feed-forward)."""
         return tuple(zip(self.mixers, self.feed_forward))
+
+    def reuses_kv(self, layer: int) -> bool:
+        return self.kv_sources[layer] >= 0
+
+    def attention_geometry(self, mixer: str) -> tuple[int, int]:
+        """(head dim, KV heads) of an attention mixer's layers."""
+        if mixer == "global_attention":
+            return (self.global_head_dim or self.head_dim,
+                    self.global_kv_heads or self.num_kv_heads)
+        return self.head_dim, self.num_kv_heads
 
     @property
     def scan_period(self) -> int:
@@ -282,15 +331,23 @@ class ModelConfig:
         (1: all layers alike; Qwen3.5: 4, three DeltaNet layers and one attention). A
         scan runs over the groups, each group's layers unrolled; num_layers: no group
         repeats."""
-        kinds = self.layer_kinds
+        kinds = [(*kind, self.reuses_kv(i)) for i, kind in enumerate(self.layer_kinds)]
         return next(p for p in range(1, self.num_layers + 1) if self.num_layers % p == 0
                     and all(kinds[i] == kinds[i % p] for i in range(self.num_layers)))
 
     def cache_slot(self, layer: int) -> int:
-        """Layer `layer`'s index among the layers with its token mixer: where its state
-        lives in the decoding cache (attention layers' keys and values, DeltaNet layers'
-        conv and recurrent states)."""
-        return self.mixers[:layer].count(self.mixers[layer])
+        """Where layer `layer`'s state lives in the decoding cache: its index among the
+        layers of its token mixer that keep their own (attention layers' keys and values,
+        DeltaNet layers' conv and recurrent states); a layer that reuses another's keys
+        and values reads that layer's slot."""
+        if self.reuses_kv(layer):
+            return self.cache_slot(self.kv_sources[layer])
+        return sum(1 for i in range(layer) if self.mixers[i] == self.mixers[layer]
+                   and not self.reuses_kv(i))
+
+    def cached_layers(self, mixer: str) -> int:
+        """How many layers of `mixer` keep their own cache slot."""
+        return sum(1 for i, m in enumerate(self.mixers) if m == mixer and not self.reuses_kv(i))
 
     @property
     def has_sliding_window(self) -> bool:
@@ -478,6 +535,9 @@ def _parse_rope(hf: dict[str, Any], family: families.Family
         raise UnsupportedModelError(f"partial_rotary_factor={partial} must be in (0, 1]")
     if rope_type == "default":
         return float(theta), None, float(partial)
+    if rope_type == "proportional":  # its partial factor is its own, not the head's
+        return float(theta), ProportionalRopeScaling(
+            float(partial), float(params.get("factor", 1.0))), 1.0
     if rope_type == "linear":
         if "factor" not in params:
             raise UnsupportedModelError("linear rope scaling lacks 'factor'")

@@ -20,7 +20,7 @@ from coach_jax.models import moe  # noqa: F401  (registers the "moe" feed-forwar
 from coach_jax.models import rope
 from coach_jax.models.config import ModelConfig
 from coach_jax.models.kv_cache import KVCache
-from coach_jax.models.layers import DecoderLayer, RMSNorm, _param
+from coach_jax.models.layers import DecoderLayer, Projection, RMSNorm, _param
 
 Params = dict[str, Any]
 _REMAT_POLICIES = {
@@ -53,12 +53,12 @@ class LayerGroup(nn.Module):
 
     @nn.compact
     def __call__(self, carry, positions_BxT, segment_ids_BxT, rope_tables, windows_P, slots,
-                 layers_P):
+                 layers_P, per_layer_inputs_P):
         cfg = self.cfg
         for j, (mixer, kind) in enumerate(cfg.layer_kinds[:cfg.scan_period]):
             carry, _ = _layer_class(cfg)(cfg, kind, mixer, name=f"{GROUP_LAYER}{j}")(
                 carry, positions_BxT, segment_ids_BxT, rope_tables, windows_P[j], slots,
-                layers_P[j])
+                layers_P[j], per_layer_inputs_P[j])
         return carry, None
 
 
@@ -117,13 +117,23 @@ class Decoder(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 # positions, segment ids, rope tables, cache slots are shared by all layers;
                 # each layer (group) has its own windows and indices.
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0),
                 length=cfg.num_layers // period,
                 metadata_params={nn.PARTITION_NAME: "layers"})(*args, name="layers")
         else:
             self.layers = [layer(cfg, kind, mixer, name=f"layers_{i}")
                            for i, (mixer, kind) in enumerate(cfg.layer_kinds)]
         self.norm = RMSNorm(cfg, name="norm")
+        if cfg.per_layer_input_size:  # Gemma 4's per-layer embeddings (PLE)
+            width = cfg.num_layers * cfg.per_layer_input_size
+            # Sharded as the embeddings are: 2.3B weights in Gemma 4 E2B.
+            self.embed_tokens_per_layer = _param(
+                self, "embed_tokens_per_layer", normal, (cfg.per_layer_vocab_size, width),
+                ("vocab", "embed"), cfg)
+            self.per_layer_model_projection = Projection(
+                cfg, ("embed",), ("per_layer",), (width,), name="per_layer_model_projection")
+            self.per_layer_projection_norm = RMSNorm(cfg, "per_layer",
+                                                     name="per_layer_projection_norm")
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(self, "lm_head", normal, (cfg.hidden_size, cfg.vocab_size),
                                   ("embed", "vocab"), cfg)
@@ -149,23 +159,44 @@ class Decoder(nn.Module):
         if cache is not None:
             kv = cache.layer_states()
             cache, slots = cache.slots(cfg, positions_BxT, segment_ids_BxT)
-        carry = (x_BxTxD, kv)
+        # Each layer's PLE input (Gemma 4) [L, B, T, P]; a placeholder per layer otherwise.
+        per_layer = (self.per_layer_inputs(tokens_BxT, x_BxTxD) if cfg.per_layer_input_size
+                     else jnp.zeros((cfg.num_layers,), x_BxTxD.dtype))
+        carry = (x_BxTxD, kv, {})
         if cfg.scan_layers:  # per group of scan_period layers: their windows and indices
             groups = (cfg.num_layers // cfg.scan_period, cfg.scan_period)
             windows = jnp.asarray(cfg.layer_windows, dtype=jnp.int32).reshape(groups)
             layers = jnp.arange(cfg.num_layers, dtype=jnp.int32).reshape(groups)
+            per_layer = per_layer.reshape(*groups, *per_layer.shape[1:])
             if cfg.scan_period == 1:
-                windows, layers = windows[:, 0], layers[:, 0]
+                windows, layers, per_layer = windows[:, 0], layers[:, 0], per_layer[:, 0]
             carry, _ = self.layers(carry, positions_BxT, segment_ids_BxT, rope_tables, windows,
-                                   slots, layers)
+                                   slots, layers, per_layer)
         else:
             for i, (layer, window) in enumerate(zip(self.layers, cfg.layer_windows)):
                 carry, _ = layer(carry, positions_BxT, segment_ids_BxT, rope_tables, window,
-                                 slots, i)
-        x_BxTxD, kv = carry
+                                 slots, i, per_layer[i])
+        x_BxTxD, kv, _ = carry
         if cache is not None:
             cache = cache.with_layer_states(kv, tokens_BxT.shape[1])
         return self.norm(x_BxTxD), cache
+
+    def per_layer_inputs(self, tokens_BxT: jax.Array, x_BxTxD: jax.Array) -> jax.Array:
+        """Gemma 4's per-layer embeddings [L, B, T, P]: the token's row of
+        `embed_tokens_per_layer` (times sqrt(P)) and a projection of its embedding x
+        (times hidden_size^-0.5, RMS-normalised), summed and scaled by 2^-0.5."""
+        cfg = self.cfg
+        size, layers = cfg.per_layer_input_size, cfg.num_layers
+        batch, length = tokens_BxT.shape
+        table = jnp.take(self.embed_tokens_per_layer, tokens_BxT, axis=0)
+        table = table * jnp.asarray(np.float32(size ** 0.5), table.dtype)
+        projected = self.per_layer_model_projection(x_BxTxD) * np.float32(
+            cfg.hidden_size ** -0.5).astype(x_BxTxD.dtype)
+        projected = self.per_layer_projection_norm(
+            projected.reshape(batch, length, layers, size))
+        out = (projected + table.reshape(batch, length, layers, size).astype(projected.dtype)
+               ) * np.float32(2 ** -0.5).astype(projected.dtype)
+        return jnp.moveaxis(out, 2, 0)
 
     def logits_from_hidden(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """Logits [B, T, V] in the compute dtype; padding ids of a padded vocabulary get a

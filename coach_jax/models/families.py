@@ -25,7 +25,7 @@ class UnsupportedModelError(ValueError):
 # The boolean feature fields of `ModelConfig` a family fixes or reads from its config.json.
 SWITCHES = ("qk_norm", "qkv_bias", "o_bias", "mlp_bias", "qk_norm_all_heads", "post_norms",
             "norm_unit_offset", "sandwich_norms", "scale_embeddings", "attention_sinks",
-            "attention_output_gate")
+            "attention_output_gate", "v_norm")
 # The non-boolean feature fields a family reads from its config.json: field -> (key, the
 # value transformers assumes when the key is absent). Fields a family does not name keep
 # ModelConfig's default (and export refuses any other value).
@@ -337,6 +337,84 @@ def export_hybrid_layers(cfg: ModelConfig, hf: dict[str, Any]) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gemma4Layers:
+    """Gemma 4's per-layer structure: full layers ("global_attention") with their own
+    head dim and KV heads (`per_layer_config`, or `global_head_dim` /
+    `num_global_key_value_heads`), values from the keys' projection there
+    (`attention_k_eq_v`), the last `num_kv_shared_layers` layers reusing the keys and
+    values of the last earlier layer of their type (with `use_double_wide_mlp`, an MLP
+    twice as wide), per-layer embeddings (`hidden_size_per_layer_input`) and a scalar per
+    layer."""
+
+    def parse(self, hf: Mapping[str, Any], num_layers: int,
+              layer_windows: tuple[int, ...]) -> dict[str, Any]:
+        if hf.get("enable_moe_block"):
+            raise UnsupportedModelError("enable_moe_block=True (Gemma 4's mixture of experts) "
+                                        "is not supported yet")
+        full = [i for i, w in enumerate(layer_windows) if not w]
+        mixers = tuple("attention" if w else "global_attention" for w in layer_windows)
+        overrides = {str(k): v for k, v in (hf.get("per_layer_config") or {}).items()}
+        geometry = {(overrides.get(str(i), {}).get("head_dim"),
+                     overrides.get(str(i), {}).get("num_key_value_heads")) for i in full}
+        if len(geometry) > 1:
+            raise UnsupportedModelError(f"per_layer_config gives the full layers different "
+                                        f"head dims or KV heads: {sorted(geometry)}")
+        head_dim, kv_heads = geometry.pop() if geometry else (None, None)
+        if not overrides:
+            head_dim = hf.get("global_head_dim", 512)
+            if hf.get("attention_k_eq_v"):
+                kv_heads = hf.get("num_global_key_value_heads")
+        shared = int(hf.get("num_kv_shared_layers") or 0)
+        first = num_layers - shared
+        sources = [-1] * num_layers
+        for i in range(first, num_layers):
+            same = [j for j in range(first) if mixers[j] == mixers[i]]
+            if not same:
+                raise UnsupportedModelError(f"num_kv_shared_layers={shared}: layer {i} has no "
+                                            "earlier layer of its type to reuse")
+            sources[i] = same[-1]
+        wide = bool(hf.get("use_double_wide_mlp"))
+        return dict(mixers=mixers, global_head_dim=head_dim, global_kv_heads=kv_heads,
+                    attention_k_eq_v=bool(hf.get("attention_k_eq_v")),
+                    kv_sources=tuple(sources),
+                    feed_forward=tuple("wide_mlp" if wide and s >= 0 else "mlp"
+                                       for s in sources),
+                    per_layer_input_size=int(hf.get("hidden_size_per_layer_input") or 0),
+                    per_layer_vocab_size=int(hf.get("vocab_size_per_layer_input")
+                                             or hf["vocab_size"]),
+                    layer_scalar=True)
+
+    def export(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
+        head_dim, kv_heads = cfg.attention_geometry("global_attention")
+        override = {"head_dim": head_dim}
+        if cfg.global_kv_heads is not None:
+            override["num_key_value_heads"] = kv_heads
+        for key in ("global_head_dim", "num_global_key_value_heads"):
+            hf.pop(key, None)
+        hf.update(
+            per_layer_config={str(i): dict(override) for i, m in enumerate(cfg.mixers)
+                              if m == "global_attention"},
+            attention_k_eq_v=cfg.attention_k_eq_v,
+            num_kv_shared_layers=sum(s >= 0 for s in cfg.kv_sources),
+            use_double_wide_mlp="wide_mlp" in cfg.feed_forward,
+            hidden_size_per_layer_input=cfg.per_layer_input_size,
+            vocab_size_per_layer_input=cfg.per_layer_vocab_size or cfg.vocab_size,
+            enable_moe_block=False)
+
+
+def per_layer_problems(cfg: ModelConfig) -> list[str]:
+    """What of Gemma 4's per-layer structure a family without it cannot express."""
+    problems = [f"{name}={getattr(cfg, name)}" for name, off in (
+        ("global_head_dim", None), ("global_kv_heads", None), ("attention_k_eq_v", False),
+        ("per_layer_input_size", 0), ("layer_scalar", False)) if getattr(cfg, name) != off]
+    if any(s >= 0 for s in cfg.kv_sources):
+        problems.append(f"kv_sources={cfg.kv_sources}")
+    if "wide_mlp" in cfg.feed_forward:
+        problems.append("wide MLPs")
+    return problems
+
+
+@dataclasses.dataclass(frozen=True)
 class Fused:
     """One checkpoint tensor holding several of our projections stacked along its output
     rows, in `parts` order (Phi-3's `qkv_proj` is q, k, v). Loading splits it and saving
@@ -448,6 +526,8 @@ class Family:
     refused: tuple[str, ...] = ()
     # Its layers mix tokens by attention or Gated DeltaNet, as `layer_types` says (Qwen3.5).
     hybrid: bool = False
+    # Gemma 4's per-layer geometry, KV sharing and per-layer embeddings.
+    per_layer: Gemma4Layers | None = None
 
     def __post_init__(self):
         unknown = set(self.switches) - set(SWITCHES)
@@ -480,6 +560,8 @@ class Family:
             fields["rope_layers"] = no_rope_flags(hf, num_layers)
         if self.hybrid:
             fields.update(hybrid_layers(hf, num_layers))
+        if self.per_layer is not None:
+            fields.update(self.per_layer.parse(hf, num_layers, fields["layer_windows"]))
         return fields
 
     def problems(self, cfg: ModelConfig) -> list[str]:
@@ -511,8 +593,12 @@ class Family:
                          else ["mixture-of-experts layers"])
         elif self.moe is not None and not self.moe.sparse_rule:
             problems.append("no mixture-of-experts layers")
-        if not self.hybrid and set(cfg.mixers) != {"attention"}:
+        allowed = {"attention", "global_attention" if self.per_layer else "attention",
+                   "gated_deltanet" if self.hybrid else "attention"}
+        if set(cfg.mixers) - allowed:
             problems.append(f"token mixers {cfg.mixers}")
+        if self.per_layer is None:
+            problems += per_layer_problems(cfg)
         return problems + self.windows.problems(cfg.layer_windows)
 
     def export(self, cfg: ModelConfig, hf: dict[str, Any]) -> None:
@@ -536,6 +622,8 @@ class Family:
             self.moe.export(cfg, hf)
         if self.hybrid:
             export_hybrid_layers(cfg, hf)
+        if self.per_layer is not None:
+            self.per_layer.export(cfg, hf)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -545,14 +633,15 @@ FAMILIES: dict[str, Family] = {}
 # under a language-model prefix (MULTIMODAL_LAYOUTS, both ways transformers writes them)
 # and the vision tensors are left alone: coach_jax loads, trains and exports the text
 # decoder only.
-MULTIMODAL = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text",
+MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen3_5": "qwen3_5_text",
               "qwen3_5_moe": "qwen3_5_moe_text"}
 MULTIMODAL_LAYOUTS = (
     TensorNames(body="language_model.model", lm_head="language_model.lm_head"),
     TensorNames(body="model.language_model", lm_head="lm_head"))
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                    "model.multi_modal_projector.", "model.visual.", "visual.",
-                   "mtp.")  # Qwen3.5's vision tower and multi-token-prediction head
+                   "mtp.",  # Qwen3.5's vision tower and multi-token-prediction head
+                   "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
 
 def text_decoder_config(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -562,7 +651,8 @@ def text_decoder_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     text["model_type"] = MULTIMODAL[hf["model_type"]]
     text["tie_word_embeddings"] = hf.get("tie_word_embeddings",
                                          text.get("tie_word_embeddings", True))
-    text["final_logit_softcapping"] = None
+    if hf["model_type"] == "gemma3":  # Gemma 3's wrapper never caps; Gemma 4's does
+        text["final_logit_softcapping"] = None
     return text
 
 
@@ -694,3 +784,23 @@ register(Family("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", hybrid=True,
                 config_defaults={**QWEN3_5_DEFAULTS, "intermediate_size": 0},
                 moe=MoeKeys(("num_experts",), "moe_intermediate_size", normalize=True,
                             shared_expert_size="shared_expert_intermediate_size")))
+
+# Gemma 4 (text): Gemma 3's sandwich norms with plain (not 1 + w) scales, q/k norms and a
+# scale-free v norm, attention scale 1, sliding layers on the local base and full layers
+# on proportional RoPE with their own head dim, KV sharing, per-layer embeddings.
+register(Family("gemma4_text", "Gemma4ForCausalLM",
+                windows=AlternatingLayers(6), rope_types=("default", "proportional"),
+                rope_by_layer_type=True, per_layer=Gemma4Layers(),
+                switches=dict(sandwich_norms=True, scale_embeddings=True, qk_norm=True,
+                              v_norm=True, qkv_bias="attention_bias", o_bias="attention_bias"),
+                values={"activation": ("hidden_activation", "gelu_pytorch_tanh"),
+                        "query_pre_attn_scalar": ("query_pre_attn_scalar", 1.0),
+                        "final_logit_softcapping": ("final_logit_softcapping", None)},
+                config_defaults={
+                    "head_dim": 256, "tie_word_embeddings": True, "sliding_window": 512,
+                    "hidden_size_per_layer_input": 256, "vocab_size_per_layer_input": 262144,
+                    "rope_parameters": {
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "proportional",
+                                           "partial_rotary_factor": 0.25,
+                                           "rope_theta": 1000000.0}}}))

@@ -191,6 +191,9 @@ def _tensor_plan(cfg: ModelConfig, names: families.TensorNames | None = None
                 hf_module, _ = names.in_layer(layer, "/".join([*module, str(expert), leaf]))
                 add(f"{hf_module}.weight", 0, _piece(path, (*index, expert), shape[1:]))
             return
+        if not module:  # a parameter of the layer itself (Gemma 4's layer_scalar)
+            add(f"{names.body}.layers.{layer}.{leaf}", 0, _piece(path, index, shape))
+            return
         hf_module, position = names.in_layer(layer, "/".join(module))
         add(f"{hf_module}.{_hf_leaf(leaf)}", position, _piece(path, index, shape))
 

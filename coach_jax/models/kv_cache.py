@@ -40,6 +40,15 @@ class LayerStates(NamedTuple):
     values: jax.Array | None
     conv: jax.Array | None = None  # [DeltaNet layers, B, conv_kernel - 1, channels]
     recurrent: jax.Array | None = None  # [DeltaNet layers, B, heads, key dim, value dim]
+    # Gemma 4's full layers, of their own geometry: [global layers, B, S, K', H']
+    global_keys: jax.Array | None = None
+    global_values: jax.Array | None = None
+
+
+def attention_fields(mixer: str) -> tuple[str, str]:
+    """The LayerStates fields of an attention mixer's keys and values."""
+    return ("global_keys", "global_values") if mixer == "global_attention" else (
+        "keys", "values")
 
 
 @flax.struct.dataclass
@@ -51,15 +60,20 @@ class KVCache:
     index: jax.Array  # int32 scalar: the next slot to write, the same for every row
     conv_LxBxWxC: jax.Array | None = None
     recurrent_LxBxHxKxV: jax.Array | None = None
+    global_keys_LxBxSxKxH: jax.Array | None = None
+    global_values_LxBxSxKxH: jax.Array | None = None
 
     def layer_states(self) -> LayerStates:
         return LayerStates(self.keys_LxBxSxKxH, self.values_LxBxSxKxH, self.conv_LxBxWxC,
-                           self.recurrent_LxBxHxKxV)
+                           self.recurrent_LxBxHxKxV, self.global_keys_LxBxSxKxH,
+                           self.global_values_LxBxSxKxH)
 
     def with_layer_states(self, states: LayerStates, written: int) -> "KVCache":
         """The cache after `written` new tokens updated every layer's states."""
         return self.replace(keys_LxBxSxKxH=states.keys, values_LxBxSxKxH=states.values,
                             conv_LxBxWxC=states.conv, recurrent_LxBxHxKxV=states.recurrent,
+                            global_keys_LxBxSxKxH=states.global_keys,
+                            global_values_LxBxSxKxH=states.global_values,
                             index=self.index + written)
 
     def slots(self, cfg: ModelConfig, positions_BxT: jax.Array, segment_ids_BxT: jax.Array
@@ -87,20 +101,27 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty cache of `length` slots per row: keys and values in the compute dtype,
     DeltaNet conv inputs too, their recurrent states in float32 (as the rule runs)."""
     dtype = jnp.dtype(cfg.compute_dtype)
-    attention_layers = cfg.mixers.count("attention")
-    keys = values = conv = recurrent = None
-    if attention_layers:
-        shape = (attention_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        keys, values = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    def keys_and_values(mixer):
+        layers = cfg.cached_layers(mixer)
+        if not layers:
+            return None, None
+        head_dim, kv_heads = cfg.attention_geometry(mixer)
+        shape = (layers, batch, length, kv_heads, head_dim)
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    keys, values = keys_and_values("attention")
+    global_keys, global_values = keys_and_values("global_attention")
+    conv = recurrent = None
     if cfg.deltanet is not None:
-        spec, layers = cfg.deltanet, cfg.mixers.count("gated_deltanet")
+        spec, layers = cfg.deltanet, cfg.cached_layers("gated_deltanet")
         channels = 2 * spec.key_dim + spec.value_dim
         conv = jnp.zeros((layers, batch, spec.conv_kernel - 1, channels), dtype)
         recurrent = jnp.zeros((layers, batch, spec.num_value_heads, spec.key_head_dim,
                                spec.value_head_dim), jnp.float32)
     return KVCache(keys, values, jnp.zeros((batch, length), jnp.int32),
                    jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32),
-                   conv, recurrent)
+                   conv, recurrent, global_keys, global_values)
 
 
 def slot(cfg: ModelConfig, layer: jax.Array | int) -> jax.Array | int:
@@ -108,7 +129,7 @@ def slot(cfg: ModelConfig, layer: jax.Array | int) -> jax.Array | int:
     under scan looks it up)."""
     if isinstance(layer, int):
         return cfg.cache_slot(layer)
-    if len(set(cfg.mixers)) == 1:
+    if len(set(cfg.mixers)) == 1 and not any(cfg.reuses_kv(i) for i in range(cfg.num_layers)):
         return layer
     table = np.asarray([cfg.cache_slot(i) for i in range(cfg.num_layers)], np.int32)
     return jnp.asarray(table)[layer]

@@ -26,6 +26,9 @@ from coach_jax.models.config import ModelConfig
 # slot in place. Both are None in training.
 CacheSlots = kv_cache.Slots | None
 KV = kv_cache.LayerStates | None
+# In training: the keys and values of layers that later layers reuse (Gemma 4's KV
+# sharing), by layer; an empty dict otherwise (and under scan, where no layer reuses).
+Shared = dict[int, tuple[jax.Array, jax.Array]] | None
 
 
 def _param(module: nn.Module, name: str, init, shape: Sequence[int],
@@ -125,18 +128,23 @@ def _norm_all_heads(cfg: ModelConfig, name: str, x_BxTxNxH: jax.Array) -> jax.Ar
 
 
 def _rotate(cfg: ModelConfig, layer: jax.Array | int, window: jax.Array | int,
-            rope_tables: Any, q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array
-            ) -> tuple[jax.Array, jax.Array]:
+            rope_tables: Any, q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array | None,
+            mixer: str = "attention") -> tuple[jax.Array, jax.Array | None]:
     """RoPE on queries and keys, in the layers `cfg.rope_layers` gives it to (all, unless
     the family has layers without position encoding: SmolLM3). With Gemma 3's two tables
     (global, local), sliding-window layers take the local one."""
     if cfg.local_rope_theta is not None:
         (global_cos, global_sin), (local_cos, local_sin) = rope_tables
-        if isinstance(window, int):
+        if "global_attention" in cfg.mixers:  # the tables' widths differ: by mixer
+            rope_tables = ((global_cos, global_sin) if mixer == "global_attention"
+                           else (local_cos, local_sin))
+        elif isinstance(window, int):
             rope_tables = (local_cos, local_sin) if window else (global_cos, global_sin)
         else:
             rope_tables = (jnp.where(window > 0, local_cos, global_cos),
                            jnp.where(window > 0, local_sin, global_sin))
+    if k_BxTxKxH is None:  # a layer reusing another's keys rotates its queries only
+        return rope.rotate(q_BxTxNxH, rope_tables), None
     rotated = rope.rotate(q_BxTxNxH, rope_tables), rope.rotate(k_BxTxKxH, rope_tables)
     if all(cfg.rope_layers):
         return rotated
@@ -150,37 +158,56 @@ class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, optional q/k RMSNorm and sliding window.
 
     With a KV cache (`slots`, `kv`) the new tokens' keys and values are written into layer
-    `layer`'s part of the cache and the queries attend over all of it; returns (output, kv).
+    `layer`'s part of the cache and the queries attend over all of it; returns (output, kv,
+    shared). `mixer` "global_attention" takes the full layers' own geometry (Gemma 4). A
+    layer that reuses an earlier layer's keys and values (`cfg.kv_sources`) has no k/v
+    projections: it reads them from `shared` (training: what earlier layers put there,
+    by layer) or from that layer's cache slot.
     """
 
     cfg: ModelConfig
+    mixer: str = "attention"
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
                  rope_tables: tuple[jax.Array, jax.Array], window: jax.Array | int,
-                 slots: CacheSlots = None, kv: KV = None, layer: jax.Array | int = 0
-                 ) -> tuple[jax.Array, KV]:
+                 slots: CacheSlots = None, kv: KV = None, layer: jax.Array | int = 0,
+                 shared: Shared = None) -> tuple[jax.Array, KV, Shared]:
         cfg = self.cfg
+        head_dim, kv_heads = cfg.attention_geometry(self.mixer)
+        reuses = isinstance(layer, int) and cfg.reuses_kv(layer)
         make = _projections(cfg, self.name)
         def proj(name, heads_axis, n_heads):
-            return make(name, ("embed",), (heads_axis, "head_dim"), (n_heads, cfg.head_dim),
+            return make(name, ("embed",), (heads_axis, "head_dim"), (n_heads, head_dim),
                         cfg.qkv_bias)
         if cfg.attention_output_gate:  # Qwen3.5: each head's query, then its gate
             q_and_gate = make("q_proj", ("embed",), ("heads", "head_dim"),
-                              (cfg.num_heads, 2 * cfg.head_dim), cfg.qkv_bias)(x_BxTxD)
+                              (cfg.num_heads, 2 * head_dim), cfg.qkv_bias)(x_BxTxD)
             q_BxTxNxH, gate_BxTxNxH = jnp.split(q_and_gate, 2, axis=-1)
         else:
             q_BxTxNxH = proj("q_proj", "heads", cfg.num_heads)(x_BxTxD)
-        k_BxTxKxH = proj("k_proj", "kv_heads", cfg.num_kv_heads)(x_BxTxD)
-        v_BxTxKxH = proj("v_proj", "kv_heads", cfg.num_kv_heads)(x_BxTxD)
+        k_BxTxKxH = v_BxTxKxH = None
+        if not reuses:
+            k_BxTxKxH = proj("k_proj", "kv_heads", kv_heads)(x_BxTxD)
+            if cfg.attention_k_eq_v and self.mixer == "global_attention":
+                v_BxTxKxH = k_BxTxKxH  # Gemma 4's full layers: values are the keys' projection
+            else:
+                v_BxTxKxH = proj("v_proj", "kv_heads", kv_heads)(x_BxTxD)
+            if cfg.v_norm:  # per head, no scale (Gemma 4)
+                v_BxTxKxH = _unscaled_norm(cfg, v_BxTxKxH)
         if cfg.qk_norm and cfg.qk_norm_all_heads:
             q_BxTxNxH = _norm_all_heads(cfg, "q_norm", q_BxTxNxH)
             k_BxTxKxH = _norm_all_heads(cfg, "k_norm", k_BxTxKxH)
         elif cfg.qk_norm:
             q_BxTxNxH = RMSNorm(cfg, "head_dim", name="q_norm")(q_BxTxNxH)
-            k_BxTxKxH = RMSNorm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
+            if not reuses:
+                k_BxTxKxH = RMSNorm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
         q_BxTxNxH, k_BxTxKxH = _rotate(cfg, layer, window, rope_tables, q_BxTxNxH,
-                                       k_BxTxKxH)
+                                       k_BxTxKxH, self.mixer)
+        if reuses and kv is None:
+            k_BxTxKxH, v_BxTxKxH = shared[cfg.kv_sources[layer]]
+        elif shared is not None and isinstance(layer, int) and layer in cfg.kv_sources:
+            shared = {**shared, layer: (k_BxTxKxH, v_BxTxKxH)}
         layer_window = window if cfg.has_sliding_window else None
         scale = (cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar is not None
                  else None)
@@ -188,9 +215,14 @@ class Attention(nn.Module):
                           cfg) if cfg.attention_sinks else None)
         if kv is not None:
             slot = kv_cache.slot(cfg, layer)
-            keys, k_BxSxKxH = kv_cache.write(kv.keys, k_BxTxKxH, slot, slots.index)
-            values, v_BxSxKxH = kv_cache.write(kv.values, v_BxTxKxH, slot, slots.index)
-            kv = kv._replace(keys=keys, values=values)
+            keys_field, values_field = kv_cache.attention_fields(self.mixer)
+            keys, values = getattr(kv, keys_field), getattr(kv, values_field)
+            if reuses:  # the source layer wrote this call's tokens already
+                k_BxSxKxH, v_BxSxKxH = keys[slot], values[slot]
+            else:
+                keys, k_BxSxKxH = kv_cache.write(keys, k_BxTxKxH, slot, slots.index)
+                values, v_BxSxKxH = kv_cache.write(values, v_BxTxKxH, slot, slots.index)
+                kv = kv._replace(**{keys_field: keys, values_field: values})
             mask = attention.attention_mask(positions_BxT, slots.positions_BxS,
                                             segment_ids_BxT, slots.segment_ids_BxS,
                                             layer_window)
@@ -208,7 +240,14 @@ class Attention(nn.Module):
                                                        ).astype(out_BxTxNxH.dtype)
         out_BxTxNxH = checkpoint_name(out_BxTxNxH, "attention_out")
         return make("o_proj", ("heads", "head_dim"), ("embed",), (cfg.hidden_size,),
-                    cfg.o_bias)(out_BxTxNxH), kv
+                    cfg.o_bias)(out_BxTxNxH), kv, shared
+
+
+def _unscaled_norm(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """RMSNorm over the last axis without a scale, in float32 (Gemma 4's v_norm)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    return normed.astype(x.dtype)
 
 
 # transformers' activation names; gelu_pytorch_tanh is the tanh approximation (Gemma's
@@ -261,6 +300,8 @@ def _feed_forward(cfg: ModelConfig, kind: str, x_BxTxD: jax.Array,
     """Layer kind `kind`'s feed-forward of x, as parameters named `mlp/...`."""
     if kind == "mlp":
         return Mlp(cfg, name="mlp")(x_BxTxD)
+    if kind == "wide_mlp":  # Gemma 4's KV-sharing layers: twice the intermediate width
+        return Mlp(cfg, 2 * cfg.intermediate_size, name="mlp")(x_BxTxD)
     if kind not in FEED_FORWARDS:
         raise ValueError(f"feed-forward {kind!r} is not registered; registered: "
                          f"mlp, {', '.join(FEED_FORWARDS)}")
@@ -269,63 +310,74 @@ def _feed_forward(cfg: ModelConfig, kind: str, x_BxTxD: jax.Array,
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block (post-norms: OLMo 2; sandwich norms: Gemma). Its carry is
-    (x, kv) so `nn.scan` can thread the hidden states and the KV cache (None in training)
-    through the layers; `layer` is its index."""
+    (x, kv, shared) so `nn.scan` can thread the hidden states, the KV cache (None in
+    training) and the keys and values later layers reuse (Gemma 4) through the layers;
+    `layer` is its index, `per_layer_input` its PLE input [B, T, P] (Gemma 4; else
+    unused)."""
 
     cfg: ModelConfig
     kind: str = "mlp"  # its feed-forward: a name of ModelConfig.feed_forward
     mixer: str = "attention"  # its token mixer: a name of ModelConfig.mixers
 
     @nn.compact
-    def __call__(self, carry: tuple[jax.Array, KV], positions_BxT: jax.Array,
+    def __call__(self, carry: tuple[jax.Array, KV, Shared], positions_BxT: jax.Array,
                  segment_ids_BxT: jax.Array, rope_tables: tuple[jax.Array, jax.Array],
-                 window: jax.Array | int, slots: CacheSlots, layer: jax.Array | int
-                 ) -> tuple[tuple[jax.Array, KV], None]:
+                 window: jax.Array | int, slots: CacheSlots, layer: jax.Array | int,
+                 per_layer_input: jax.Array | None = None
+                 ) -> tuple[tuple[jax.Array, KV, Shared], None]:
         cfg = self.cfg
-        x_BxTxD, kv = carry
+        x_BxTxD, kv, shared = carry
         if self.mixer == "gated_deltanet":
             attend = functools.partial(_linear_attention, cfg)
         else:
-            attend = Attention(cfg, name="self_attn")
+            attend = Attention(cfg, self.mixer, name="self_attn")
+        def mix(h):
+            nonlocal kv, shared
+            out, kv, shared = attend(h, positions_BxT, segment_ids_BxT, rope_tables, window,
+                                     slots, kv, layer, shared)
+            return out
         if cfg.post_norms:  # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x))
-            attended, kv = attend(x_BxTxD, positions_BxT, segment_ids_BxT, rope_tables, window,
-                                  slots, kv, layer)
-            x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_attention_layernorm")(attended)
+            x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_attention_layernorm")(mix(x_BxTxD))
             mlp_out = _feed_forward(cfg, self.kind, x_BxTxD, segment_ids_BxT)
             x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_feedforward_layernorm")(mlp_out)
-            return (x_BxTxD, kv), None
-        if cfg.sandwich_norms:  # Gemma: a norm before and after attention and MLP each
-            h = RMSNorm(cfg, name="input_layernorm")(x_BxTxD)
-            attended, kv = attend(h, positions_BxT, segment_ids_BxT, rope_tables, window,
-                                  slots, kv, layer)
+        elif cfg.sandwich_norms:  # Gemma: a norm before and after attention and MLP each
+            attended = mix(RMSNorm(cfg, name="input_layernorm")(x_BxTxD))
             x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_attention_layernorm")(attended)
             h = RMSNorm(cfg, name="pre_feedforward_layernorm")(x_BxTxD)
             mlp_out = _feed_forward(cfg, self.kind, h, segment_ids_BxT)
             x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_feedforward_layernorm")(mlp_out)
-            return (x_BxTxD, kv), None
-        h = RMSNorm(cfg, name="input_layernorm")(x_BxTxD)
-        attended, kv = attend(h, positions_BxT, segment_ids_BxT, rope_tables, window, slots,
-                              kv, layer)
-        x_BxTxD = x_BxTxD + attended
-        h = RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)
-        x_BxTxD = x_BxTxD + _feed_forward(cfg, self.kind, h, segment_ids_BxT)
-        return (x_BxTxD, kv), None
+        else:
+            x_BxTxD = x_BxTxD + mix(RMSNorm(cfg, name="input_layernorm")(x_BxTxD))
+            h = RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)
+            x_BxTxD = x_BxTxD + _feed_forward(cfg, self.kind, h, segment_ids_BxT)
+        if cfg.per_layer_input_size:  # Gemma 4's PLE: a gated, projected per-layer input
+            make = _projections(cfg, "")
+            gate = make("per_layer_input_gate", ("embed",), ("per_layer",),
+                        (cfg.per_layer_input_size,), False)(x_BxTxD)
+            h = activation(cfg)(gate) * per_layer_input.astype(gate.dtype)
+            h = make("per_layer_projection", ("per_layer",), ("embed",), (cfg.hidden_size,),
+                     False)(h)
+            x_BxTxD = x_BxTxD + RMSNorm(cfg, name="post_per_layer_input_norm")(h)
+        if cfg.layer_scalar:  # a buffer in transformers: it never trains
+            scalar = _param(self, "layer_scalar", nn.initializers.ones, (1,), (None,), cfg)
+            x_BxTxD = x_BxTxD * jax.lax.stop_gradient(scalar).astype(x_BxTxD.dtype)
+        return (x_BxTxD, kv, shared), None
 
 
 def _linear_attention(cfg: ModelConfig, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                       segment_ids_BxT: jax.Array, rope_tables: Any, window: jax.Array | int,
-                      slots: CacheSlots, kv: KV, layer: jax.Array | int
-                      ) -> tuple[jax.Array, KV]:
+                      slots: CacheSlots, kv: KV, layer: jax.Array | int,
+                      shared: Shared = None) -> tuple[jax.Array, KV, Shared]:
     """A Gated DeltaNet layer's token mixer (`linear_attn`), called as attention is; with
     a cache it continues from its slot's conv inputs and state and writes them back."""
     from coach_jax.models.gated_deltanet import GatedDeltaNet
     del positions_BxT, rope_tables, window  # no positions: the state orders the tokens
     mixer = GatedDeltaNet(cfg, name="linear_attn")
     if kv is None:
-        return mixer(x_BxTxD, segment_ids_BxT)[0], kv
+        return mixer(x_BxTxD, segment_ids_BxT)[0], kv, shared
     slot = kv_cache.slot(cfg, layer)
     out, (conv, recurrent) = mixer(x_BxTxD, segment_ids_BxT,
                                    (kv.conv[slot], kv.recurrent[slot]),
                                    slots.history_segments_BxW, slots.last_segment_B)
     return out, kv._replace(conv=kv.conv.at[slot].set(conv),
-                            recurrent=kv.recurrent.at[slot].set(recurrent))
+                            recurrent=kv.recurrent.at[slot].set(recurrent)), shared

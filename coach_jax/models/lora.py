@@ -199,7 +199,8 @@ def _in_shape(proj: Projection, rows_NxI: jax.Array) -> tuple[int, ...]:
     """The kernel's input dims: o_proj contracts (heads, head_dim), the others one dim."""
     if len(proj.in_axes) == 1:
         return (rows_NxI.shape[-1],)
-    return (proj.cfg.num_heads, proj.cfg.head_dim)
+    heads = proj.cfg.num_heads  # head_dim from the rows: Gemma 4's full layers have their own
+    return (heads, rows_NxI.shape[-1] // heads)
 
 
 projection.register("lora", Lora())

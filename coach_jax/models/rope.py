@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coach_jax.models.config import (LinearRopeScaling, LongRopeScaling, ModelConfig,
-                                     YarnRopeScaling)
+                                     ProportionalRopeScaling, YarnRopeScaling)
 
 Tables = tuple[jax.Array, jax.Array]
 
@@ -20,12 +20,14 @@ def inverse_frequencies(cfg: ModelConfig, theta: float | None = None,
     bit (rotary_dim = head_dim unless the family rotates only part of each head). `theta`
     and `scaled=False` give Gemma 3's local layers their own base without scaling; `long`
     picks LongRoPE's long factors."""
+    scaling = cfg.rope_scaling if scaled else None
+    if isinstance(scaling, ProportionalRopeScaling):
+        return _proportional_frequencies(cfg, scaling)
     dim = cfg.rotary_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     base = np.float32(cfg.rope_theta if theta is None else theta)
     wavelengths = (base ** exponents).astype(np.float32)  # per channel pair, over 2 pi
     inv_freq = (1.0 / wavelengths).astype(np.float32)
-    scaling = cfg.rope_scaling if scaled else None
     if scaling is None:
         return inv_freq
     if isinstance(scaling, LinearRopeScaling):
@@ -45,6 +47,21 @@ def inverse_frequencies(cfg: ModelConfig, theta: float | None = None,
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _proportional_frequencies(cfg: ModelConfig, scaling: ProportionalRopeScaling
+                              ) -> np.ndarray:
+    """float32 [head_dim // 2] for the full layers' head (Gemma 4's global_head_dim):
+    theta^(-2i / head_dim) for the first partial_rotary_factor of the pairs, 0 (no
+    rotation) for the rest, all divided by the factor (transformers'
+    `_compute_proportional_rope_parameters`)."""
+    dim = cfg.attention_geometry("global_attention")[0]
+    angles = int(scaling.partial_rotary_factor * dim // 2)
+    exponents = (np.arange(0, 2 * angles, 2, dtype=np.int64).astype(np.float32)
+                 / np.float32(dim))
+    rotated = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    inv_freq = np.concatenate([rotated, np.zeros(dim // 2 - angles, np.float32)])
+    return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
 
 
 def _yarn_frequencies(scaling: YarnRopeScaling, dim: int, base: float,

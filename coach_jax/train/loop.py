@@ -148,7 +148,9 @@ LATER_MODEL_FIELDS = {
     "query_pre_attn_scalar": None, "attn_logit_softcapping": None,
     "final_logit_softcapping": None, "local_rope_theta": None, "lora": None,
     "feed_forward": (), "moe": None, "attention_sinks": False, "mixers": (),
-    "deltanet": None, "attention_output_gate": False}
+    "deltanet": None, "attention_output_gate": False, "global_head_dim": None,
+    "global_kv_heads": None, "attention_k_eq_v": False, "v_norm": False, "kv_sources": (),
+    "per_layer_input_size": 0, "per_layer_vocab_size": 0, "layer_scalar": False}
 
 
 def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -160,13 +162,14 @@ def model_identity(model_cfg: ModelConfig) -> dict[str, Any]:
     for name, default in LATER_MODEL_FIELDS.items():
         if model[name] == default or (name == "rope_layers" and all(model[name])) or (
                 name == "feed_forward" and set(model[name]) == {"mlp"}) or (
-                name == "mixers" and set(model[name]) == {"attention"}):
+                name == "mixers" and set(model[name]) == {"attention"}) or (
+                name == "kv_sources" and set(model[name]) == {-1}):
             del model[name]
     model["rope_scaling"] = str(model["rope_scaling"])
     for name in ("lora", "moe", "deltanet"):
         if name in model:
             model[name] = str(getattr(model_cfg, name))
-    for name in ("feed_forward", "mixers"):
+    for name in ("feed_forward", "mixers", "kv_sources"):
         if name in model:
             model[name] = list(model[name])
     model["layer_windows"] = list(model["layer_windows"])
