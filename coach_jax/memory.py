@@ -67,11 +67,23 @@ def base_bytes(base: Any) -> float:
                      for x in leaves))
 
 
+def attention_widths(cfg: ModelConfig) -> tuple[float, float]:
+    """(query width, key + value width) of an attention layer, averaged over the
+    attention layers: Gemma 4's full layers have their own head dim and KV heads, and a
+    layer reusing another's keys and values projects none."""
+    layers = [i for i, m in enumerate(cfg.mixers) if m != "gated_deltanet"] or [0]
+    q = kv = 0.0
+    for i in layers:
+        head_dim, kv_heads = cfg.attention_geometry(cfg.mixers[i])
+        q += cfg.num_heads * head_dim
+        kv += 0 if cfg.reuses_kv(i) else 2 * kv_heads * head_dim
+    return q / len(layers), kv / len(layers)
+
+
 def dequantized_layer_bytes(cfg: ModelConfig) -> float:
     """One decoder layer's projection kernels in the compute dtype: what a QLoRA forward
     (and its recomputation in the backward pass) holds dequantized at a time."""
-    q = cfg.num_heads * cfg.head_dim
-    kv = 2 * cfg.num_kv_heads * cfg.head_dim
+    q, kv = attention_widths(cfg)
     d = cfg.hidden_size
     mlp = 3 * d * cfg.intermediate_size
     if cfg.moe is not None:  # an MoE layer dequantizes every expert
@@ -159,8 +171,7 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, chunk_tokens: in
     tokens = rows * seq_len
     width = np.dtype(cfg.compute_dtype).itemsize
     d, f = cfg.hidden_size, cfg.intermediate_size
-    q = cfg.num_heads * cfg.head_dim
-    kv = 2 * cfg.num_kv_heads * cfg.head_dim
+    q, kv = attention_widths(cfg)
     path = "cudnn" if cfg.attention == "cudnn" else attention.choose(  # planned for a GPU
         cfg.attention, attention.runtime_platform(), attention.AttentionShape(
             seq_len, cfg.head_dim, cfg.compute_dtype, cfg.attn_logit_softcapping,
